@@ -1,0 +1,56 @@
+"""aiocluster: Node.js's cluster model for asyncio.
+
+One primary process owns the listening sockets and supervises N worker processes running the
+same program; workers receive the sockets over a private Unix channel (SCM_RIGHTS) and serve.
+
+    import aiocluster
+    from aiohttp import web
+
+    app = web.Application()
+    ...
+    if __name__ == "__main__":
+        aiocluster.run(app, port=8080, workers=4)
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from . import web
+from ._address import Address
+from ._config import ClusterConfig, default_workers
+from ._errors import (
+    AioclusterError,
+    ChannelClosed,
+    ConfigError,
+    NotInCluster,
+    ProtocolError,
+)
+from ._primary import Cluster, ClusterFailed, Worker
+from ._serve import create_server, run, serve
+from ._worker import is_primary, is_worker, messages, send, worker_id, worker_slot
+
+__all__ = [
+    "Address",
+    "AioclusterError",
+    "ChannelClosed",
+    "Cluster",
+    "ClusterConfig",
+    "ClusterFailed",
+    "ConfigError",
+    "NotInCluster",
+    "ProtocolError",
+    "Worker",
+    "__version__",
+    "create_server",
+    "default_workers",
+    "is_primary",
+    "is_worker",
+    "messages",
+    "run",
+    "send",
+    "serve",
+    "web",
+    "worker_id",
+    "worker_slot",
+]

@@ -1,0 +1,305 @@
+"""The control channel: framed JSON messages and SCM_RIGHTS descriptors over an AF_UNIX socket.
+
+Asyncio transports cannot carry ancillary data, so the channel drives a non-blocking socket
+itself with ``loop.add_reader``/``add_writer`` and ``sendmsg``/``recvmsg``. Framing and
+descriptor attribution live in the pure :mod:`aiocluster._codec`; this module only moves bytes.
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import os
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from ._codec import MAX_FDS, Decoder, Frame, encode
+from ._errors import ChannelClosed, ProtocolError
+
+__all__ = ["Channel", "channel_pair", "close_fds"]
+
+log = logging.getLogger("aiocluster.channel")
+
+_FD_SIZE = array.array("i").itemsize
+_READ_SIZE = 256 * 1024
+# Reads per readiness callback: enough to drain a burst, bounded so one chatty peer cannot
+# starve the rest of the primary's loop.
+_READS_PER_WAKEUP = 16
+# recvmsg flag that makes received descriptors close-on-exec atomically (Linux, BSDs).
+_CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+
+Handler = Callable[[Frame], None]
+
+
+def close_fds(fds: Sequence[int]) -> None:
+    """Close each descriptor, ignoring ones already closed."""
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+class Channel:
+    """One end of a private control channel.
+
+    ``handler`` receives every frame that is not a reply to one of our requests, and owns the
+    descriptors in ``frame.fds``. A handler that raises :class:`ProtocolError` (or anything
+    else) closes the channel: a peer that breaks the protocol is cut off, never trusted again.
+
+    ``on_close`` is called once, with :attr:`close_reason`, when the channel closes.
+
+    ``max_fds`` is how many descriptors one frame from the peer may carry; 0 means the peer may
+    never send any (the primary's view of a worker). ``max_buffer`` bounds the bytes queued for
+    a peer that stops reading; past it the channel closes rather than grow without limit.
+    """
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        handler: Handler,
+        *,
+        name: str,
+        max_fds: int = MAX_FDS,
+        max_buffer: int = 8 * 1024 * 1024,
+        on_close: Callable[[BaseException | None], None] | None = None,
+    ) -> None:
+        sock.setblocking(False)
+        self._sock = sock
+        self._fd = sock.fileno()
+        self._handler = handler
+        self._on_close = on_close
+        self.name = name
+        self._max_fds = max_fds
+        self._max_buffer = max_buffer
+        self._decoder = Decoder(max_fds=max_fds)
+        self._ancbuf = socket.CMSG_SPACE(max(1, max_fds) * _FD_SIZE)
+        self._outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
+        self._outq_bytes = 0
+        self._writing = False
+        self._seq = itertools.count(1)
+        self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
+        self._close_reason: BaseException | None = None
+        self._closed_event = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin reading; must be called from the loop that will own the channel."""
+        self._loop = asyncio.get_running_loop()
+        self._loop.add_reader(self._fd, self._on_readable)
+
+    @property
+    def closed(self) -> bool:
+        """True once the channel is closed, for whatever reason."""
+        return self._closed
+
+    @property
+    def close_reason(self) -> BaseException | None:
+        """Why the channel closed: None for a local close, else the error or EOF that did it."""
+        return self._close_reason
+
+    async def wait_closed(self) -> None:
+        """Wait until the channel is closed."""
+        await self._closed_event.wait()
+
+    def close(self, reason: BaseException | None = None) -> None:
+        """Close the channel, release every descriptor it holds, and fail pending requests.
+
+        Idempotent: only the first call's ``reason`` is kept.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._close_reason = reason
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+            if self._writing:
+                self._loop.remove_writer(self._fd)
+        self._writing = False
+        for _, fds in self._outq:
+            close_fds(fds)
+        self._outq.clear()
+        self._outq_bytes = 0
+        close_fds(self._decoder.close())
+        self._sock.close()
+        err = (
+            reason
+            if isinstance(reason, ChannelClosed)
+            else ChannelClosed(f"channel {self.name} closed" + (f": {reason}" if reason else ""))
+        )
+        for fut in self._pending.values():
+            if not fut.done():
+                fut.set_exception(err)
+                # Nobody may be awaiting this request any more; don't warn about it.
+                fut.exception()
+        self._pending.clear()
+        self._closed_event.set()
+        if self._on_close is not None:
+            try:
+                self._on_close(reason)
+            except Exception:
+                log.exception("%s: close callback failed", self.name)
+
+    # -- sending -----------------------------------------------------------------------------
+
+    def send(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> int:
+        """Queue ``msg`` (and copies of ``fds``) for the peer without blocking; return its seq.
+
+        The caller keeps ownership of ``fds``: the channel sends duplicates and closes those.
+        Raises :class:`ChannelClosed` if the channel is closed.
+        """
+        if self._closed:
+            raise ChannelClosed(f"channel {self.name} is closed")
+        seq = next(self._seq)
+        out = dict(msg)
+        out["seq"] = seq
+        data = encode(out, len(fds))
+        dups = [os.dup(fd) for fd in fds]
+        self._outq.append((memoryview(data), dups))
+        self._outq_bytes += len(data)
+        if self._outq_bytes > self._max_buffer:
+            self.close(
+                ChannelClosed(
+                    f"channel {self.name}: peer is not reading ({self._outq_bytes} bytes queued)"
+                )
+            )
+            raise ChannelClosed(f"channel {self.name} closed: peer is not reading")
+        if not self._writing:
+            self._flush()
+        return seq
+
+    def reply(self, request: Frame, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
+        """Send ``msg`` as the answer to ``request``; a closed channel drops it silently."""
+        out = dict(msg)
+        out["act"] = request.msg["act"]
+        out["ack"] = request.msg.get("seq", 0)
+        with contextlib.suppress(ChannelClosed):
+            self.send(out, fds)
+
+    async def request(
+        self, msg: Mapping[str, Any], fds: Sequence[int] = (), timeout: float | None = None
+    ) -> Frame:
+        """Send ``msg`` and wait for the peer's reply (the frame whose ``ack`` is our seq)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[Frame] = loop.create_future()
+        seq = self.send(msg, fds)
+        self._pending[seq] = fut
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._pending.pop(seq, None)
+
+    def _flush(self) -> None:
+        while self._outq:
+            data, fds = self._outq[0]
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = self._sock.sendmsg([data], anc)
+                else:
+                    sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as err:
+                self.close(ChannelClosed(f"channel {self.name}: send failed: {err}"))
+                return
+            # Once any byte went out the kernel holds its own references to the descriptors.
+            close_fds(fds)
+            self._outq_bytes -= sent
+            if sent == len(data):
+                self._outq.popleft()
+            else:
+                self._outq[0] = (data[sent:], [])
+                break
+        want_writer = bool(self._outq)
+        if want_writer != self._writing and self._loop is not None:
+            if want_writer:
+                self._loop.add_writer(self._fd, self._flush)
+            else:
+                self._loop.remove_writer(self._fd)
+            self._writing = want_writer
+
+    # -- receiving ---------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        for _ in range(_READS_PER_WAKEUP):
+            if self._closed:
+                return
+            try:
+                data, ancdata, flags, _ = self._sock.recvmsg(
+                    _READ_SIZE, self._ancbuf, _CLOEXEC_FLAG
+                )
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                self.close(ChannelClosed(f"channel {self.name}: receive failed: {err}"))
+                return
+            fds = _fds_from_ancdata(ancdata)
+            if flags & socket.MSG_CTRUNC:
+                close_fds(fds)
+                self._protocol_error(ProtocolError("descriptors truncated (MSG_CTRUNC)"))
+                return
+            if not data and not fds:
+                self.close(ChannelClosed(f"channel {self.name}: peer closed the channel"))
+                return
+            if not _CLOEXEC_FLAG:
+                for fd in fds:
+                    os.set_inheritable(fd, False)
+            try:
+                frames = self._decoder.feed(data, fds)
+            except ProtocolError as err:
+                close_fds(err.fds)
+                self._protocol_error(err)
+                return
+            for i, frame in enumerate(frames):
+                if self._closed:
+                    for rest in frames[i:]:
+                        close_fds(rest.fds)
+                    return
+                self._dispatch(frame)
+
+    def _dispatch(self, frame: Frame) -> None:
+        ack = frame.msg.get("ack")
+        if ack is not None:
+            fut = self._pending.pop(ack, None)
+            if fut is None or fut.done():
+                # A reply nobody waits for any more (the request timed out): drop it cleanly.
+                close_fds(frame.fds)
+                log.debug("%s: reply to unknown request %s dropped", self.name, ack)
+            else:
+                fut.set_result(frame)
+            return
+        try:
+            self._handler(frame)
+        except ProtocolError as err:
+            self._protocol_error(err)
+        except Exception as err:
+            log.exception("%s: handler failed on %r", self.name, frame.msg.get("act"))
+            self.close(err)
+
+    def _protocol_error(self, err: ProtocolError) -> None:
+        log.error("%s: protocol error, closing the channel: %s", self.name, err)
+        self.close(err)
+
+
+def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(payload) - len(payload) % _FD_SIZE
+            fds.extend(array.array("i", payload[:usable]))
+    return fds
+
+
+def channel_pair() -> tuple[socket.socket, socket.socket]:
+    """A fresh unnamed AF_UNIX stream pair: (parent end, inheritable child end)."""
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    child.set_inheritable(True)
+    return parent, child

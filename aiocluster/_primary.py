@@ -1,0 +1,429 @@
+"""The primary: starts workers, answers their channel requests, owns the listening sockets.
+
+The primary never serves the application. It runs one asyncio loop, one task per worker that
+waits for the process to exit, and answers each worker's frames as they arrive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from typing import Any, Literal
+
+from . import _protocol as proto
+from ._address import Address
+from ._channel import Channel, channel_pair
+from ._codec import Frame
+from ._config import ClusterConfig
+from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
+from ._handles import HandleTable
+
+__all__ = ["Cluster", "ClusterFailed", "Worker"]
+
+log = logging.getLogger("aiocluster.primary")
+
+Event = Literal["fork", "online", "listening", "disconnect", "exit", "message"]
+EVENTS: tuple[Event, ...] = ("fork", "online", "listening", "disconnect", "exit", "message")
+WorkerState = Literal["starting", "online", "listening", "disconnecting", "dead"]
+
+
+class ClusterFailed(AioclusterError):
+    """The cluster stopped because it could not run: a bind error or a worker that cannot boot."""
+
+
+class Worker:
+    """The primary's view of one worker process (Node's ``cluster.Worker``)."""
+
+    def __init__(self, cluster: Cluster, worker_id: int, slot: int) -> None:
+        self.id = worker_id
+        self.slot = slot
+        self.state: WorkerState = "starting"
+        #: True once the worker was asked to leave (disconnect/kill): its exit is expected.
+        self.exited_after_disconnect = False
+        #: The exit status once dead: the code, or the negative signal number as asyncio reports.
+        self.returncode: int | None = None
+        self.listening: list[str] = []
+        self._cluster = cluster
+        self._process: asyncio.subprocess.Process | None = None
+        self._channel: Channel | None = None
+        self._exited = asyncio.Event()
+
+    def __repr__(self) -> str:
+        return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
+
+    @property
+    def pid(self) -> int | None:
+        """The worker's process id, once it has been started."""
+        return self._process.pid if self._process is not None else None
+
+    def is_dead(self) -> bool:
+        """True once the process has exited."""
+        return self.state == "dead"
+
+    def is_connected(self) -> bool:
+        """True while the control channel to the worker is open."""
+        return self._channel is not None and not self._channel.closed
+
+    def send(self, obj: Any) -> None:
+        """Send a JSON-serialisable ``obj`` to the worker (it arrives in ``aiocluster.messages()``).
+
+        Raises :class:`~aiocluster.ChannelClosed` if the worker is gone.
+        """
+        if self._channel is None:
+            raise ChannelClosed(f"worker {self.id} has no channel")
+        self._channel.send({"act": proto.MESSAGE, "data": obj})
+
+    def disconnect(self) -> None:
+        """Ask the worker to stop gracefully: close its servers, finish in-flight work, exit."""
+        if self.state == "dead":
+            return
+        self.exited_after_disconnect = True
+        if self.state != "disconnecting":
+            self.state = "disconnecting"
+            self._cluster._emit("disconnect", self)
+        if self._channel is not None:
+            with contextlib.suppress(ChannelClosed):
+                self._channel.send({"act": proto.DISCONNECT})
+
+    def kill(self, sig: int = signal.SIGTERM) -> None:
+        """Send ``sig`` to the worker; its exit then counts as expected, not as a crash."""
+        self.exited_after_disconnect = True
+        self._signal(sig)
+
+    async def wait(self) -> int:
+        """Wait for the worker to exit and return its status (negative: killed by that signal)."""
+        await self._exited.wait()
+        assert self.returncode is not None
+        return self.returncode
+
+    def _signal(self, sig: int) -> None:
+        if self._process is not None and self.state != "dead":
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(sig)
+
+    def describe(self) -> str:
+        """``worker 3 (pid 1234)``: how logs name a worker."""
+        return f"worker {self.id} (pid {self.pid})"
+
+
+Callback = Callable[..., Any]
+
+
+class Cluster:
+    """A running cluster of worker processes, seen from the primary.
+
+    Use it as an async context manager, or call :meth:`start` and later :meth:`aclose`::
+
+        async with aiocluster.Cluster(config) as cluster:
+            cluster.on("exit", lambda worker, code: print(worker.id, code))
+            await cluster.wait()
+
+    Events (Node's names), with the callback's arguments: ``fork(worker)``,
+    ``online(worker)``, ``listening(worker, address)``, ``disconnect(worker)``,
+    ``exit(worker, returncode)``, ``message(worker, data)``. Callbacks may be plain functions or
+    coroutine functions; an exception in one is logged and never stops the cluster.
+    """
+
+    def __init__(self, config: ClusterConfig) -> None:
+        self.config = config
+        #: Live workers by id.
+        self.workers: dict[int, Worker] = {}
+        self.handles = HandleTable()
+        self._argv = list(config.argv) if config.argv else worker_argv()
+        self._ids = itertools.count(1)
+        self._callbacks: dict[Event, list[Callback]] = {e: [] for e in EVENTS}
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._gone = asyncio.Event()  # set while no worker process is alive
+        self._gone.set()
+        self._failure: str | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
+
+    # -- public API --------------------------------------------------------------------------
+
+    def on(self, event: Event, callback: Callback) -> None:
+        """Call ``callback`` on every ``event`` (see the class docstring for the arguments)."""
+        if event not in self._callbacks:
+            raise ConfigError(f"unknown cluster event {event!r}; expected one of {EVENTS}")
+        self._callbacks[event].append(callback)
+
+    async def start(self) -> None:
+        """Start the workers; returns at once (see :meth:`wait_ready` and :meth:`wait`)."""
+        if self._main is not None:
+            raise AioclusterError("the cluster is already started")
+        self._main = asyncio.create_task(self._run(), name="aiocluster-primary")
+
+    async def wait_ready(self) -> None:
+        """Wait until every worker is listening (raises :class:`ClusterFailed` if it never is)."""
+        assert self._main is not None, "start() the cluster first"
+        ready = asyncio.create_task(self._ready.wait())
+        try:
+            await asyncio.wait({ready, self._main}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            ready.cancel()
+        if not self._ready.is_set():
+            await self._main
+            raise ClusterFailed(self._failure or "the cluster stopped before it was ready")
+
+    @property
+    def stopping(self) -> bool:
+        """True once a stop was asked for (a second :meth:`stop` then forces it)."""
+        return self._stop.is_set()
+
+    def stop(self, *, force: bool = False) -> None:
+        """Ask the cluster to stop: gracefully, or at once with ``force`` (SIGKILL to all).
+
+        Safe to call from a signal handler callback; calling it twice forces the stop.
+        """
+        if force or self._stop.is_set():
+            self._force.set()
+        self._stop.set()
+
+    async def wait(self) -> None:
+        """Wait until the cluster has stopped; raise :class:`ClusterFailed` if it failed."""
+        assert self._main is not None, "start() the cluster first"
+        await asyncio.shield(self._main)
+        if self._failure is not None:
+            raise ClusterFailed(self._failure)
+
+    async def aclose(self) -> None:
+        """Stop gracefully and wait until every worker is reaped and every socket closed."""
+        if self._main is None:
+            self.handles.close_all()
+            return
+        self._stop.set()
+        await asyncio.shield(self._main)
+
+    async def __aenter__(self) -> Cluster:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- supervision -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                for slot in range(1, self.config.workers + 1):
+                    await self._spawn(slot)
+                await self._stop.wait()
+                await self._shutdown()
+        finally:
+            self._tg = None
+            self.handles.close_all()
+
+    async def _spawn(self, slot: int) -> Worker:
+        assert self._tg is not None
+        worker = Worker(self, next(self._ids), slot)
+        parent, child = channel_pair()
+        env = dict(os.environ)
+        env[proto.ENV_WORKER_ID] = str(worker.id)
+        env[proto.ENV_WORKER_SLOT] = str(slot)
+        env[proto.ENV_CHANNEL_FD] = str(child.fileno())
+        try:
+            worker._process = await asyncio.create_subprocess_exec(
+                *self._argv,
+                env=env,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                # Own session: a terminal's Ctrl-C reaches only the primary, which then
+                # drains the workers in order instead of every process dying at once.
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        worker._channel = Channel(
+            parent, lambda frame: self._on_frame(worker, frame), name=worker.describe(), max_fds=0
+        )
+        worker._channel.start()
+        self.workers[worker.id] = worker
+        self._gone.clear()
+        log.info("started %s", worker.describe())
+        self._emit("fork", worker)
+        self._tg.create_task(self._watch(worker), name=f"aiocluster-watch-{worker.id}")
+        if self._stop.is_set():
+            worker.disconnect()  # started while the cluster began to stop
+        return worker
+
+    async def _watch(self, worker: Worker) -> None:
+        assert worker._process is not None and worker._channel is not None
+        channel = worker._channel
+        exit_task = asyncio.create_task(worker._process.wait())
+        closed_task = asyncio.create_task(channel.wait_closed())
+        await asyncio.wait({exit_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
+        if isinstance(channel.close_reason, ProtocolError) and not exit_task.done():
+            log.error(
+                "%s broke the channel protocol (%s); killing it",
+                worker.describe(),
+                channel.close_reason,
+            )
+            worker._signal(signal.SIGKILL)
+        returncode = await exit_task
+        closed_task.cancel()
+        channel.close()
+        worker.state = "dead"
+        worker.returncode = returncode
+        worker._exited.set()
+        self.workers.pop(worker.id, None)
+        if not self.workers:
+            self._gone.set()
+        self._emit("exit", worker, returncode)
+        self._after_exit(worker, returncode)
+
+    def _after_exit(self, worker: Worker, returncode: int) -> None:
+        how = _describe_status(returncode)
+        if self._stop.is_set() or worker.exited_after_disconnect:
+            log.info("%s %s", worker.describe(), how)
+            return
+        if not worker.listening:
+            self._fail(
+                f"{worker.describe()} {how} before it was listening; the application cannot "
+                "start (see its error above), so the cluster is stopping"
+            )
+            return
+        log.warning("%s %s unexpectedly; starting a replacement", worker.describe(), how)
+        assert self._tg is not None
+        self._tg.create_task(self._spawn(worker.slot))
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+            log.error("%s", reason)
+        self._stop.set()
+
+    async def _shutdown(self) -> None:
+        timeout = self.config.graceful_timeout
+        log.info("stopping %d workers (graceful timeout %gs)", len(self.workers), timeout)
+        for worker in list(self.workers.values()):
+            worker.disconnect()
+        # Our copies of the listening sockets go now: once the workers close theirs the
+        # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
+        self.handles.close_all()
+        gone = asyncio.create_task(self._gone.wait())
+        forced = asyncio.create_task(self._force.wait())
+        # The workers drain for `timeout` themselves; the margin lets them exit cleanly.
+        await asyncio.wait({gone, forced}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        reason = "stop forced" if self._force.is_set() else f"still running after {timeout:g}s"
+        for worker in list(self.workers.values()):
+            log.warning("killing %s: %s", worker.describe(), reason)
+            worker._signal(signal.SIGKILL)
+        await gone
+        if self._force.is_set() and self._failure is None:
+            self._failure = "stop forced: workers were killed without draining"
+
+    # -- channel requests --------------------------------------------------------------------
+
+    def _on_frame(self, worker: Worker, frame: Frame) -> None:
+        msg = frame.msg
+        act = msg["act"]
+        if act == proto.QUERY_SERVER:
+            self._query_server(worker, frame)
+        elif act == proto.ONLINE:
+            if worker.state == "starting":
+                worker.state = "online"
+            assert worker._channel is not None
+            worker._channel.reply(frame, {"graceful_timeout": self.config.graceful_timeout})
+            self._emit("online", worker)
+        elif act == proto.LISTENING:
+            address = proto.require(msg, "address", str)
+            worker.listening.append(address)
+            log.info("%s listening on %s", worker.describe(), address)
+            if worker.state in ("starting", "online"):
+                worker.state = "listening"
+            self._emit("listening", worker, address)
+            self._check_ready()
+        elif act == proto.MESSAGE:
+            self._emit("message", worker, msg.get("data"))
+        elif act == proto.CLOSE:
+            log.debug("%s closed %s", worker.describe(), msg.get("address"))
+        else:
+            raise ProtocolError(f"unknown act {act!r} from {worker.describe()}")
+
+    def _query_server(self, worker: Worker, frame: Frame) -> None:
+        msg = frame.msg
+        try:
+            address = Address.from_wire(msg.get("address"))
+        except ConfigError as err:
+            raise ProtocolError(f"bad queryServer address: {err}") from None
+        index = proto.require(msg, "index", int)
+        backlog = msg.get("backlog", self.config.backlog)
+        if index < 0 or not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
+            raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r}")
+        assert worker._channel is not None
+        try:
+            handle, created = self.handles.get_or_create(address, index, backlog)
+        except OSError as err:
+            code = err.errno or 0
+            text = err.strerror or str(err)
+            worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
+            self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
+            return
+        if created:
+            log.info("listening on %s", handle.sockname)
+        worker._channel.reply(
+            frame, {"errno": 0, "sockname": handle.sockname}, [handle.sock.fileno()]
+        )
+
+    def _check_ready(self) -> None:
+        listening = [w for w in self.workers.values() if w.state == "listening"]
+        if not self._ready.is_set() and len(listening) >= self.config.workers:
+            self._ready.set()
+            log.info("ready: %d workers listening", len(listening))
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _emit(self, event: Event, *args: Any) -> None:
+        for callback in self._callbacks[event]:
+            try:
+                result = callback(*args)
+                if inspect.isawaitable(result):
+                    if self._tg is not None:
+                        self._tg.create_task(_guard(event, result))
+                    else:
+                        close = getattr(result, "close", None)
+                        if close is not None:
+                            close()
+            except Exception:
+                log.exception("%r callback %r failed", event, callback)
+
+
+async def _guard(event: str, awaitable: Any) -> None:
+    try:
+        await awaitable
+    except Exception:
+        log.exception("%r callback failed", event)
+
+
+def _describe_status(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
+
+
+def worker_argv() -> list[str]:
+    """The command that started this process, to start workers as the same program.
+
+    ``sys.orig_argv`` keeps interpreter options (``-m``, ``-X``...) that ``sys.argv`` loses.
+    """
+    return [sys.executable, *sys.orig_argv[1:]]

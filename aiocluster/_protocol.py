@@ -1,0 +1,47 @@
+"""Names shared by both ends of the channel: message acts and environment variables (pure)."""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from ._errors import ProtocolError
+
+__all__ = [
+    "CLOSE",
+    "DISCONNECT",
+    "ENV_CHANNEL_FD",
+    "ENV_WORKER_ID",
+    "ENV_WORKER_SLOT",
+    "LISTENING",
+    "MESSAGE",
+    "ONLINE",
+    "QUERY_SERVER",
+    "require",
+]
+
+# Environment: how a process learns it is a worker (Node: NODE_UNIQUE_ID) and finds its channel.
+ENV_WORKER_ID = "AIOCLUSTER_WORKER_ID"
+ENV_WORKER_SLOT = "AIOCLUSTER_WORKER_SLOT"
+ENV_CHANNEL_FD = "AIOCLUSTER_CHANNEL_FD"
+
+# worker -> primary
+ONLINE = "online"  # request; the reply carries the primary's settings for the worker
+QUERY_SERVER = "queryServer"  # request; the reply carries errno, sockname and the socket's fd
+LISTENING = "listening"
+CLOSE = "close"
+# both ways
+MESSAGE = "message"
+# primary -> worker
+DISCONNECT = "disconnect"
+
+T = TypeVar("T")
+
+
+def require(msg: dict[str, Any], key: str, kind: type[T]) -> T:
+    """``msg[key]`` if it is a ``kind`` (bools are not ints here), else :class:`ProtocolError`."""
+    value = msg.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(
+            f"{msg.get('act')!r}: field {key!r} must be {kind.__name__}, got {type(value).__name__}"
+        )
+    return value

@@ -1,0 +1,322 @@
+"""``serve``, ``run`` and ``create_server``: the one entry point, acting by role.
+
+In the primary they start and supervise workers; in a worker they obtain sockets from the
+primary and serve the application until told to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, TypeAlias
+
+from aiohttp import web
+
+from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
+from ._config import ClusterConfig
+from ._errors import AioclusterError, ConfigError
+from ._logging import ensure_logging
+from ._primary import Cluster
+from ._worker import announce_listening, is_worker, link, listen_socket
+
+__all__ = ["AppTarget", "create_server", "run", "serve"]
+
+log = logging.getLogger("aiocluster")
+
+AppFactory: TypeAlias = Callable[[], "web.Application | Awaitable[web.Application]"]
+#: What ``serve`` accepts: an aiohttp Application, a factory returning one (sync or async),
+#: or, with ``protocol=True``, an asyncio protocol factory.
+AppTarget: TypeAlias = "web.Application | AppFactory | Callable[[], asyncio.BaseProtocol]"
+PrimaryHook: TypeAlias = Callable[[Cluster], Any]
+
+
+async def serve(
+    app: AppTarget,
+    *,
+    host: str | None = None,
+    port: int | None = None,
+    path: str | None = None,
+    bind: Sequence[str] | None = None,
+    workers: int | None = None,
+    graceful_timeout: float = 30.0,
+    backlog: int = 2048,
+    protocol: bool = False,
+    on_primary: PrimaryHook | None = None,
+    access_log: bool = False,
+    config: ClusterConfig | None = None,
+) -> None:
+    """Serve ``app`` on every worker of a cluster; the same call in both roles.
+
+    In the primary: start ``workers`` workers (default: the CPUs this process may use) and
+    supervise them until SIGINT/SIGTERM, then drain them; raises :class:`ClusterFailed` if the
+    cluster cannot run (a bind error, an application that fails to start). ``on_primary`` is
+    called with the :class:`Cluster` before the workers start, to subscribe to its events.
+
+    In a worker: obtain the sockets from the primary and serve ``app`` on them until the
+    primary says ``disconnect`` (or SIGTERM, or the primary dies), then stop accepting and let
+    in-flight requests finish for up to ``graceful_timeout`` seconds.
+
+    Listens on ``host``/``port``, ``path`` (a Unix socket) and each ``bind`` spec
+    (``HOST:PORT`` or ``unix:PATH``); with none of them, 127.0.0.1:8000. A ready-made
+    ``config`` replaces all of the cluster options.
+    """
+    if config is None:
+        config = ClusterConfig.build(
+            workers=workers,
+            host=host,
+            port=port,
+            path=path,
+            bind=bind,
+            graceful_timeout=graceful_timeout,
+            backlog=backlog,
+        )
+    if is_worker():
+        if protocol:
+            await _serve_protocol_worker(app, config)  # type: ignore[arg-type]
+        else:
+            await _serve_app_worker(app, config, access_log=access_log)
+        return
+    if not callable(app) and not isinstance(app, web.Application):
+        raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
+    await serve_primary(config, on_primary)
+
+
+async def serve_primary(config: ClusterConfig, on_primary: PrimaryHook | None = None) -> None:
+    """Run the primary: start the cluster, stop it on SIGINT/SIGTERM (twice: at once)."""
+    ensure_logging()
+    cluster = Cluster(config)
+    if on_primary is not None:
+        result = on_primary(cluster)
+        if inspect.isawaitable(result):
+            await result
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        # Signals only ask; the cluster's own loop does the stopping.
+        loop.add_signal_handler(sig, _on_stop_signal, cluster, sig)
+        installed.append(sig)
+    try:
+        log.info("primary starting %d workers", config.workers)
+        await cluster.start()
+        await cluster.wait()
+        log.info("stopped")
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+        await cluster.aclose()
+
+
+def _on_stop_signal(cluster: Cluster, sig: int) -> None:
+    name = signal.Signals(sig).name
+    log.info("%s received: %s", name, "stopping now" if cluster.stopping else "draining")
+    cluster.stop()
+
+
+async def resolve_app(target: AppTarget) -> web.Application:
+    """The Application itself, or what a factory (sync or async) returns."""
+    if isinstance(target, web.Application):
+        return target
+    if not callable(target):
+        raise ConfigError(f"cannot serve {target!r}: expected an aiohttp Application or a factory")
+    result: Any = target()
+    if inspect.isawaitable(result):
+        result = await result
+    if not isinstance(result, web.Application):
+        raise ConfigError(
+            f"the factory {getattr(target, '__qualname__', target)!r} returned "
+            f"{type(result).__name__}, not an aiohttp Application (for an asyncio protocol "
+            "factory pass protocol=True, or --protocol on the command line)"
+        )
+    return result
+
+
+async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_log: bool) -> None:
+    from .web import ClusterSite
+
+    current = link()
+    with _stop_signals(current.stopping):
+        await current.ensure_online()
+        app = await resolve_app(target)
+        runner = web.AppRunner(
+            app,
+            handle_signals=False,
+            shutdown_timeout=current.graceful_timeout,
+            access_log=logging.getLogger("aiohttp.access") if access_log else None,
+        )
+        await runner.setup()
+        try:
+            for address in config.binds:
+                site = ClusterSite(runner, address=address, backlog=config.backlog)
+                await site.start()
+            await current.stopping.wait()
+        finally:
+            await runner.cleanup()
+    current.close()
+
+
+async def _serve_protocol_worker(
+    factory: Callable[[], asyncio.BaseProtocol], config: ClusterConfig
+) -> None:
+    if not callable(factory):
+        raise ConfigError(f"cannot serve {factory!r}: a protocol factory must be callable")
+    current = link()
+    tracker = ConnectionTracker()
+    servers: list[asyncio.Server] = []
+    with _stop_signals(current.stopping):
+        await current.ensure_online()
+        try:
+            for address in config.binds:
+                servers.append(
+                    await create_server(
+                        tracker.wrap(factory), address=address, backlog=config.backlog
+                    )
+                )
+            await current.stopping.wait()
+        finally:
+            for server in servers:
+                server.close()
+            await tracker.drain(current.graceful_timeout)
+    current.close()
+
+
+@contextlib.contextmanager
+def _stop_signals(stopping: asyncio.Event) -> Any:
+    """In a worker, SIGTERM and SIGINT ask for a graceful stop, like ``disconnect``."""
+    loop = asyncio.get_running_loop()
+    sigs = (signal.SIGTERM, signal.SIGINT)
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not stopping.is_set():
+            log.info("%s received; draining", sig.name)
+        stopping.set()
+
+    for sig in sigs:
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        yield
+    finally:
+        for sig in sigs:
+            loop.remove_signal_handler(sig)
+
+
+class ConnectionTracker:
+    """Counts open connections of a protocol server so a stop can wait for them to end."""
+
+    def __init__(self) -> None:
+        self.transports: set[asyncio.BaseTransport] = set()
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> Callable[[], asyncio.BaseProtocol]:
+        """A factory whose protocols report their connection's start and end to the tracker."""
+
+        def tracked() -> asyncio.BaseProtocol:
+            proto = factory()
+            made, lost = proto.connection_made, proto.connection_lost
+            box: list[asyncio.BaseTransport] = []
+
+            def connection_made(transport: asyncio.BaseTransport) -> None:
+                box.append(transport)
+                self.transports.add(transport)
+                self._idle.clear()
+                made(transport)
+
+            def connection_lost(exc: Exception | None) -> None:
+                try:
+                    lost(exc)
+                finally:
+                    if box:
+                        self.transports.discard(box[0])
+                    if not self.transports:
+                        self._idle.set()
+
+            # Instance attributes, not a proxy: the loop calls data_received directly, so
+            # tracking costs nothing per read. Protocols with __slots__ go untracked.
+            with contextlib.suppress(AttributeError):
+                proto.connection_made = connection_made  # type: ignore[method-assign]
+                proto.connection_lost = connection_lost  # type: ignore[method-assign]
+            return proto
+
+        return tracked
+
+    async def drain(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for every connection to end, then abort the rest."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        for transport in list(self.transports):
+            abort = getattr(transport, "abort", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.close()
+
+
+async def create_server(
+    protocol_factory: Callable[[], asyncio.BaseProtocol],
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    path: str | None = None,
+    address: Address | None = None,
+    backlog: int = 2048,
+    **kwargs: Any,
+) -> asyncio.Server:
+    """A cluster-aware ``loop.create_server``.
+
+    In a worker the listening socket comes from the primary (shared by all workers); outside a
+    cluster it is bound here. Extra keyword arguments go to ``loop.create_server`` (``ssl``...).
+    """
+    if address is None:
+        if path is not None:
+            address = Address.unix(path)
+        else:
+            address = Address.tcp(host or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
+    sock = await listen_socket(address, backlog)
+    loop = asyncio.get_running_loop()
+    try:
+        server = await loop.create_server(protocol_factory, sock=sock, backlog=backlog, **kwargs)
+    except BaseException:
+        sock.close()
+        raise
+    announce_listening(sock)
+    return server
+
+
+def run(
+    app: AppTarget,
+    *,
+    use_uvloop: bool = True,
+    **options: Any,
+) -> None:
+    """Run :func:`serve` to completion in a new event loop, like ``aiohttp.web.run_app``.
+
+    Uses uvloop when it is installed and ``use_uvloop`` is true. Exits the process with status 1
+    and a one-line error if the cluster cannot run.
+    """
+    ensure_logging()
+    try:
+        _run_loop(serve(app, **options), use_uvloop=use_uvloop)
+    except AioclusterError as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+def _run_loop(coro: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None  # type: ignore[assignment]
+        if uvloop is not None:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(coro)
+            return
+    asyncio.run(coro)

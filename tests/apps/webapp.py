@@ -1,0 +1,93 @@
+"""Applications the tests run in real clusters (``aiocluster run webapp:app`` from this folder)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import time
+import typing
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+import aiocluster
+
+LAST_MESSAGE: web.AppKey[asyncio.Queue[object]] = web.AppKey("last_message", asyncio.Queue)
+
+
+def say(line: str) -> None:
+    """A line on stderr that the tests wait for (they never sleep to guess)."""
+    print(
+        f"TEST {line} worker={aiocluster.worker_id()} pid={os.getpid()}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+async def whoami(request: web.Request) -> web.Response:
+    return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id()})
+
+
+async def block(request: web.Request) -> web.Response:
+    # Blocks this worker's loop, so it cannot accept: the next connection must go elsewhere.
+    say("block-started")
+    time.sleep(float(request.query.get("s", "0.5")))  # noqa: ASYNC251 - the point of it
+    return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id()})
+
+
+async def slow(request: web.Request) -> web.Response:
+    say("slow-started")
+    await asyncio.sleep(float(request.query.get("s", "1.0")))
+    return web.json_response({"pid": os.getpid(), "done": True})
+
+
+async def send_to_primary(request: web.Request) -> web.Response:
+    aiocluster.send({"from": aiocluster.worker_id(), "text": request.query.get("text", "")})
+    reply = await asyncio.wait_for(request.app[LAST_MESSAGE].get(), timeout=10)
+    return web.json_response({"pid": os.getpid(), "reply": reply})
+
+
+async def _pump_messages(app: web.Application) -> AsyncIterator[None]:
+    async def pump() -> None:
+        async for message in aiocluster.messages():
+            await app[LAST_MESSAGE].put(message)
+
+    task = asyncio.create_task(pump())
+    yield
+    task.cancel()
+
+
+def make_app() -> web.Application:
+    app = web.Application()
+    app[LAST_MESSAGE] = asyncio.Queue()
+    app.router.add_get("/", whoami)
+    app.router.add_get("/block", block)
+    app.router.add_get("/slow", slow)
+    app.router.add_get("/send", send_to_primary)
+    if aiocluster.is_worker():
+        app.cleanup_ctx.append(_pump_messages)
+    return app
+
+
+app = make_app()
+
+
+async def broken_factory() -> web.Application:
+    raise RuntimeError("this application cannot start")
+
+
+def not_an_app() -> str:
+    return "not an application"
+
+
+class EchoProtocol(asyncio.Protocol):
+    """Echoes every byte back, prefixed once with the worker id."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: a cast, not an isinstance.
+        self.transport = typing.cast(asyncio.Transport, transport)
+        self.transport.write(f"worker {aiocluster.worker_id()} pid {os.getpid()}\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)

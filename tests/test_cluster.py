@@ -1,0 +1,288 @@
+"""The cluster core with real processes: one port for many workers, handles, stop, messages."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import StartCluster
+from .harness import APPS, ClusterProcess, cli, pid_alive, wait_pid_gone
+
+pytestmark = pytest.mark.timeout(60)
+
+
+async def get_json(
+    url: str, *, connector: aiohttp.BaseConnector | None = None
+) -> dict[str, object]:
+    async with (
+        aiohttp.ClientSession(connector=connector or aiohttp.TCPConnector(force_close=True)) as s,
+        s.get(url, timeout=aiohttp.ClientTimeout(total=15)) as r,
+    ):
+        assert r.status == 200, await r.text()
+        data = await r.json()
+        assert isinstance(data, dict)
+        return data
+
+
+async def one_request_per_worker(c: ClusterProcess, n: int) -> list[dict[str, object]]:
+    """Send ``n`` requests that each block the loop of the worker that takes them.
+
+    The next request starts only once the previous one is blocking a worker, so each lands on
+    a worker that is free: n requests reach n different workers through the one socket.
+    """
+    tasks = []
+    for _ in range(n):
+        mark = len(c.lines)
+        tasks.append(asyncio.create_task(get_json(f"{c.url}/block?s={1 + 0.5 * n}")))
+        await c.wait_for("TEST block-started", start=mark)
+    return await asyncio.gather(*tasks)
+
+
+async def test_several_workers_answer_on_one_port(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "3", "-b", "127.0.0.1:0"))
+    workers = c.worker_pids
+    assert len(workers) == 3
+    answers = await one_request_per_worker(c, 3)
+    assert {a["pid"] for a in answers} == set(workers.values())
+
+
+async def test_port_zero_is_one_real_port_for_all(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    assert c.count(r"primary: listening on ") == 1
+    assert c.port != 0
+    for pid in c.worker_pids.values():
+        assert c.count(rf"\(pid {pid}\) listening on 127\.0\.0\.1:{c.port}$") == 1
+    answers = await one_request_per_worker(c, 2)
+    assert len({a["pid"] for a in answers}) == 2
+
+
+async def test_bind_error_stops_the_cluster_with_the_error(start_cluster: StartCluster) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        c = await start_cluster(
+            *cli("run", "webapp:app", "-w", "2", "-b", f"127.0.0.1:{port}"), ready=False
+        )
+        assert await c.wait() == 1
+    finally:
+        taken.close()
+    assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in c.output
+    # The worker sees the same OSError, and nobody respawns a worker into the same error.
+    assert "OSError: [Errno 98]" in c.output
+    assert len(c.worker_pids) == 2
+    for pid in c.worker_pids.values():
+        assert not pid_alive(pid)
+
+
+async def test_unix_socket_replaces_a_stale_file_and_removes_it(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "app.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))  # a server that died without unlinking its socket file
+    stale.close()
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", f"unix:{path}"))
+    assert c.address == f"unix:{path}"
+    connector = aiohttp.UnixConnector(path=str(path), force_close=True)
+    data = await get_json("http://localhost/", connector=connector)
+    assert data["pid"] in c.worker_pids.values()
+    assert await c.stop() == 0
+    assert not path.exists()
+
+
+async def test_unix_socket_in_use_is_not_taken_over(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    path = tmp_path / "busy.sock"
+    busy = socket.socket(socket.AF_UNIX)
+    busy.bind(str(path))
+    busy.listen()
+    try:
+        c = await start_cluster(
+            *cli("run", "webapp:app", "-w", "1", "-b", f"unix:{path}"), ready=False
+        )
+        assert await c.wait() == 1
+        assert "another server is listening on" in c.output
+        assert path.exists()
+    finally:
+        busy.close()
+
+
+async def test_two_listeners_in_one_worker(start_cluster: StartCluster, tmp_path: Path) -> None:
+    path = tmp_path / "second.sock"
+    c = await start_cluster(
+        *cli(
+            "run",
+            "webapp:app",
+            "-w",
+            "2",
+            "-b",
+            "127.0.0.1:0",
+            "-b",
+            "127.0.0.1:0",
+            "-b",
+            f"unix:{path}",
+        )
+    )
+    addresses = [m for m in c.lines if "primary: listening on" in m]
+    assert len(addresses) == 3
+    ports = {int(line.rsplit(":", 1)[1]) for line in addresses if "unix:" not in line}
+    assert len(ports) == 2  # two listens on port 0 in one worker: two sockets, as in Node
+    for port in ports:
+        data = await get_json(f"http://127.0.0.1:{port}/")
+        assert data["pid"] in c.worker_pids.values()
+    data = await get_json("http://localhost/", connector=aiohttp.UnixConnector(path=str(path)))
+    assert data["pid"] in c.worker_pids.values()
+
+
+async def test_graceful_stop_finishes_in_flight_request(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    url = c.url
+    request = asyncio.create_task(get_json(f"{url}/slow?s=1.5"))
+    await c.wait_for("TEST slow-started")
+    mark = len(c.lines)
+    c.signal(signal.SIGTERM)
+    await c.wait_for("stopping 2 workers", start=mark)
+    answer = await request
+    assert answer["done"] is True
+    assert await c.wait() == 0
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await get_json(f"{url}/")
+
+
+async def test_second_sigint_stops_at_once(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "30")
+    )
+    request = asyncio.create_task(get_json(f"{c.url}/slow?s=20"))
+    await c.wait_for("TEST slow-started")
+    c.signal(signal.SIGINT)
+    await c.wait_for("SIGINT received: draining")
+    c.signal(signal.SIGINT)
+    assert await c.wait(timeout=10) != 0
+    assert "stop forced" in c.output
+    with pytest.raises(aiohttp.ClientError):
+        await request
+
+
+async def test_primary_sigkill_leaves_no_worker(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "3", "-b", "127.0.0.1:0"))
+    pids = list(c.worker_pids.values())
+    c.signal(signal.SIGKILL)
+    for pid in pids:
+        await wait_pid_gone(pid, timeout=15)
+        assert not pid_alive(pid)
+    await c.wait()
+    assert c.count("lost the channel to the primary") == 3
+
+
+async def test_script_with_run_is_primary_and_worker(start_cluster: StartCluster) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    c = await start_cluster(sys.executable, "script_app.py", str(port))
+    assert c.port == port
+    data = await get_json(f"http://127.0.0.1:{port}/")
+    assert data["worker"] in c.worker_pids
+    assert await c.stop() == 0
+
+
+async def test_messages_both_ways(start_cluster: StartCluster) -> None:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    c = await start_cluster(sys.executable, "script_app.py", str(port))
+    data = await get_json(f"http://127.0.0.1:{port}/send?text=ping")
+    reply = data["reply"]
+    assert isinstance(reply, dict)
+    assert reply["echo"]["text"] == "ping"
+    assert reply["to"] == reply["echo"]["from"]
+    assert c.worker_pids[reply["to"]] == data["pid"]
+
+
+async def test_protocol_factory(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:EchoProtocol", "--protocol", "-w", "2", "-b", "127.0.0.1:0")
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    try:
+        banner = await asyncio.wait_for(reader.readline(), 10)
+        assert banner.startswith(b"worker ")
+        writer.write(b"hello cluster\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"hello cluster\n"
+    finally:
+        writer.close()
+    assert await c.stop() == 0
+
+
+async def test_dead_worker_is_replaced(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    first = c.worker_pids[1]
+    os.kill(first, signal.SIGKILL)
+    await c.wait_for(r"worker 1 \(pid \d+\) was killed by SIGKILL unexpectedly")
+    await c.wait_for(r"worker 3 \(pid \d+\) listening on")
+    answers = await one_request_per_worker(c, 2)
+    assert {a["worker"] for a in answers} == {2, 3}
+
+
+async def test_application_that_cannot_start_stops_the_cluster(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:broken_factory", "--factory", "-w", "2", "-b", "127.0.0.1:0"),
+        ready=False,
+    )
+    assert await c.wait() == 1
+    assert "RuntimeError: this application cannot start" in c.output
+    assert "before it was listening" in c.output
+    assert len(c.worker_pids) == 2  # no respawn loop
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nocolon"], "APP must look like module:attribute"),
+        (["no_such_module:app"], "cannot find module 'no_such_module'"),
+        (["webapp:app", "-w", "0"], "must be at least 1"),
+        (["webapp:app", "-b", "127.0.0.1:http"], "is not a number"),
+        (["webapp:app", "-b", "::1:80"], "IPv6 addresses in brackets"),
+        (["webapp:app", "-b", "127.0.0.1:70000"], "port must be an integer from 0 to 65535"),
+        (["webapp:app", "--graceful-timeout", "-1"], "must be a finite number >= 0"),
+    ],
+)
+async def test_cli_rejects_bad_input_clearly(
+    start_cluster: StartCluster, args: list[str], message: str
+) -> None:
+    c = await start_cluster(*cli("run", *args), ready=False)
+    assert await c.wait() == 2
+    assert message in c.output
+    assert "Traceback" not in c.output
+    assert not c.worker_pids
+
+
+async def test_cli_app_of_the_wrong_kind_is_a_clear_boot_failure(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:not_an_app", "-w", "1", "-b", "127.0.0.1:0"), ready=False
+    )
+    assert await c.wait() == 1
+    assert "not an aiohttp Application; pass --factory" in c.output
+
+
+async def test_example_from_the_readme(start_cluster: StartCluster) -> None:
+    root = APPS.parent.parent
+    c = await start_cluster(sys.executable, "examples/hello.py", cwd=root, env={"PORT": "0"})
+    async with aiohttp.ClientSession() as s, s.get(f"{c.url}/") as r:
+        assert r.status == 200
+        assert (await r.text()).startswith("Hello from worker ")
+    assert await c.stop() == 0
