@@ -27,7 +27,7 @@ from ._errors import (
     ProtocolError,
 )
 from ._primary import Cluster, ClusterFailed, Worker
-from ._serve import create_server, run, serve
+from ._serve import create_server, run, serve, supervise, until_stopped
 from ._worker import is_primary, is_worker, messages, send, worker_id, worker_slot
 
 __all__ = [
@@ -50,6 +50,8 @@ __all__ = [
     "run",
     "send",
     "serve",
+    "supervise",
+    "until_stopped",
     "web",
     "worker_id",
     "worker_slot",

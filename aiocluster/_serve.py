@@ -12,7 +12,7 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
 from typing import Any, TypeAlias
 
 from aiohttp import web
@@ -24,7 +24,7 @@ from ._logging import ensure_logging
 from ._primary import Cluster
 from ._worker import announce_listening, is_worker, link, listen_socket
 
-__all__ = ["AppTarget", "create_server", "run", "serve"]
+__all__ = ["AppTarget", "create_server", "run", "serve", "supervise", "until_stopped"]
 
 log = logging.getLogger("aiocluster")
 
@@ -83,11 +83,25 @@ async def serve(
         return
     if not callable(app) and not isinstance(app, web.Application):
         raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
-    await serve_primary(config, on_primary)
+    await supervise(config, on_primary=on_primary)
 
 
-async def serve_primary(config: ClusterConfig, on_primary: PrimaryHook | None = None) -> None:
-    """Run the primary: start the cluster, stop it on SIGINT/SIGTERM (twice: at once)."""
+async def supervise(
+    config: ClusterConfig | None = None,
+    *,
+    on_primary: PrimaryHook | None = None,
+    **options: Any,
+) -> None:
+    """Run the primary until it is stopped: the primary half of :func:`serve`.
+
+    For programs that build their worker side by hand (``ClusterSite``, ``create_server``,
+    :func:`until_stopped`). SIGINT/SIGTERM drain the workers; a second one stops at once.
+    ``options`` are those of :meth:`ClusterConfig.build` when no ``config`` is given.
+    """
+    if is_worker():
+        raise AioclusterError("supervise() runs the primary; this process is a worker")
+    if config is None:
+        config = ClusterConfig.build(**options)
     ensure_logging()
     cluster = Cluster(config)
     if on_primary is not None:
@@ -184,8 +198,20 @@ async def _serve_protocol_worker(
     current.close()
 
 
+async def until_stopped() -> None:
+    """In a worker, wait until it must stop: ``disconnect``, SIGTERM/SIGINT, or primary gone.
+
+    For workers that serve by hand (their own ``AppRunner`` with ``ClusterSite``, or
+    ``create_server``): await this, then close your servers gracefully.
+    """
+    current = link()
+    with _stop_signals(current.stopping):
+        await current.ensure_online()
+        await current.stopping.wait()
+
+
 @contextlib.contextmanager
-def _stop_signals(stopping: asyncio.Event) -> Any:
+def _stop_signals(stopping: asyncio.Event) -> Iterator[None]:
     """In a worker, SIGTERM and SIGINT ask for a graceful stop, like ``disconnect``."""
     loop = asyncio.get_running_loop()
     sigs = (signal.SIGTERM, signal.SIGINT)

@@ -10,8 +10,11 @@ import re
 import select
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 APPS = Path(__file__).parent / "apps"
 READY = r"ready: (\d+) workers listening"
@@ -99,6 +102,19 @@ class ClusterProcess:
     def output(self) -> str:
         return "\n".join(self.lines)
 
+    async def _until(self, test: Callable[[], T | None], timeout: float, what: str) -> T:
+        """Wait (on new output, not a timer) until ``test()`` returns something."""
+        result = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout), self._changed:
+                while (result := test()) is None:
+                    if self._reader is not None and self._reader.done():
+                        break
+                    await self._changed.wait()
+        if result is None:
+            raise AssertionError(f"{what} not seen in:\n{self.output}")
+        return result
+
     async def wait_for(self, pattern: str, timeout: float = 20.0, start: int = 0) -> re.Match[str]:
         """The first line from ``start`` on matching ``pattern``; fails with the log if none."""
         regex = re.compile(pattern)
@@ -109,17 +125,15 @@ class ClusterProcess:
                     return m
             return None
 
-        try:
-            async with asyncio.timeout(timeout), self._changed:
-                while (m := found()) is None:
-                    if self._reader is not None and self._reader.done():
-                        break
-                    await self._changed.wait()
-        except TimeoutError:
-            m = None
-        if m is None:
-            raise AssertionError(f"no line matching {pattern!r} in:\n{self.output}")
-        return m
+        return await self._until(found, timeout, f"a line matching {pattern!r}")
+
+    async def wait_count(self, pattern: str, n: int, timeout: float = 20.0) -> None:
+        """Wait until ``n`` lines match ``pattern``."""
+        await self._until(
+            lambda: True if self.count(pattern) >= n else None,
+            timeout,
+            f"{n} lines matching {pattern!r}",
+        )
 
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)

@@ -7,6 +7,7 @@ import os
 import signal
 import socket
 import sys
+import typing
 from pathlib import Path
 
 import aiohttp
@@ -186,10 +187,7 @@ async def test_primary_sigkill_leaves_no_worker(start_cluster: StartCluster) -> 
 
 
 async def test_script_with_run_is_primary_and_worker(start_cluster: StartCluster) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     c = await start_cluster(sys.executable, "script_app.py", str(port))
     assert c.port == port
     data = await get_json(f"http://127.0.0.1:{port}/")
@@ -198,10 +196,7 @@ async def test_script_with_run_is_primary_and_worker(start_cluster: StartCluster
 
 
 async def test_messages_both_ways(start_cluster: StartCluster) -> None:
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
+    port = free_port()
     c = await start_cluster(sys.executable, "script_app.py", str(port))
     data = await get_json(f"http://127.0.0.1:{port}/send?text=ping")
     reply = data["reply"]
@@ -286,3 +281,61 @@ async def test_example_from_the_readme(start_cluster: StartCluster) -> None:
         assert r.status == 200
         assert (await r.text()).startswith("Hello from worker ")
     assert await c.stop() == 0
+
+
+def free_port() -> int:
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
+async def test_each_worker_runs_the_full_aiohttp_lifecycle(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    for step in ("on_startup", "cleanup_ctx-enter"):
+        assert c.count(f"TEST {step} ") == 2
+    assert await c.stop() == 0
+    for step in ("on_shutdown", "on_cleanup", "cleanup_ctx-exit"):
+        assert c.count(f"TEST {step} ") == 2, step
+
+
+async def test_primary_events_and_disconnect(start_cluster: StartCluster) -> None:
+    port = free_port()
+    c = await start_cluster(sys.executable, "script_app.py", str(port))
+    for event in ("fork", "online", "listening"):
+        assert c.count(f"EVENT {event} ") == 2, event
+    assert c.count(rf"EVENT listening worker=1 pid=\d+ 127\.0\.0\.1:{port}") == 1
+    data = await get_json(f"http://127.0.0.1:{port}/send?text=disconnect-me&wait=no")
+    await c.wait_for(r"EVENT disconnect worker=\d")
+    await c.wait_for(rf"EVENT exit worker={data['worker']} pid={data['pid']} 0")
+    # A worker that left when asked is not a crash: nobody replaces it, nobody complains.
+    assert "unexpectedly" not in c.output
+    assert len(c.worker_pids) == 2
+    assert await c.stop() == 0
+
+
+async def test_own_app_runner_with_cluster_site(start_cluster: StartCluster) -> None:
+    port = free_port()
+    c = await start_cluster(sys.executable, "custom_runner.py", str(port))
+    await c.wait_count(f"TEST custom-site http://127.0.0.1:{port}", 2)
+    data = await get_json(f"http://127.0.0.1:{port}/")
+    assert data["worker"] in c.worker_pids
+    assert await c.stop() == 0
+    assert c.count("TEST on_cleanup ") == 2
+
+
+async def test_create_server_outside_a_cluster_binds_locally() -> None:
+    import aiocluster
+
+    class Hello(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            typing.cast(asyncio.Transport, transport).write(b"hi\n")
+            transport.close()
+
+    server = await aiocluster.create_server(Hello, "127.0.0.1", 0)
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(reader.readline(), 5) == b"hi\n"
+        writer.close()

@@ -13,11 +13,28 @@ def main() -> None:
     port = int(sys.argv[1])
 
     def on_primary(cluster: aiocluster.Cluster) -> None:
-        # Echo every worker message back to the worker that sent it.
         def on_message(worker: aiocluster.Worker, data: object) -> None:
+            if isinstance(data, dict) and data.get("text") == "disconnect-me":
+                worker.disconnect()
+                return
+            # Echo every other worker message back to the worker that sent it.
             worker.send({"echo": data, "to": worker.id})
 
+        def show(event: str) -> None:
+            async def report(worker: aiocluster.Worker, *args: object) -> None:
+                # An async callback: the cluster runs it as a task it owns.
+                extra = " ".join(map(str, args))
+                print(
+                    f"EVENT {event} worker={worker.id} pid={worker.pid} {extra}".rstrip(),
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+            cluster.on(event, report)  # type: ignore[arg-type]
+
         cluster.on("message", on_message)
+        for event in ("fork", "online", "listening", "disconnect", "exit"):
+            show(event)
 
     aiocluster.run(
         make_app, host="127.0.0.1", port=port, workers=2, graceful_timeout=5, on_primary=on_primary

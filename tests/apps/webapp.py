@@ -44,6 +44,8 @@ async def slow(request: web.Request) -> web.Response:
 
 async def send_to_primary(request: web.Request) -> web.Response:
     aiocluster.send({"from": aiocluster.worker_id(), "text": request.query.get("text", "")})
+    if request.query.get("wait") == "no":
+        return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id()})
     reply = await asyncio.wait_for(request.app[LAST_MESSAGE].get(), timeout=10)
     return web.json_response({"pid": os.getpid(), "reply": reply})
 
@@ -58,8 +60,30 @@ async def _pump_messages(app: web.Application) -> AsyncIterator[None]:
     task.cancel()
 
 
+async def _announce_startup(app: web.Application) -> None:
+    say("on_startup")
+
+
+async def _announce_shutdown(app: web.Application) -> None:
+    say("on_shutdown")
+
+
+async def _announce_cleanup(app: web.Application) -> None:
+    say("on_cleanup")
+
+
+async def _context(app: web.Application) -> AsyncIterator[None]:
+    say("cleanup_ctx-enter")
+    yield
+    say("cleanup_ctx-exit")
+
+
 def make_app() -> web.Application:
     app = web.Application()
+    app.on_startup.append(_announce_startup)
+    app.on_shutdown.append(_announce_shutdown)
+    app.on_cleanup.append(_announce_cleanup)
+    app.cleanup_ctx.append(_context)
     app[LAST_MESSAGE] = asyncio.Queue()
     app.router.add_get("/", whoami)
     app.router.add_get("/block", block)
