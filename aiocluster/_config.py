@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 from ._errors import ConfigError
 
-__all__ = ["ClusterConfig", "default_workers"]
+__all__ = ["ClusterConfig", "default_workers", "parse_size"]
 
 
 def default_workers() -> int:
@@ -33,6 +33,15 @@ class ClusterConfig:
     backlog: int = 2048
     use_uvloop: bool = True
     argv: tuple[str, ...] | None = field(default=None)
+    #: Seconds without a heartbeat from a worker's event loop before it is killed (0: never).
+    timeout: float = 30.0
+    #: Requests after which a worker is recycled (0: never), plus up to ``max_requests_jitter``.
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    #: Resident memory in bytes past which a worker is recycled (0: never; needs /proc).
+    max_memory: int = 0
+    #: Workers replaced at a time by a rolling reload.
+    reload_batch: int = 1
 
     @classmethod
     def build(
@@ -47,6 +56,11 @@ class ClusterConfig:
         backlog: int = 2048,
         use_uvloop: bool = True,
         argv: Sequence[str] | None = None,
+        timeout: float = 30.0,
+        max_requests: int = 0,
+        max_requests_jitter: int = 0,
+        max_memory: int | str = 0,
+        reload_batch: int = 1,
     ) -> ClusterConfig:
         """Validate the options users pass to ``serve``/``run``/the CLI.
 
@@ -59,8 +73,15 @@ class ClusterConfig:
             raise ConfigError(f"workers must be a positive integer, not {workers!r}")
         if not isinstance(graceful_timeout, int | float) or graceful_timeout < 0:
             raise ConfigError(f"graceful_timeout must be >= 0 seconds, not {graceful_timeout!r}")
-        if not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
-            raise ConfigError(f"backlog must be a positive integer, not {backlog!r}")
+        _check_int("backlog", backlog, 1)
+        _check_int("max_requests", max_requests, 0)
+        _check_int("max_requests_jitter", max_requests_jitter, 0)
+        _check_int("reload_batch", reload_batch, 1)
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
+            raise ConfigError(f"timeout must be >= 0 seconds (0 disables it), not {timeout!r}")
+        memory = parse_size(max_memory)
+        if memory and not os.path.exists("/proc/self/statm"):
+            raise ConfigError("max_memory needs /proc to read workers' memory (Linux only)")
         if isinstance(bind, str):
             bind = [bind]
         binds: list[Address] = [parse_bind(spec) for spec in bind or ()]
@@ -79,4 +100,39 @@ class ClusterConfig:
             backlog=backlog,
             use_uvloop=use_uvloop,
             argv=tuple(argv) if argv is not None else None,
+            timeout=float(timeout),
+            max_requests=max_requests,
+            max_requests_jitter=max_requests_jitter,
+            max_memory=memory,
+            reload_batch=reload_batch,
         )
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, not {value!r}")
+
+
+_SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(value: int | str) -> int:
+    """Bytes from an int or a string like ``512M``, ``2G``, ``300000K`` (0 means no limit)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"a memory size must be bytes or like 512M, not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"a memory size cannot be negative: {value}")
+        return value
+    text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    unit = text[-1:] if text[-1:] in ("K", "M", "G") else ""
+    number = text[: len(text) - len(unit)]
+    try:
+        amount = float(number)
+    except ValueError:
+        raise ConfigError(
+            f"a memory size must be bytes or like 512M or 2G, not {value!r}"
+        ) from None
+    if not amount >= 0 or amount == float("inf"):
+        raise ConfigError(f"a memory size must be a finite number >= 0, not {value!r}")
+    return int(amount * _SIZE_UNITS[unit])

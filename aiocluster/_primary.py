@@ -25,6 +25,13 @@ from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
 from ._handles import HandleTable
+from ._supervisor import (
+    RestartPolicy,
+    Supervisor,
+    free_slot,
+    heartbeat_interval,
+    request_limit,
+)
 
 __all__ = ["Cluster", "ClusterFailed", "Worker"]
 
@@ -51,10 +58,21 @@ class Worker:
         #: The exit status once dead: the code, or the negative signal number as asyncio reports.
         self.returncode: int | None = None
         self.listening: list[str] = []
+        #: The last report from the worker's event loop: requests, connections, rss, lag.
+        self.stats: dict[str, float] = {}
+        #: The worker this one is replacing (rolling reload, recycling), until it listens.
+        self.replaces: Worker | None = None
+        #: Why this worker is being replaced, once its replacement is on the way.
+        self.retiring: str | None = None
+        #: Requests after which this worker is recycled (0: never).
+        self.request_limit = 0
+        self.started_at = asyncio.get_running_loop().time()
         self._cluster = cluster
         self._process: asyncio.subprocess.Process | None = None
         self._channel: Channel | None = None
         self._exited = asyncio.Event()
+        self._listening = asyncio.Event()
+        self._hang: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
@@ -130,6 +148,11 @@ class Cluster:
     ``online(worker)``, ``listening(worker, address)``, ``disconnect(worker)``,
     ``exit(worker, returncode)``, ``message(worker, data)``. Callbacks may be plain functions or
     coroutine functions; an exception in one is logged and never stops the cluster.
+
+    Supervision: a worker that dies is replaced (with backoff if it keeps dying); one whose event
+    loop stops sending heartbeats for ``config.timeout`` seconds has its stack dumped and is
+    killed; :meth:`reload` replaces every worker without ever serving with fewer than
+    :attr:`size`; :meth:`scale` changes :attr:`size`.
     """
 
     def __init__(self, config: ClusterConfig) -> None:
@@ -138,6 +161,10 @@ class Cluster:
         self.workers: dict[int, Worker] = {}
         self.handles = HandleTable()
         self._argv = list(config.argv) if config.argv else worker_argv()
+        self._size = config.workers
+        self._supervisor = Supervisor(RestartPolicy())
+        self._reload_lock = asyncio.Lock()
+        self._reload_again = False
         self._ids = itertools.count(1)
         self._callbacks: dict[Event, list[Callback]] = {e: [] for e in EVENTS}
         self._stop = asyncio.Event()
@@ -174,6 +201,53 @@ class Cluster:
         if not self._ready.is_set():
             await self._main
             raise ClusterFailed(self._failure or "the cluster stopped before it was ready")
+
+    @property
+    def size(self) -> int:
+        """How many workers the cluster keeps serving (see :meth:`scale`)."""
+        return self._size
+
+    def scale(self, size: int) -> None:
+        """Serve with ``size`` workers: start new ones, or drain the highest slots gracefully."""
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            raise ConfigError(f"a cluster needs at least 1 worker, not {size!r}")
+        if self._tg is None or self.stopping:
+            raise AioclusterError("the cluster is not running")
+        log.info("scaling from %d to %d workers", self._size, size)
+        self._size = size
+        serving = sorted(self._serving(), key=lambda w: w.slot)
+        for worker in serving[size:]:
+            log.info("scaling down: draining %s (slot %d)", worker.describe(), worker.slot)
+            self._supervisor.forget(worker.slot)
+            worker.disconnect()
+        used = {w.slot for w in serving[:size]}
+        for _ in range(size - len(serving)):
+            slot = free_slot(used)
+            used.add(slot)
+            self._tg.create_task(self._spawn(slot))
+
+    async def reload(self) -> bool:
+        """Replace every worker, ``config.reload_batch`` at a time; True once all are replaced.
+
+        Each new worker must be listening before the one it replaces is told to drain, so the
+        cluster never serves with fewer workers. If a new worker fails to start, the reload stops
+        there and the remaining old workers keep serving (returns False).
+        """
+        if self._reload_lock.locked():
+            self._reload_again = True  # a reload asked for during one: run once more after
+            log.info("reload already in progress; another will follow it")
+            return False
+        async with self._reload_lock:
+            while True:
+                self._reload_again = False
+                ok = await self._reload_once()
+                if not ok or not self._reload_again or self.stopping:
+                    return ok
+
+    def request_reload(self) -> None:
+        """Start :meth:`reload` in the background (what SIGHUP does)."""
+        if self._tg is not None and not self.stopping:
+            self._tg.create_task(self.reload())
 
     @property
     def stopping(self) -> bool:
@@ -217,7 +291,7 @@ class Cluster:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                for slot in range(1, self.config.workers + 1):
+                for slot in range(1, self._size + 1):
                     await self._spawn(slot)
                 await self._stop.wait()
                 await self._shutdown()
@@ -225,9 +299,23 @@ class Cluster:
             self._tg = None
             self.handles.close_all()
 
-    async def _spawn(self, slot: int) -> Worker:
+    def _serving(self) -> list[Worker]:
+        """Workers that serve, or will: neither draining nor on their way out."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.state not in ("disconnecting", "dead")
+            and w.retiring is None
+            and w.replaces is None
+        ]
+
+    async def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
         assert self._tg is not None
         worker = Worker(self, next(self._ids), slot)
+        worker.replaces = replaces
+        worker.request_limit = request_limit(
+            self.config.max_requests, self.config.max_requests_jitter
+        )
         parent, child = channel_pair()
         env = dict(os.environ)
         env[proto.ENV_WORKER_ID] = str(worker.id)
@@ -277,6 +365,8 @@ class Cluster:
         returncode = await exit_task
         closed_task.cancel()
         channel.close()
+        if worker._hang is not None:
+            worker._hang.cancel()
         worker.state = "dead"
         worker.returncode = returncode
         worker._exited.set()
@@ -291,15 +381,115 @@ class Cluster:
         if self._stop.is_set() or worker.exited_after_disconnect:
             log.info("%s %s", worker.describe(), how)
             return
-        if not worker.listening:
-            self._fail(
-                f"{worker.describe()} {how} before it was listening; the application cannot "
-                "start (see its error above), so the cluster is stopping"
+        if worker.replaces is not None:
+            # A replacement that never listened: the worker it was to replace keeps serving.
+            log.error(
+                "%s %s before it was listening; %s keeps serving",
+                worker.describe(),
+                how,
+                worker.replaces.describe(),
             )
             return
-        log.warning("%s %s unexpectedly; starting a replacement", worker.describe(), how)
+        if worker.slot > self._size or any(w.slot == worker.slot for w in self._serving()):
+            log.warning("%s %s; its slot is not needed any more", worker.describe(), how)
+            return
+        uptime = asyncio.get_running_loop().time() - worker.started_at
+        decision = self._supervisor.exited(
+            worker.slot, listened=bool(worker.listening), uptime=uptime
+        )
+        if decision.action == "halt":
+            self._fail(
+                f"{worker.describe()} {how} before it was listening, and {decision.reason}: "
+                "the application cannot start (see its error above); stopping the cluster"
+            )
+            return
+        when = "at once" if not decision.delay else f"in {decision.delay:g}s"
+        what = "unexpectedly" if worker.listening else "before it was listening"
+        log.warning(
+            "%s %s %s; restarting slot %d %s (%s)",
+            worker.describe(),
+            how,
+            what,
+            worker.slot,
+            when,
+            decision.reason,
+        )
         assert self._tg is not None
-        self._tg.create_task(self._spawn(worker.slot))
+        self._tg.create_task(self._restart(worker.slot, decision.delay))
+
+    async def _restart(self, slot: int, delay: float) -> None:
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+        if self.stopping or slot > self._size or any(w.slot == slot for w in self._serving()):
+            return
+        await self._spawn(slot)
+
+    async def _reload_once(self) -> bool:
+        old = sorted(self._serving(), key=lambda w: w.slot)
+        batch = self.config.reload_batch
+        log.info("reload: replacing %d workers, %d at a time", len(old), batch)
+        for i in range(0, len(old), batch):
+            results = await asyncio.gather(
+                *(self._replace(w, "reload") for w in old[i : i + batch])
+            )
+            if self.stopping:
+                return False
+            if not all(results):
+                log.error("reload stopped: a new worker could not start; the old ones keep serving")
+                return False
+        log.info("reload complete: %d workers replaced", len(old))
+        return True
+
+    async def _replace(self, old: Worker, reason: str) -> bool:
+        """Start a worker in ``old``'s slot; once it listens, drain ``old``. False if it fails."""
+        if old.retiring is not None or old.state in ("disconnecting", "dead") or self.stopping:
+            return old.state != "dead" or self.stopping
+        old.retiring = reason
+        log.info("replacing %s (%s): starting its successor", old.describe(), reason)
+        new = await self._spawn(old.slot, replaces=old)
+        listening = asyncio.create_task(new._listening.wait())
+        exited = asyncio.create_task(new._exited.wait())
+        stopping = asyncio.create_task(self._stop.wait())
+        await asyncio.wait({listening, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        for task in (listening, exited, stopping):
+            task.cancel()
+        if not new._listening.is_set() or self.stopping:
+            old.retiring = None
+            new.replaces = None
+            return False
+        new.replaces = None
+        log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)
+        old.disconnect()
+        return True
+
+    def _retire(self, worker: Worker, reason: str) -> None:
+        """Recycle ``worker`` (max requests, max memory) without losing a request."""
+        if worker.retiring is None and worker.state == "listening" and self._tg is not None:
+            self._tg.create_task(self._replace(worker, reason))
+
+    def _arm_hang_timer(self, worker: Worker) -> None:
+        if self.config.timeout <= 0 or worker.state == "dead":
+            return
+        if worker._hang is not None:
+            worker._hang.cancel()
+        loop = asyncio.get_running_loop()
+        worker._hang = loop.call_later(self.config.timeout, self._hung, worker)
+
+    def _hung(self, worker: Worker) -> None:
+        worker._hang = None
+        if worker.state == "dead":
+            return
+        log.error(
+            "%s is hung: no heartbeat from its event loop for %gs; dumping its stack, killing it",
+            worker.describe(),
+            self.config.timeout,
+        )
+        worker._signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
+        # The dump is written by a C signal handler as soon as the signal lands; half a second
+        # is ample for it before the kill.
+        asyncio.get_running_loop().call_later(0.5, worker._signal, signal.SIGKILL)
 
     def _fail(self, reason: str) -> None:
         if self._failure is None:
@@ -339,7 +529,14 @@ class Cluster:
             if worker.state == "starting":
                 worker.state = "online"
             assert worker._channel is not None
-            worker._channel.reply(frame, {"graceful_timeout": self.config.graceful_timeout})
+            worker._channel.reply(
+                frame,
+                {
+                    "graceful_timeout": self.config.graceful_timeout,
+                    "heartbeat": heartbeat_interval(self.config.timeout),
+                },
+            )
+            self._arm_hang_timer(worker)
             self._emit("online", worker)
         elif act == proto.LISTENING:
             address = proto.require(msg, "address", str)
@@ -347,8 +544,12 @@ class Cluster:
             log.info("%s listening on %s", worker.describe(), address)
             if worker.state in ("starting", "online"):
                 worker.state = "listening"
+            worker._listening.set()
+            self._supervisor.listening()
             self._emit("listening", worker, address)
             self._check_ready()
+        elif act == proto.HEARTBEAT:
+            self._on_heartbeat(worker, msg)
         elif act == proto.MESSAGE:
             self._emit("message", worker, msg.get("data"))
         elif act == proto.CLOSE:
@@ -381,9 +582,23 @@ class Cluster:
             frame, {"errno": 0, "sockname": handle.sockname}, [handle.sock.fileno()]
         )
 
+    def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
+        self._arm_hang_timer(worker)
+        worker.stats = {
+            key: float(value)
+            for key in ("requests", "connections", "rss", "lag")
+            if isinstance(value := msg.get(key), int | float) and not isinstance(value, bool)
+        }
+        requests = int(worker.stats.get("requests", 0))
+        if worker.request_limit and requests >= worker.request_limit:
+            self._retire(worker, f"served {requests} requests, limit {worker.request_limit}")
+        rss = int(worker.stats.get("rss", 0))
+        if self.config.max_memory and rss > self.config.max_memory:
+            self._retire(worker, f"uses {rss >> 20} MiB, limit {self.config.max_memory >> 20} MiB")
+
     def _check_ready(self) -> None:
         listening = [w for w in self.workers.values() if w.state == "listening"]
-        if not self._ready.is_set() and len(listening) >= self.config.workers:
+        if not self._ready.is_set() and len(listening) >= self._size:
             self._ready.set()
             log.info("ready: %d workers listening", len(listening))
 

@@ -12,6 +12,7 @@ __all__ = [
     "ENV_CHANNEL_FD",
     "ENV_WORKER_ID",
     "ENV_WORKER_SLOT",
+    "HEARTBEAT",
     "LISTENING",
     "MESSAGE",
     "ONLINE",
@@ -29,6 +30,7 @@ ONLINE = "online"  # request; the reply carries the primary's settings for the w
 QUERY_SERVER = "queryServer"  # request; the reply carries errno, sockname and the socket's fd
 LISTENING = "listening"
 CLOSE = "close"
+HEARTBEAT = "heartbeat"  # from the worker's event loop: lag, requests, connections, rss
 # both ways
 MESSAGE = "message"
 # primary -> worker

@@ -12,13 +12,14 @@ import inspect
 import logging
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeAlias
 
 from aiohttp import web
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
 from ._config import ClusterConfig
+from ._drain import drain_app
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
 from ._primary import Cluster
@@ -38,43 +39,30 @@ PrimaryHook: TypeAlias = Callable[[Cluster], Any]
 async def serve(
     app: AppTarget,
     *,
-    host: str | None = None,
-    port: int | None = None,
-    path: str | None = None,
-    bind: Sequence[str] | None = None,
-    workers: int | None = None,
-    graceful_timeout: float = 30.0,
-    backlog: int = 2048,
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool = False,
     config: ClusterConfig | None = None,
+    **options: Any,
 ) -> None:
     """Serve ``app`` on every worker of a cluster; the same call in both roles.
 
-    In the primary: start ``workers`` workers (default: the CPUs this process may use) and
-    supervise them until SIGINT/SIGTERM, then drain them; raises :class:`ClusterFailed` if the
-    cluster cannot run (a bind error, an application that fails to start). ``on_primary`` is
-    called with the :class:`Cluster` before the workers start, to subscribe to its events.
+    In the primary: start the workers and supervise them until SIGINT/SIGTERM, then drain them;
+    raises :class:`ClusterFailed` if the cluster cannot run (a bind error, an application that
+    fails to start). ``on_primary`` is called with the :class:`Cluster` before the workers start,
+    to subscribe to its events. SIGHUP reloads every worker; SIGTTIN/SIGTTOU add/remove one.
 
     In a worker: obtain the sockets from the primary and serve ``app`` on them until the
-    primary says ``disconnect`` (or SIGTERM, or the primary dies), then stop accepting and let
-    in-flight requests finish for up to ``graceful_timeout`` seconds.
+    primary says ``disconnect`` (or SIGTERM, or the primary dies), then drain: stop accepting,
+    answer in-flight and follow-up requests with ``Connection: close``, for up to
+    ``graceful_timeout`` seconds.
 
-    Listens on ``host``/``port``, ``path`` (a Unix socket) and each ``bind`` spec
-    (``HOST:PORT`` or ``unix:PATH``); with none of them, 127.0.0.1:8000. A ready-made
-    ``config`` replaces all of the cluster options.
+    ``options`` are those of :meth:`ClusterConfig.build` (``workers``, ``host``, ``port``,
+    ``path``, ``bind``, ``graceful_timeout``, ``timeout``, ``max_requests``...); a ready-made
+    ``config`` replaces them. With no address at all the cluster listens on 127.0.0.1:8000.
     """
     if config is None:
-        config = ClusterConfig.build(
-            workers=workers,
-            host=host,
-            port=port,
-            path=path,
-            bind=bind,
-            graceful_timeout=graceful_timeout,
-            backlog=backlog,
-        )
+        config = ClusterConfig.build(**options)
     if is_worker():
         if protocol:
             await _serve_protocol_worker(app, config)  # type: ignore[arg-type]
@@ -109,10 +97,17 @@ async def supervise(
         if inspect.isawaitable(result):
             await result
     loop = asyncio.get_running_loop()
+    # Signals only ask; the cluster's own tasks do the work.
+    handlers: dict[signal.Signals, Callable[[], None]] = {
+        signal.SIGINT: lambda: _on_stop_signal(cluster, signal.SIGINT),
+        signal.SIGTERM: lambda: _on_stop_signal(cluster, signal.SIGTERM),
+        signal.SIGHUP: lambda: _on_reload_signal(cluster),
+        signal.SIGTTIN: lambda: _on_scale_signal(cluster, +1),
+        signal.SIGTTOU: lambda: _on_scale_signal(cluster, -1),
+    }
     installed = []
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        # Signals only ask; the cluster's own loop does the stopping.
-        loop.add_signal_handler(sig, _on_stop_signal, cluster, sig)
+    for sig, handler in handlers.items():
+        loop.add_signal_handler(sig, handler)
         installed.append(sig)
     try:
         log.info("primary starting %d workers", config.workers)
@@ -125,10 +120,23 @@ async def supervise(
         await cluster.aclose()
 
 
-def _on_stop_signal(cluster: Cluster, sig: int) -> None:
-    name = signal.Signals(sig).name
-    log.info("%s received: %s", name, "stopping now" if cluster.stopping else "draining")
+def _on_stop_signal(cluster: Cluster, sig: signal.Signals) -> None:
+    log.info("%s received: %s", sig.name, "stopping now" if cluster.stopping else "draining")
     cluster.stop()
+
+
+def _on_reload_signal(cluster: Cluster) -> None:
+    log.info("SIGHUP received: reloading workers")
+    cluster.request_reload()
+
+
+def _on_scale_signal(cluster: Cluster, step: int) -> None:
+    name = "SIGTTIN" if step > 0 else "SIGTTOU"
+    if cluster.stopping or cluster.size + step < 1:
+        log.info("%s received: ignored (%d workers)", name, cluster.size)
+        return
+    log.info("%s received: %s a worker", name, "adding" if step > 0 else "removing")
+    cluster.scale(cluster.size + step)
 
 
 async def resolve_app(target: AppTarget) -> web.Application:
@@ -164,10 +172,14 @@ async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_
         )
         await runner.setup()
         try:
+            server = runner.server
+            assert server is not None
+            current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
             for address in config.binds:
                 site = ClusterSite(runner, address=address, backlog=config.backlog)
                 await site.start()
             await current.stopping.wait()
+            await drain_app(runner, current.graceful_timeout)
         finally:
             await runner.cleanup()
     current.close()
@@ -180,6 +192,7 @@ async def _serve_protocol_worker(
         raise ConfigError(f"cannot serve {factory!r}: a protocol factory must be callable")
     current = link()
     tracker = ConnectionTracker()
+    current.add_stats_source(lambda: (tracker.accepted, len(tracker.transports)))
     servers: list[asyncio.Server] = []
     with _stop_signals(current.stopping):
         await current.ensure_online()
@@ -234,6 +247,8 @@ class ConnectionTracker:
     """Counts open connections of a protocol server so a stop can wait for them to end."""
 
     def __init__(self) -> None:
+        #: Connections accepted so far.
+        self.accepted = 0
         self.transports: set[asyncio.BaseTransport] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -250,6 +265,7 @@ class ConnectionTracker:
 
             def connection_made(transport: asyncio.BaseTransport) -> None:
                 box.append(transport)
+                self.accepted += 1
                 self.transports.add(transport)
                 self._idle.clear()
                 made(transport)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import faulthandler
 import logging
 import os
+import signal
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from . import _protocol as proto
@@ -84,6 +86,11 @@ class WorkerLink:
         self._online: asyncio.Task[None] | None = None
         self._indexes: collections.Counter[Address] = collections.Counter()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
+        self._stats_sources: list[StatsSource] = []
+        self._heartbeat: asyncio.Task[None] | None = None
+        # The primary sends SIGUSR1 to a worker whose loop stopped answering, before killing
+        # it: faulthandler writes every thread's stack to stderr even while the loop is stuck.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
         sock = socket.socket(fileno=fd)
         # Inherited via pass_fds, so inheritable: children of this worker must not hold the
         # channel open, or the primary would never see this worker's end close.
@@ -91,10 +98,38 @@ class WorkerLink:
         self.channel = Channel(sock, self._on_frame, name="primary", on_close=self._on_close)
         self.channel.start()
 
+    def add_stats_source(self, source: StatsSource) -> None:
+        """Count ``source()``'s (requests served, connections open) in this worker's reports."""
+        self._stats_sources.append(source)
+
+    def stats(self) -> dict[str, float]:
+        """Requests served, connections open and resident memory of this worker, now."""
+        requests = connections = 0
+        for source in self._stats_sources:
+            served, open_now = source()
+            requests += served
+            connections += open_now
+        return {"requests": requests, "connections": connections, "rss": _rss_bytes()}
+
+    async def _beat(self, interval: float) -> None:
+        # Runs on the worker's own loop: if the application blocks the loop, the beats stop,
+        # and that silence is exactly what the primary watches for.
+        loop = asyncio.get_running_loop()
+        while not self.channel.closed:
+            expected = loop.time() + interval
+            await asyncio.sleep(interval)
+            lag = max(0.0, loop.time() - expected)
+            try:
+                self.channel.send({"act": proto.HEARTBEAT, "lag": lag, **self.stats()})
+            except ChannelClosed:
+                return
+
     def _on_close(self, reason: BaseException | None) -> None:
         if not self.stopping.is_set() and reason is not None:
             log.warning("lost the channel to the primary (%s); stopping", reason)
         self.stopping.set()
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         # Wake readers of messages(); a full inbox already has items to wake them.
         if not self._inbox.full():
             self._inbox.put_nowait(_END)
@@ -110,6 +145,9 @@ class WorkerLink:
         timeout = reply.msg.get("graceful_timeout")
         if isinstance(timeout, int | float) and timeout >= 0:
             self.graceful_timeout = float(timeout)
+        interval = reply.msg.get("heartbeat")
+        if isinstance(interval, int | float) and interval > 0 and not self.channel.closed:
+            self._heartbeat = asyncio.ensure_future(self._beat(float(interval)))
 
     async def query_server(self, address: Address, backlog: int) -> socket.socket:
         """Ask the primary for the listening socket for ``address``; raise its ``OSError``."""
@@ -170,9 +208,23 @@ class WorkerLink:
 
     def close(self) -> None:
         """Close the channel; the primary then sees this worker's end close."""
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
         self.channel.close()
 
 
+StatsSource = Callable[[], tuple[int, int]]
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * _PAGE_SIZE
+    except (OSError, ValueError, IndexError):
+        return 0  # no /proc (macOS): memory is not reported
+
+
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _END: Any = object()
 _link: WorkerLink | None = None
 

@@ -80,6 +80,44 @@ def _parser() -> argparse.ArgumentParser:
         help="on stop, how long in-flight requests may take before workers are killed "
         "(default: 30)",
     )
+    supervision = run_cmd.add_argument_group("supervision")
+    supervision.add_argument(
+        "-t",
+        "--timeout",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="kill and replace a worker whose event loop is blocked this long; its stack is "
+        "dumped to the log first (0 disables; default: 30)",
+    )
+    supervision.add_argument(
+        "--max-requests",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="recycle a worker after about N requests (0 disables; default: 0)",
+    )
+    supervision.add_argument(
+        "--max-requests-jitter",
+        type=_non_negative_int,
+        default=0,
+        metavar="J",
+        help="add 0..J to each worker's --max-requests so they do not recycle together",
+    )
+    supervision.add_argument(
+        "--max-memory",
+        default="0",
+        metavar="SIZE",
+        help="recycle a worker whose resident memory exceeds SIZE, e.g. 512M or 2G "
+        "(Linux; 0 disables; default: 0)",
+    )
+    supervision.add_argument(
+        "--reload-batch",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="workers replaced at a time by a reload (SIGHUP) (default: 1)",
+    )
     run_cmd.add_argument(
         "--backlog",
         type=_positive_int,
@@ -104,6 +142,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 
@@ -189,6 +237,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             bind=args.bind,
             graceful_timeout=args.graceful_timeout,
             backlog=args.backlog,
+            timeout=args.timeout,
+            max_requests=args.max_requests,
+            max_requests_jitter=args.max_requests_jitter,
+            max_memory=args.max_memory,
+            reload_batch=args.reload_batch,
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")

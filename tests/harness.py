@@ -174,9 +174,12 @@ class ClusterProcess:
     async def wait(self, timeout: float = 30.0) -> int:
         """Wait for the primary to exit and its output to end; return its exit status."""
         assert self.proc is not None and self._reader is not None
-        async with asyncio.timeout(timeout):
-            code = await self.proc.wait()
-            await self._reader
+        try:
+            async with asyncio.timeout(timeout):
+                code = await self.proc.wait()
+                await self._reader
+        except TimeoutError:
+            raise AssertionError(f"the cluster did not exit in {timeout}s:\n{self.output}") from None
         return code
 
     async def stop(self, timeout: float = 30.0) -> int:

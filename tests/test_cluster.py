@@ -238,8 +238,9 @@ async def test_application_that_cannot_start_stops_the_cluster(start_cluster: St
     )
     assert await c.wait() == 1
     assert "RuntimeError: this application cannot start" in c.output
-    assert "before it was listening" in c.output
-    assert len(c.worker_pids) == 2  # no respawn loop
+    assert "3 workers in a row exited before listening" in c.output
+    # A couple of retries (a boot failure can be a fluke), then a stop: no respawn loop.
+    assert 3 <= len(c.worker_pids) <= 4
 
 
 @pytest.mark.parametrize(
@@ -304,7 +305,7 @@ async def test_primary_events_and_disconnect(start_cluster: StartCluster) -> Non
     port = free_port()
     c = await start_cluster(sys.executable, "script_app.py", str(port))
     for event in ("fork", "online", "listening"):
-        assert c.count(f"EVENT {event} ") == 2, event
+        await c.wait_count(f"EVENT {event} ", 2)
     assert c.count(rf"EVENT listening worker=1 pid=\d+ 127\.0\.0\.1:{port}") == 1
     data = await get_json(f"http://127.0.0.1:{port}/send?text=disconnect-me&wait=no")
     await c.wait_for(r"EVENT disconnect worker=\d")

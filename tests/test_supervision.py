@@ -1,0 +1,174 @@
+"""Supervision with real processes: crashes, hangs, recycling, rolling reloads, scaling."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from .conftest import StartCluster
+from .harness import cli
+from .load import KeepAliveLoad
+
+pytestmark = pytest.mark.timeout(90)
+
+VERSIONED_APP = """
+import os
+import aiocluster
+from aiohttp import web
+
+VERSION = {version!r}
+{broken}
+
+async def whoami(request):
+    return web.json_response({{"worker": aiocluster.worker_id(), "pid": os.getpid(),
+                               "version": VERSION}})
+
+app = web.Application()
+app.router.add_get("/", whoami)
+"""
+
+
+def write_app(folder: Path, version: str, *, broken: bool = False) -> None:
+    failure = 'raise RuntimeError("version " + VERSION + " is broken")' if broken else ""
+    (folder / "versioned.py").write_text(VERSIONED_APP.format(version=version, broken=failure))
+
+
+async def version_of(url: str) -> str:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        data = await r.json()
+        return str(data["version"])
+
+
+async def test_a_worker_killed_under_load_is_replaced(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    async with KeepAliveLoad(f"{c.url}/", concurrency=4) as load:
+        await load.wait_requests(200)
+        os.kill(c.worker_pids[1], signal.SIGKILL)
+        await c.wait_for(r"worker 1 \(pid \d+\) was killed by SIGKILL unexpectedly; restarting")
+        await c.wait_for(r"worker 3 \(pid \d+\) listening on")
+        before = load.result.workers[3]
+        await c.wait_for("TEST on_startup worker=3")
+        await load.wait_requests(300)
+    result = load.result
+    # Only requests in flight on the killed worker's connections may fail: one per client.
+    assert result.failed <= 4, result.errors
+    assert result.ok > 400
+    assert result.workers[3] >= before
+
+
+async def test_a_blocked_event_loop_is_dumped_killed_and_replaced(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--timeout", "1.5")
+    )
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(session.get(f"{c.url}/block?s=60"))
+        m = await c.wait_for(r"TEST block-started worker=(\d+)")
+        hung = m.group(1)
+        await c.wait_for(rf"worker {hung} \(pid \d+\) is hung: no heartbeat")
+        # faulthandler's dump names the function that blocks the loop.
+        await c.wait_for(r'File ".*webapp\.py", line \d+ in block')
+        await c.wait_for(rf"worker {hung} \(pid \d+\) was killed by SIGKILL unexpectedly")
+        await c.wait_for(r"worker 3 \(pid \d+\) listening on")
+        with pytest.raises(aiohttp.ClientError):
+            await request
+    async with aiohttp.ClientSession() as s, s.get(f"{c.url}/") as r:
+        assert r.status == 200
+
+
+async def test_max_requests_recycles_without_failing_a_request(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli(
+            "run",
+            "webapp:app",
+            "-w",
+            "2",
+            "-b",
+            "127.0.0.1:0",
+            "--max-requests",
+            "100",
+            "--max-requests-jitter",
+            "20",
+        )
+    )
+    async with KeepAliveLoad(f"{c.url}/", concurrency=6) as load:
+        await c.wait_for(r"replacing worker 1 \(pid \d+\) \(served \d+ requests, limit 1[012]\d\)")
+        await c.wait_for(r"worker \d+ \(pid \d+\) is listening; draining worker 1 ")
+        await c.wait_for(r"worker 1 \(pid \d+\) exited with code 0")
+        await load.wait_requests(200)
+    result = load.result
+    assert result.failed == 0, result.errors[:5]
+
+
+async def test_two_reloads_under_keepalive_load_fail_no_request(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    write_app(tmp_path, "v1")
+    c = await start_cluster(
+        *cli("run", "versioned:app", "-w", "2", "-b", "127.0.0.1:0", "--graceful-timeout", "10"),
+        cwd=tmp_path,
+    )
+    assert await version_of(c.url) == "v1"
+    async with KeepAliveLoad(f"{c.url}/", concurrency=8) as load:
+        await load.wait_requests(300)
+        write_app(tmp_path, "v2")
+        c.signal(signal.SIGHUP)
+        await c.wait_for("reload complete: 2 workers replaced")
+        await load.wait_requests(300)
+        mark = len(c.lines)
+        c.signal(signal.SIGHUP)
+        await c.wait_for("reload complete: 2 workers replaced", start=mark)
+        await load.wait_requests(300)
+    result = load.result
+    assert result.failed == 0, result.errors[:5]
+    # The last reload's workers served the end of the load (the old ones were draining).
+    assert max(result.workers) >= 5
+    assert await version_of(c.url) == "v2"  # workers load the code afresh
+    assert await c.stop() == 0
+
+
+async def test_a_reload_into_broken_code_keeps_the_old_workers(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    write_app(tmp_path, "v1")
+    c = await start_cluster(
+        *cli("run", "versioned:app", "-w", "2", "-b", "127.0.0.1:0"), cwd=tmp_path
+    )
+    write_app(tmp_path, "v2", broken=True)
+    c.signal(signal.SIGHUP)
+    await c.wait_for("RuntimeError: version v2 is broken")
+    await c.wait_for("reload stopped: a new worker could not start; the old ones keep serving")
+    assert await version_of(c.url) == "v1"
+    assert c.proc is not None
+    assert c.proc.returncode is None
+    write_app(tmp_path, "v3")
+    mark = len(c.lines)
+    c.signal(signal.SIGHUP)
+    await c.wait_for("reload complete: 2 workers replaced", start=mark)
+    assert await version_of(c.url) == "v3"
+
+
+async def test_ttin_adds_and_ttou_removes_a_worker(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
+    c.signal(signal.SIGTTIN)
+    await c.wait_for("scaling from 2 to 3 workers")
+    await c.wait_for(r"worker 3 \(pid \d+\) listening on")
+    c.signal(signal.SIGTTOU)
+    await c.wait_for("scaling from 3 to 2 workers")
+    await c.wait_for(r"scaling down: draining worker 3 \(pid \d+\) \(slot 3\)")
+    await c.wait_for(r"worker 3 \(pid \d+\) exited with code 0")
+    c.signal(signal.SIGTTOU)
+    await c.wait_for(r"scaling down: draining worker 2 ")
+    c.signal(signal.SIGTTOU)
+    await c.wait_for(r"SIGTTOU received: ignored \(1 workers\)")
+    async with aiohttp.ClientSession() as s, s.get(f"{c.url}/") as r:
+        assert (await r.json())["worker"] == 1
+    assert await c.stop() == 0
