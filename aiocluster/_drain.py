@@ -115,10 +115,11 @@ def _close_after_next_response(conn: Any) -> None:
 
     async def closing(request: web.BaseRequest) -> web.StreamResponse:
         # The request, not the response: error responses aiohttp builds itself follow it too.
-        message = getattr(request, "_message", None)
-        if message is not None and hasattr(message, "_replace"):
+        message: Any = getattr(request, "_message", None)
+        cache = getattr(request, "_cache", None)
+        if hasattr(message, "_replace") and isinstance(cache, dict):
             request._message = message._replace(should_close=True)
-            request._cache.pop("keep_alive", None)
+            cache.pop("keep_alive", None)
         return await original(request)
 
     closing._aiocluster_closing = True  # type: ignore[attr-defined]

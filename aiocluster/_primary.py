@@ -381,6 +381,9 @@ class Cluster:
         if self._stop.is_set() or worker.exited_after_disconnect:
             log.info("%s %s", worker.describe(), how)
             return
+        if worker.retiring is not None:
+            log.warning("%s %s while its successor starts", worker.describe(), how)
+            return
         if worker.replaces is not None:
             # A replacement that never listened: the worker it was to replace keeps serving.
             log.error(
@@ -458,6 +461,9 @@ class Cluster:
         if not new._listening.is_set() or self.stopping:
             old.retiring = None
             new.replaces = None
+            if old.state == "dead" and not self.stopping and self._tg is not None:
+                # The old worker died meanwhile and its successor failed: refill the slot.
+                self._after_exit(old, old.returncode or 0)
             return False
         new.replaces = None
         log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)

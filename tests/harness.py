@@ -179,7 +179,9 @@ class ClusterProcess:
                 code = await self.proc.wait()
                 await self._reader
         except TimeoutError:
-            raise AssertionError(f"the cluster did not exit in {timeout}s:\n{self.output}") from None
+            raise AssertionError(
+                f"the cluster did not exit in {timeout}s:\n{self.output}"
+            ) from None
         return code
 
     async def stop(self, timeout: float = 30.0) -> int:

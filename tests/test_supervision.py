@@ -172,3 +172,24 @@ async def test_ttin_adds_and_ttou_removes_a_worker(start_cluster: StartCluster) 
     async with aiohttp.ClientSession() as s, s.get(f"{c.url}/") as r:
         assert (await r.json())["worker"] == 1
     assert await c.stop() == 0
+
+
+async def test_max_memory_recycles_a_worker(start_cluster: StartCluster) -> None:
+    # Every interpreter with aiohttp loaded is well over 10 MiB: worker 1 must be recycled.
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--max-memory", "10M")
+    )
+    await c.wait_for(r"replacing worker 1 \(pid \d+\) \(uses \d+ MiB, limit 10 MiB\)")
+    await c.wait_for(r"worker 2 \(pid \d+\) is listening; draining worker 1 ")
+    await c.wait_for(r"worker 1 \(pid \d+\) exited with code 0")
+
+
+async def test_reload_in_batches(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--reload-batch", "2")
+    )
+    c.signal(signal.SIGHUP)
+    await c.wait_for("reload: replacing 2 workers, 2 at a time")
+    await c.wait_for("reload complete: 2 workers replaced")
+    assert set(c.worker_pids) == {1, 2, 3, 4}
+    assert await c.stop() == 0
