@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 from ._errors import ConfigError
 
-__all__ = ["ClusterConfig", "default_workers", "parse_size"]
+__all__ = ["NAME_CHARS", "ClusterConfig", "default_workers", "parse_size"]
 
 
 def default_workers() -> int:
@@ -42,6 +42,12 @@ class ClusterConfig:
     max_memory: int = 0
     #: Workers replaced at a time by a rolling reload.
     reload_batch: int = 1
+    #: The cluster's name: it picks the default control socket (``aiocluster status --name``).
+    name: str = "default"
+    #: The control socket's path (None: the default for ``name``; ``"off"``: no control socket).
+    control: str | None = None
+    #: Where the primary serves /healthz, /readyz and /metrics (None: nowhere).
+    admin: Address | None = None
 
     @classmethod
     def build(
@@ -61,6 +67,9 @@ class ClusterConfig:
         max_requests_jitter: int = 0,
         max_memory: int | str = 0,
         reload_batch: int = 1,
+        name: str = "default",
+        control: str | None = None,
+        admin: str | None = None,
     ) -> ClusterConfig:
         """Validate the options users pass to ``serve``/``run``/the CLI.
 
@@ -80,6 +89,13 @@ class ClusterConfig:
         if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not timeout >= 0:
             raise ConfigError(f"timeout must be >= 0 seconds (0 disables it), not {timeout!r}")
         memory = parse_size(max_memory)
+        if not isinstance(name, str) or not name or not set(name) <= NAME_CHARS:
+            raise ConfigError(
+                f"cluster name {name!r} may use only letters, digits, '.', '_' and '-'"
+            )
+        if control is not None and (not isinstance(control, str) or not control):
+            raise ConfigError(f"control must be a socket path or 'off', not {control!r}")
+        admin_address = parse_bind(admin) if admin else None
         if memory and not os.path.exists("/proc/self/statm"):
             raise ConfigError("max_memory needs /proc to read workers' memory (Linux only)")
         if isinstance(bind, str):
@@ -105,6 +121,9 @@ class ClusterConfig:
             max_requests_jitter=max_requests_jitter,
             max_memory=memory,
             reload_batch=reload_batch,
+            name=name,
+            control=control,
+            admin=admin_address,
         )
 
 
@@ -113,6 +132,7 @@ def _check_int(name: str, value: object, minimum: int) -> None:
         raise ConfigError(f"{name} must be an integer >= {minimum}, not {value!r}")
 
 
+NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 _SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 

@@ -138,6 +138,20 @@ class HandleTable:
         self._handles[key] = handle
         return handle, True
 
+    def adopt(self, sock: socket.socket) -> Address:
+        """Serve an already listening socket (systemd socket activation) as index 0 of its address.
+
+        The file of an adopted Unix socket belongs to whoever made it: it is never removed here.
+        """
+        name = format_sockname(sock)
+        if name.startswith("unix:"):
+            address = Address.unix(name[len("unix:") :])
+        else:
+            host, _, port = name.rpartition(":")
+            address = Address.tcp(host.strip("[]"), int(port))
+        self._handles[(address, 0)] = Handle((address, 0), sock)
+        return address
+
     def handles(self) -> list[Handle]:
         """Every handle, in creation order."""
         return list(self._handles.values())

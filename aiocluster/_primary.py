@@ -7,12 +7,14 @@ waits for the process to exit, and answers each worker's frames as they arrive.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -162,6 +164,13 @@ class Cluster:
         self.handles = HandleTable()
         self._argv = list(config.argv) if config.argv else worker_argv()
         self._size = config.workers
+        #: What workers listen on: the configured binds, or the sockets systemd passed.
+        self.binds: list[Address] = list(config.binds)
+        #: Restarts after crashes (and hangs), per slot.
+        self.restarts: collections.Counter[int] = collections.Counter()
+        #: Rolling reloads completed.
+        self.reloads = 0
+        self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
         self._reload_lock = asyncio.Lock()
         self._reload_again = False
@@ -201,6 +210,49 @@ class Cluster:
         if not self._ready.is_set():
             await self._main
             raise ClusterFailed(self._failure or "the cluster stopped before it was ready")
+
+    def adopt_listeners(self, socks: list[socket.socket]) -> None:
+        """Serve these listening sockets (socket activation) instead of binding ``config.binds``."""
+        if socks:
+            self.binds = [self.handles.adopt(sock) for sock in socks]
+            for address in self.binds:
+                log.info("listening on %s (passed by the service manager)", address)
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot of the cluster for ``aiocluster status`` and the admin endpoint."""
+        now = asyncio.get_running_loop().time()
+        workers = [
+            {
+                "id": w.id,
+                "slot": w.slot,
+                "pid": w.pid,
+                "state": w.state,
+                "uptime": round(now - w.started_at, 3),
+                "restarts": self.restarts[w.slot],
+                "requests": int(w.stats.get("requests", 0)),
+                "connections": int(w.stats.get("connections", 0)),
+                "rss": int(w.stats.get("rss", 0)),
+                "lag": w.stats.get("lag", 0.0),
+                "listening": list(w.listening),
+            }
+            for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.id))
+        ]
+        return {
+            "size": self._size,
+            "listening": sum(1 for w in self.workers.values() if w.state == "listening"),
+            "ready": self.is_ready(),
+            "stopping": self.stopping,
+            "reloads": self.reloads,
+            "restarts": sum(self.restarts.values()),
+            "uptime": round(now - self.started_at, 3),
+            "binds": [str(a) for a in self.binds],
+            "workers": workers,
+        }
+
+    def is_ready(self) -> bool:
+        """True while at least :attr:`size` workers are listening and no stop was asked for."""
+        listening = sum(1 for w in self.workers.values() if w.state == "listening")
+        return listening >= self._size and not self.stopping
 
     @property
     def size(self) -> int:
@@ -427,6 +479,7 @@ class Cluster:
                     await self._stop.wait()
         if self.stopping or slot > self._size or any(w.slot == slot for w in self._serving()):
             return
+        self.restarts[slot] += 1
         await self._spawn(slot)
 
     async def _reload_once(self) -> bool:
@@ -442,6 +495,7 @@ class Cluster:
             if not all(results):
                 log.error("reload stopped: a new worker could not start; the old ones keep serving")
                 return False
+        self.reloads += 1
         log.info("reload complete: %d workers replaced", len(old))
         return True
 
@@ -540,6 +594,7 @@ class Cluster:
                 {
                     "graceful_timeout": self.config.graceful_timeout,
                     "heartbeat": heartbeat_interval(self.config.timeout),
+                    "binds": [a.to_wire() for a in self.binds],
                 },
             )
             self._arm_hang_timer(worker)

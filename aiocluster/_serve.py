@@ -22,6 +22,7 @@ from ._config import ClusterConfig
 from ._drain import drain_app
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
+from ._operations import Operations
 from ._primary import Cluster
 from ._worker import announce_listening, is_worker, link, listen_socket
 
@@ -96,47 +97,15 @@ async def supervise(
         result = on_primary(cluster)
         if inspect.isawaitable(result):
             await result
-    loop = asyncio.get_running_loop()
-    # Signals only ask; the cluster's own tasks do the work.
-    handlers: dict[signal.Signals, Callable[[], None]] = {
-        signal.SIGINT: lambda: _on_stop_signal(cluster, signal.SIGINT),
-        signal.SIGTERM: lambda: _on_stop_signal(cluster, signal.SIGTERM),
-        signal.SIGHUP: lambda: _on_reload_signal(cluster),
-        signal.SIGTTIN: lambda: _on_scale_signal(cluster, +1),
-        signal.SIGTTOU: lambda: _on_scale_signal(cluster, -1),
-    }
-    installed = []
-    for sig, handler in handlers.items():
-        loop.add_signal_handler(sig, handler)
-        installed.append(sig)
     try:
-        log.info("primary starting %d workers", config.workers)
-        await cluster.start()
-        await cluster.wait()
-        log.info("stopped")
+        async with Operations(cluster) as operations:
+            log.info("primary starting %d workers", config.workers)
+            await cluster.start()
+            operations.cluster_started()
+            await cluster.wait()
+            log.info("stopped")
     finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
         await cluster.aclose()
-
-
-def _on_stop_signal(cluster: Cluster, sig: signal.Signals) -> None:
-    log.info("%s received: %s", sig.name, "stopping now" if cluster.stopping else "draining")
-    cluster.stop()
-
-
-def _on_reload_signal(cluster: Cluster) -> None:
-    log.info("SIGHUP received: reloading workers")
-    cluster.request_reload()
-
-
-def _on_scale_signal(cluster: Cluster, step: int) -> None:
-    name = "SIGTTIN" if step > 0 else "SIGTTOU"
-    if cluster.stopping or cluster.size + step < 1:
-        log.info("%s received: ignored (%d workers)", name, cluster.size)
-        return
-    log.info("%s received: %s a worker", name, "adding" if step > 0 else "removing")
-    cluster.scale(cluster.size + step)
 
 
 async def resolve_app(target: AppTarget) -> web.Application:
@@ -175,7 +144,7 @@ async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_
             server = runner.server
             assert server is not None
             current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
-            for address in config.binds:
+            for address in current.binds or config.binds:
                 site = ClusterSite(runner, address=address, backlog=config.backlog)
                 await site.start()
             await current.stopping.wait()
@@ -197,7 +166,7 @@ async def _serve_protocol_worker(
     with _stop_signals(current.stopping):
         await current.ensure_online()
         try:
-            for address in config.binds:
+            for address in current.binds or config.binds:
                 servers.append(
                     await create_server(
                         tracker.wrap(factory), address=address, backlog=config.backlog

@@ -21,7 +21,7 @@ from . import _protocol as proto
 from ._address import Address
 from ._channel import Channel, close_fds
 from ._codec import Frame
-from ._errors import ChannelClosed, NotInCluster, ProtocolError
+from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from ._handles import format_sockname, open_listener
 
 __all__ = [
@@ -83,6 +83,9 @@ class WorkerLink:
         self.stopping = asyncio.Event()
         #: Seconds to let in-flight work finish once stopping (the primary's setting).
         self.graceful_timeout = 30.0
+        #: Where the primary wants this worker to listen (it may differ from the worker's own
+        #: configuration: sockets passed by systemd).
+        self.binds: list[Address] = []
         self._online: asyncio.Task[None] | None = None
         self._indexes: collections.Counter[Address] = collections.Counter()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
@@ -145,6 +148,12 @@ class WorkerLink:
         timeout = reply.msg.get("graceful_timeout")
         if isinstance(timeout, int | float) and timeout >= 0:
             self.graceful_timeout = float(timeout)
+        binds = reply.msg.get("binds")
+        if isinstance(binds, list):
+            try:
+                self.binds = [Address.from_wire(b) for b in binds]
+            except ConfigError as err:
+                raise ProtocolError(f"bad binds in the online reply: {err}") from None
         interval = reply.msg.get("heartbeat")
         if isinstance(interval, int | float) and interval > 0 and not self.channel.closed:
             self._heartbeat = asyncio.ensure_future(self._beat(float(interval)))

@@ -1,24 +1,87 @@
-"""The ``aiocluster`` command line: ``aiocluster run APP [options]``."""
+"""The ``aiocluster`` command line: ``run`` a cluster, and ``status|reload|scale|stop`` it.
+
+Every option of ``run`` can also come from the environment as ``AIOCLUSTER_<OPTION>`` (dashes
+as underscores: ``AIOCLUSTER_WORKERS=4``, ``AIOCLUSTER_BIND="127.0.0.1:8000 unix:/run/a.sock"``);
+an option on the command line wins over the environment.
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
+import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from aiohttp import web
-
 from . import __version__
+from ._appspec import NotImported, check_kind, check_module, load_app, split_spec
 from ._config import ClusterConfig, default_workers
+from ._control import ControlError, call, control_path
 from ._errors import ConfigError
+from ._logging import ensure_logging
 from ._serve import run
+from ._status import format_status, wait_for_exit
 from ._worker import is_worker
 
-__all__ = ["load_app", "main"]
+__all__ = ["main"]
+
+ENV_PREFIX = "AIOCLUSTER_"
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _positive_int(text: str) -> int:
+    value = _whole(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _whole(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
+def _whole(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, not {text!r}")
+    return text.lower()
+
+
+def _add_target_options(cmd: argparse.ArgumentParser) -> None:
+    where = cmd.add_argument_group("which cluster")
+    where.add_argument(
+        "-n",
+        "--name",
+        default="default",
+        help="the cluster's name, which picks its control socket (default: default)",
+    )
+    where.add_argument(
+        "--control",
+        metavar="PATH",
+        default=None,
+        help="the control socket's path, instead of the one --name picks",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,11 +95,16 @@ def _parser() -> argparse.ArgumentParser:
     run_cmd = commands.add_parser(
         "run",
         help="serve an application on a cluster of workers",
-        description="Serve APP on N worker processes sharing the listening sockets.",
+        description="Serve APP on N worker processes sharing the listening sockets. Every "
+        "option can also be set in the environment, as shown in [env: ...].",
         epilog="examples:\n"
         "  aiocluster run myapp:app -w 4 -b 127.0.0.1:8080\n"
         "  aiocluster run myapp:make_app --factory -b unix:/run/myapp.sock\n"
-        "  aiocluster run echo:EchoProtocol --protocol -b 127.0.0.1:9000",
+        "  aiocluster run echo:EchoProtocol --protocol -b 127.0.0.1:9000\n"
+        "  AIOCLUSTER_WORKERS=8 aiocluster run myapp:app --admin 127.0.0.1:9100\n"
+        "\n"
+        "signals to the primary: TERM/INT drain and stop (twice: at once), HUP reloads every\n"
+        "worker, TTIN adds a worker, TTOU removes one.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run_cmd.add_argument(
@@ -44,22 +112,6 @@ def _parser() -> argparse.ArgumentParser:
         metavar="APP",
         help="module:attribute — an aiohttp Application (or, with --factory, a callable "
         "returning one; with --protocol, an asyncio protocol factory)",
-    )
-    run_cmd.add_argument(
-        "-w",
-        "--workers",
-        type=_positive_int,
-        default=None,
-        help=f"number of worker processes (default: CPUs usable here, {default_workers()})",
-    )
-    run_cmd.add_argument(
-        "-b",
-        "--bind",
-        action="append",
-        default=None,
-        metavar="ADDRESS",
-        help="HOST:PORT, [IPV6]:PORT or unix:PATH to listen on; repeat for several "
-        "(default: 127.0.0.1:8000)",
     )
     kind = run_cmd.add_mutually_exclusive_group()
     kind.add_argument(
@@ -72,15 +124,45 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="APP is an asyncio protocol factory served with loop.create_server",
     )
-    run_cmd.add_argument(
+
+    serving = run_cmd.add_argument_group("serving")
+    serving.add_argument(
+        "-w",
+        "--workers",
+        type=_positive_int,
+        default=None,
+        help=f"number of worker processes (default: the CPUs usable here, {default_workers()})",
+    )
+    serving.add_argument(
+        "-b",
+        "--bind",
+        action="append",
+        default=None,
+        metavar="ADDRESS",
+        help="HOST:PORT, [IPV6]:PORT or unix:PATH to listen on; repeat for several "
+        "(default: 127.0.0.1:8000; ignored when systemd passes sockets)",
+    )
+    serving.add_argument(
+        "--backlog",
+        type=_positive_int,
+        default=2048,
+        help="listen backlog of each socket (default: 2048)",
+    )
+    serving.add_argument(
+        "--no-uvloop",
+        action="store_true",
+        help="use asyncio's own event loop even when uvloop is installed",
+    )
+
+    supervision = run_cmd.add_argument_group("supervision")
+    supervision.add_argument(
         "--graceful-timeout",
         type=_non_negative_float,
         default=30.0,
         metavar="SECONDS",
-        help="on stop, how long in-flight requests may take before workers are killed "
-        "(default: 30)",
+        help="how long a stopping or reloaded worker may finish in-flight requests before it "
+        "is killed (default: 30)",
     )
-    supervision = run_cmd.add_argument_group("supervision")
     supervision.add_argument(
         "-t",
         "--timeout",
@@ -116,110 +198,113 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=1,
         metavar="N",
-        help="workers replaced at a time by a reload (SIGHUP) (default: 1)",
+        help="workers replaced at a time by a reload (default: 1)",
     )
-    run_cmd.add_argument(
-        "--backlog",
-        type=_positive_int,
-        default=2048,
-        help="listen backlog of each socket (default: 2048)",
+
+    operations = run_cmd.add_argument_group("operations")
+    operations.add_argument(
+        "-n",
+        "--name",
+        default="default",
+        help="the cluster's name; picks the control socket that 'aiocluster status' and the "
+        "other commands use (default: default)",
     )
-    run_cmd.add_argument(
+    operations.add_argument(
+        "--control",
+        default=None,
+        metavar="PATH",
+        help="control socket path instead of the per-user one for --name; 'off' for none",
+    )
+    operations.add_argument(
+        "--admin",
+        default=None,
+        metavar="HOST:PORT",
+        help="serve /healthz, /readyz and Prometheus /metrics here (default: nowhere)",
+    )
+    operations.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="info",
+        help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
+    )
+    operations.add_argument(
         "--access-log", action="store_true", help="log every request (aiohttp apps)"
     )
-    run_cmd.add_argument(
-        "--no-uvloop",
-        action="store_true",
-        help="use asyncio's own event loop even when uvloop is installed",
+    _env_defaults(run_cmd)
+
+    status = commands.add_parser(
+        "status",
+        help="show the workers of a running cluster",
+        description="Show the workers of a running cluster.",
     )
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    _add_target_options(status)
+    reload = commands.add_parser(
+        "reload",
+        help="replace every worker, one by one, without dropping a request",
+        description="Rolling reload: start each new worker, wait until it listens, then drain "
+        "the old one. Waits until the reload is done.",
+    )
+    _add_target_options(reload)
+    scale = commands.add_parser(
+        "scale", help="set the number of workers", description="Set the number of workers."
+    )
+    scale.add_argument("workers", type=_positive_int, metavar="N")
+    _add_target_options(scale)
+    stop = commands.add_parser(
+        "stop",
+        help="drain and stop a running cluster",
+        description="Drain and stop a running cluster; waits for it.",
+    )
+    _add_target_options(stop)
     return parser
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, not {text}")
-    return value
-
-
-def split_spec(spec: str) -> tuple[str, str]:
-    """Split ``module:attribute`` and check both halves, without importing anything."""
-    module, sep, attr = spec.partition(":")
-    if not sep or not module or not attr:
-        raise ConfigError(f"APP must look like module:attribute (e.g. myapp:app), not {spec!r}")
-    names = [*module.split("."), *attr.split(".")]
-    if not all(name.isidentifier() for name in names):
-        raise ConfigError(f"APP {spec!r} is not a valid module:attribute path")
-    return module, attr
-
-
-def check_module(module: str) -> None:
-    """Raise :class:`ConfigError` if ``module`` cannot be found (it is not imported here)."""
-    try:
-        found = importlib.util.find_spec(module)
-    except (ImportError, ValueError) as err:
-        raise ConfigError(f"cannot find module {module!r}: {err}") from None
-    if found is None:
-        raise ConfigError(
-            f"cannot find module {module!r} (looked in {os.getcwd()} and sys.path); "
-            "run aiocluster from the directory that holds it"
-        )
-
-
-def load_app(spec: str) -> Any:
-    """Import ``module:attribute`` and return the attribute."""
-    module_name, attr = split_spec(spec)
-    module = importlib.import_module(module_name)
-    obj: Any = module
-    for part in attr.split("."):
+def _env_defaults(cmd: argparse.ArgumentParser) -> None:
+    """Let ``AIOCLUSTER_<OPTION>`` set each option's default, and say so in ``--help``."""
+    for action in cmd._actions:
+        if not action.option_strings or action.dest in ("help",):
+            continue
+        var = ENV_PREFIX + action.dest.upper()
+        action.help = f"{action.help} [env: {var}]"
+        text = os.environ.get(var)
+        if text is None:
+            continue
         try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
-    return obj
+            value: Any
+            if isinstance(action, argparse._StoreTrueAction):
+                value = _env_bool(text)
+            elif isinstance(action, argparse._AppendAction):
+                value = text.replace(",", " ").split()
+            elif action.type is not None and callable(action.type):
+                value = action.type(text)
+            else:
+                value = text
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            cmd.error(f"{var}={text!r}: {err}")
+        action.default = value
 
 
-def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
-    """Check that what ``spec`` names is what ``--factory``/``--protocol`` said it is."""
-    if factory or protocol:
-        if not callable(target):
-            what = "protocol factory" if protocol else "factory"
-            raise ConfigError(f"{spec} is a {type(target).__name__}, not a callable {what}")
-    elif not isinstance(target, web.Application):
-        raise ConfigError(
-            f"{spec} is a {type(target).__name__}, not an aiohttp Application; pass --factory "
-            "if it builds one, or --protocol if it is an asyncio protocol factory"
-        )
-    return target
+def _env_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("expected 1/0, true/false, yes/no or on/off")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``aiocluster`` console script."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "run":
+        _run(parser, args)
+    else:
+        _control_command(parser, args)
+
+
+def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # Like uvicorn and gunicorn: the application module is looked up from where we run.
     sys.path.insert(0, os.getcwd())
     try:
@@ -231,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         else:
             # The primary never imports the application: workers do, each afresh.
             check_module(module)
-            target = _NotImported(args.app)
+            target = NotImported(args.app)
         config = ClusterConfig.build(
             workers=args.workers,
             bind=args.bind,
@@ -242,9 +327,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_requests_jitter=args.max_requests_jitter,
             max_memory=args.max_memory,
             reload_batch=args.reload_batch,
+            name=args.name,
+            control=args.control,
+            admin=args.admin,
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")
+    ensure_logging(getattr(logging, args.log_level.upper()))
     run(
         target,
         use_uvloop=not args.no_uvloop,
@@ -254,11 +343,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
 
 
-class _NotImported:
-    """Stands for the application in the primary, which never imports it."""
-
-    def __init__(self, spec: str) -> None:
-        self.spec = spec
-
-    def __call__(self) -> None:  # pragma: no cover - never called in the primary
-        raise AssertionError("the primary does not build the application")
+def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    try:
+        path = control_path(args.name, args.control)
+        if args.command == "status":
+            reply = call(path, {"act": "status"})
+            if args.json:
+                print(json.dumps(reply["status"], indent=2))
+            else:
+                print(format_status(reply["name"], reply["pid"], reply["status"]))
+        elif args.command == "reload":
+            reply = call(path, {"act": "reload"})
+            print(f"reloaded: {reply['workers']} workers replaced")
+        elif args.command == "scale":
+            reply = call(path, {"act": "scale", "workers": args.workers})
+            print(f"scaling to {reply['workers']} workers")
+        elif args.command == "stop":
+            reply = call(path, {"act": "stop"})
+            print(f"stopping the cluster (primary pid {reply['pid']})")
+            wait_for_exit(int(reply["pid"]))
+            print("stopped")
+    except (ControlError, ConfigError) as err:
+        parser.exit(1, f"aiocluster: error: {err}\n")

@@ -8,8 +8,10 @@ import ctypes
 import os
 import re
 import select
+import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -70,7 +72,16 @@ class ClusterProcess:
     def __init__(self, argv: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self.argv = list(argv)
         self.cwd = cwd
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        # A private runtime directory: each cluster gets its own control socket directory,
+        # so clusters of concurrent tests never meet.
+        self.runtime_dir = tempfile.mkdtemp(prefix="aiocluster-test-")
+        os.chmod(self.runtime_dir, 0o700)
+        self.env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "XDG_RUNTIME_DIR": self.runtime_dir,
+            **(env or {}),
+        }
         self.env.pop("AIOCLUSTER_WORKER_ID", None)
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
@@ -203,6 +214,7 @@ class ClusterProcess:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(10):
                     await self._reader
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
 
 def cli(*args: str) -> list[str]:

@@ -115,3 +115,10 @@ class EchoProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.transport.write(data)
+
+
+async def slow_factory() -> web.Application:
+    """An application that takes a while to start: for readiness checks."""
+    say("factory-waiting")
+    await asyncio.sleep(float(os.environ.get("SLOW_START", "2")))
+    return make_app()

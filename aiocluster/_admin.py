@@ -1,0 +1,154 @@
+"""The primary's admin endpoint: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``.
+
+Workers report their counters to the primary over the channel (heartbeats), so one scrape of
+the primary sees the whole cluster: no shared files, no multiprocess directory. The exposition
+format comes from ``prometheus_client``; the values are read from the cluster at scrape time.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ._handles import open_listener
+from ._primary import Cluster
+
+__all__ = ["AdminServer"]
+
+log = logging.getLogger("aiocluster.admin")
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class ClusterCollector(Collector):
+    """Turns :meth:`Cluster.status` into Prometheus metric families on every scrape."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the cluster's metrics, per worker (labels worker, slot) and in total."""
+        status = self._cluster.status()
+        labels = ["worker", "slot"]
+        per_worker: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "requests": CounterMetricFamily(
+                "aiocluster_worker_requests", "Requests served by the worker.", labels=labels
+            ),
+            "connections": GaugeMetricFamily(
+                "aiocluster_worker_open_connections",
+                "Connections open on the worker.",
+                labels=labels,
+            ),
+            "rss": GaugeMetricFamily(
+                "aiocluster_worker_resident_memory_bytes", "Worker resident memory.", labels=labels
+            ),
+            "lag": GaugeMetricFamily(
+                "aiocluster_worker_event_loop_lag_seconds",
+                "How late the worker's last heartbeat timer fired.",
+                labels=labels,
+            ),
+            "uptime": GaugeMetricFamily(
+                "aiocluster_worker_uptime_seconds",
+                "Seconds since the worker started.",
+                labels=labels,
+            ),
+        }
+        accepted = CounterMetricFamily(
+            "aiocluster_worker_accepted_connections",
+            "Connections accepted by the worker (per scheduling policy).",
+            labels=labels,
+        )
+        restarts = CounterMetricFamily(
+            "aiocluster_slot_restarts",
+            "Workers restarted in the slot after a crash or hang.",
+            labels=["slot"],
+        )
+        up = GaugeMetricFamily(
+            "aiocluster_worker_up", "1 while the worker is listening.", labels=labels
+        )
+        slot_restarts: dict[int, int] = {}
+        for worker in status["workers"]:
+            values = [str(worker["id"]), str(worker["slot"])]
+            for key, family in per_worker.items():
+                family.add_metric(values, float(worker[key]))
+            if "accepted" in worker:
+                accepted.add_metric(values, float(worker["accepted"]))
+            up.add_metric(values, 1.0 if worker["state"] == "listening" else 0.0)
+            slot_restarts[worker["slot"]] = worker["restarts"]
+        for slot, count in sorted(slot_restarts.items()):
+            restarts.add_metric([str(slot)], float(count))
+        yield from per_worker.values()
+        yield accepted
+        yield restarts
+        yield up
+        yield GaugeMetricFamily("aiocluster_workers", "Workers the cluster keeps.", status["size"])
+        yield GaugeMetricFamily(
+            "aiocluster_workers_listening", "Workers listening now.", status["listening"]
+        )
+        yield CounterMetricFamily(
+            "aiocluster_requests",
+            "Requests served by the live workers.",
+            sum(w["requests"] for w in status["workers"]),
+        )
+        yield GaugeMetricFamily(
+            "aiocluster_open_connections",
+            "Connections open on all workers.",
+            sum(w["connections"] for w in status["workers"]),
+        )
+        yield CounterMetricFamily(
+            "aiocluster_restarts", "Workers restarted after a crash or hang.", status["restarts"]
+        )
+        yield CounterMetricFamily(
+            "aiocluster_reloads", "Rolling reloads completed.", status["reloads"]
+        )
+
+
+class AdminServer:
+    """A small aiohttp server in the primary's own loop."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(ClusterCollector(cluster))
+        self._runner: web.AppRunner | None = None
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        self._app = app
+        self.url = ""
+
+    async def start(self) -> None:
+        """Bind the configured admin address and serve."""
+        address = self._cluster.config.admin
+        assert address is not None
+        sock, _ = open_listener(address, 128)
+        self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.SockSite(self._runner, sock)
+        await site.start()
+        self.url = site.name
+        log.info("admin endpoint at %s (/healthz, /readyz, /metrics)", self.url)
+
+    async def aclose(self) -> None:
+        """Stop serving."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        status = self._cluster.status()
+        text = f"{status['listening']}/{status['size']} workers listening\n"
+        return web.Response(text=text, status=200 if status["ready"] else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self._registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})

@@ -1,0 +1,75 @@
+"""Application specs ``module:attribute``: checked in the primary, imported in workers."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import Any
+
+from aiohttp import web
+
+from ._errors import ConfigError
+
+__all__ = ["NotImported", "check_kind", "check_module", "load_app", "split_spec"]
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """Split ``module:attribute`` and check both halves, without importing anything."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ConfigError(f"APP must look like module:attribute (e.g. myapp:app), not {spec!r}")
+    names = [*module.split("."), *attr.split(".")]
+    if not all(name.isidentifier() for name in names):
+        raise ConfigError(f"APP {spec!r} is not a valid module:attribute path")
+    return module, attr
+
+
+def check_module(module: str) -> None:
+    """Raise :class:`ConfigError` if ``module`` cannot be found (it is not imported here)."""
+    try:
+        found = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"cannot find module {module!r}: {err}") from None
+    if found is None:
+        raise ConfigError(
+            f"cannot find module {module!r} (looked in {os.getcwd()} and sys.path); "
+            "run aiocluster from the directory that holds it"
+        )
+
+
+def load_app(spec: str) -> Any:
+    """Import ``module:attribute`` and return the attribute."""
+    module_name, attr = split_spec(spec)
+    module = importlib.import_module(module_name)
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
+    """Check that what ``spec`` names is what ``--factory``/``--protocol`` said it is."""
+    if factory or protocol:
+        if not callable(target):
+            what = "protocol factory" if protocol else "factory"
+            raise ConfigError(f"{spec} is a {type(target).__name__}, not a callable {what}")
+    elif not isinstance(target, web.Application):
+        raise ConfigError(
+            f"{spec} is a {type(target).__name__}, not an aiohttp Application; pass --factory "
+            "if it builds one, or --protocol if it is an asyncio protocol factory"
+        )
+    return target
+
+
+class NotImported:
+    """Stands for the application in the primary, which never imports it."""
+
+    def __init__(self, spec: str) -> None:
+        self.spec = spec
+
+    def __call__(self) -> None:  # pragma: no cover - never called in the primary
+        raise AssertionError("the primary does not build the application")

@@ -1,0 +1,244 @@
+"""The control socket: ``aiocluster status|reload|scale|stop`` talking to a running primary.
+
+A Unix stream socket in a private directory (0700, the socket 0600), and on top of the file
+permissions a peer-credential check: only the user who runs the cluster may control it. One
+request frame, one reply frame, in the channel's own framing (``_codec``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import logging
+import os
+import socket
+import stat
+import struct
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from ._codec import HEADER, Decoder, Message, encode
+from ._config import NAME_CHARS
+from ._errors import AioclusterError, ConfigError, ProtocolError
+
+__all__ = ["ControlServer", "call", "control_path"]
+
+log = logging.getLogger("aiocluster.control")
+
+Handler = Callable[[Message], Awaitable[dict[str, Any]]]
+
+_MAX_REQUEST = 64 * 1024
+
+
+class ControlError(AioclusterError):
+    """The control socket cannot be used: no cluster is running, or it is not yours."""
+
+
+def control_path(name: str = "default", path: str | None = None) -> Path:
+    """Where the control socket of cluster ``name`` lives, for this user.
+
+    ``$XDG_RUNTIME_DIR/aiocluster/NAME.sock`` (a per-user directory systemd makes), else
+    ``$TMPDIR/aiocluster-UID/NAME.sock``. An explicit ``path`` wins.
+    """
+    if path:
+        return Path(path)
+    if not name or not set(name) <= NAME_CHARS:
+        raise ConfigError(f"cluster name {name!r} may use only letters, digits, '.', '_', '-'")
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    base = (
+        Path(runtime) / "aiocluster"
+        if runtime
+        else Path(tempfile.gettempdir()) / (f"aiocluster-{os.getuid()}")
+    )
+    return base / f"{name}.sock"
+
+
+def _private_dir(directory: Path) -> None:
+    """Create ``directory`` 0700, or check that an existing one is ours and private."""
+    with contextlib.suppress(FileExistsError):
+        directory.mkdir(mode=0o700, parents=True)
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ConfigError(f"control directory {directory} is not a directory")
+    if st.st_uid != os.getuid():
+        raise ConfigError(f"control directory {directory} belongs to uid {st.st_uid}, not to you")
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            f"control directory {directory} is open to others (mode {stat.S_IMODE(st.st_mode):o});"
+            " make it 0700 or remove it"
+        )
+
+
+def peer_uid(sock: socket.socket) -> int | None:
+    """The uid of the process at the other end of a Unix socket, where the OS says."""
+    if hasattr(socket, "SO_PEERCRED"):  # Linux
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _, uid, _ = struct.unpack("3i", creds)
+        return int(uid)
+    if sys.platform == "darwin":  # LOCAL_PEERCRED: struct xucred {u_int version; uid_t uid; ...}
+        sol_local, local_peercred = 0, 0x001
+        creds = sock.getsockopt(sol_local, local_peercred, 76)
+        return int(struct.unpack_from("=II", creds)[1])
+    return None
+
+
+class ControlServer:
+    """The primary's control socket; ``handler`` answers each request."""
+
+    def __init__(self, path: Path, handler: Handler) -> None:
+        self.path = path
+        self._handler = handler
+        self._server: asyncio.AbstractServer | None = None
+        self._inode: int | None = None
+
+    async def start(self) -> None:
+        """Create the directory and socket; fail if another cluster uses this name."""
+        _private_dir(self.path.parent)
+        if self.path.exists() or self.path.is_symlink():
+            if _is_alive(self.path):
+                raise ConfigError(
+                    f"a cluster is already running with control socket {self.path}; "
+                    "give this one another --name"
+                )
+            self.path.unlink()  # left by a primary that was killed
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # umask covers the window between bind and chmod: the file never exists 0777.
+            old = os.umask(0o177)
+            try:
+                sock.bind(str(self.path))
+            finally:
+                os.umask(old)
+            os.chmod(self.path, 0o600)
+            self._inode = os.stat(self.path).st_ino
+            sock.listen(16)
+            sock.setblocking(False)
+            self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        log.info("control socket at %s", self.path)
+
+    async def aclose(self) -> None:
+        """Stop listening and remove the socket file (only if it is still ours)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        if self._inode is not None:
+            with contextlib.suppress(OSError):
+                if os.stat(self.path).st_ino == self._inode:
+                    self.path.unlink()
+            self._inode = None
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            sock = writer.get_extra_info("socket")
+            uid = peer_uid(sock) if sock is not None else None
+            if uid is not None and uid != os.getuid():
+                log.warning("control connection from uid %d refused", uid)
+                await _reply(writer, {"ok": False, "error": "permission denied"})
+                return
+            try:
+                async with asyncio.timeout(10):
+                    request = await _read_frame(reader)
+            except (ProtocolError, TimeoutError, asyncio.IncompleteReadError) as err:
+                log.warning("bad control request: %s", err or type(err).__name__)
+                return
+            try:
+                result = await self._handler(request)
+                reply: dict[str, Any] = {"ok": True, **result}
+            except (AioclusterError, ValueError) as err:
+                reply = {"ok": False, "error": str(err)}
+            except Exception as err:
+                log.exception("control command %r failed", request.get("act"))
+                reply = {"ok": False, "error": f"internal error: {err}"}
+            await _reply(writer, reply)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+
+async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:
+    writer.write(encode({"act": "reply", **reply}))
+    with contextlib.suppress(ConnectionError):
+        await writer.drain()
+
+
+async def _read_frame(reader: asyncio.StreamReader) -> Message:
+    decoder = Decoder(max_frame=_MAX_REQUEST, max_fds=0)
+    header = await reader.readexactly(HEADER.size)
+    frames = decoder.feed(header)
+    if not frames:
+        length = HEADER.unpack(header)[0]
+        frames = decoder.feed(await reader.readexactly(length))
+    return frames[0].msg
+
+
+def _is_alive(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
+def call(path: Path, request: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    """Send one command to the primary listening on ``path``; return its reply.
+
+    Raises :class:`ControlError` with a message an operator can act on.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        try:
+            sock.connect(str(path))
+        except FileNotFoundError:
+            raise ControlError(
+                f"no cluster is running here: {path} does not exist (check --name/--control, "
+                "and that you are the user who started it)"
+            ) from None
+        except ConnectionRefusedError:
+            raise ControlError(f"no cluster is running: nobody listens on {path}") from None
+        except PermissionError:
+            owner = _owner(path)
+            raise ControlError(
+                f"permission denied on {path}: the cluster belongs to uid {owner}, you are "
+                f"uid {os.getuid()}"
+            ) from None
+        sock.sendall(encode(request))
+        decoder = Decoder(max_fds=0)
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                raise ControlError("the primary closed the control connection without answering")
+            frames = decoder.feed(data)
+            if frames:
+                reply = frames[0].msg
+                if not reply.get("ok"):
+                    raise ControlError(str(reply.get("error", "the command failed")))
+                return reply
+    except TimeoutError:
+        raise ControlError(f"the primary did not answer within {timeout:g}s") from None
+    except ProtocolError as err:
+        raise ControlError(f"unreadable answer from the primary: {err}") from None
+    except OSError as err:
+        if err.errno == errno.ECONNRESET:
+            raise ControlError("the primary closed the control connection") from None
+        raise
+    finally:
+        sock.close()
+
+
+def _owner(path: Path) -> str:
+    for candidate in (path, path.parent):
+        with contextlib.suppress(OSError):
+            return str(os.stat(candidate).st_uid)
+    return "unknown"

@@ -1,0 +1,192 @@
+"""What surrounds a running primary: signals, the control socket, the admin endpoint, systemd.
+
+Every way an operator acts on the cluster (a signal, ``aiocluster reload``, the service manager)
+goes through the same three methods — :meth:`Operations.reload`, :meth:`~Operations.scale`,
+:meth:`~Operations.stop` — so they behave the same whichever way they came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from typing import Any
+
+from ._admin import AdminServer
+from ._codec import Message
+from ._control import ControlServer, control_path
+from ._errors import ConfigError
+from ._primary import Cluster
+from ._systemd import Notifier, listen_fds
+
+__all__ = ["Operations"]
+
+log = logging.getLogger("aiocluster")
+
+
+class Operations:
+    """Runs the operator-facing services of one cluster, as an async context manager."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        config = cluster.config
+        self.notifier = Notifier()
+        self.control: ControlServer | None = None
+        if config.control != "off":
+            self.control = ControlServer(control_path(config.name, config.control), self._command)
+        self.admin = AdminServer(cluster) if config.admin is not None else None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._signals: list[signal.Signals] = []
+
+    async def __aenter__(self) -> Operations:
+        try:
+            if self.control is not None:
+                await self.control.start()
+            self.cluster.adopt_listeners(listen_fds())
+            if self.admin is not None:
+                await self.admin.start()
+            self._install_signals()
+            if (interval := self.notifier.watchdog_interval()) is not None:
+                self._tasks.append(asyncio.create_task(self._watchdog(interval)))
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    def cluster_started(self) -> None:
+        """Call once the cluster is started: READY=1 goes out when every worker listens."""
+        self._spawn(self._announce_ready())
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop every service; idempotent."""
+        loop = asyncio.get_running_loop()
+        for sig in self._signals:
+            loop.remove_signal_handler(sig)
+        self._signals.clear()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self.admin is not None:
+            await self.admin.aclose()
+        if self.control is not None:
+            await self.control.aclose()
+        self.notifier.close()
+
+    # -- the three actions -------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Rolling reload, announced to the service manager."""
+        self.notifier.reloading()
+        ok = await self.cluster.reload()
+        self.notifier.ready(self._summary())
+        return ok
+
+    def scale(self, size: int) -> None:
+        """Change the number of workers."""
+        self.cluster.scale(size)
+        self.notifier.status(f"scaling to {size} workers")
+
+    def stop(self) -> None:
+        """Drain and stop (a second call stops at once)."""
+        if not self.cluster.stopping:
+            self.notifier.stopping()
+        self.cluster.stop()
+
+    # -- signals -----------------------------------------------------------------------------
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        # Handlers only ask; the cluster's own tasks do the work.
+        handlers: dict[signal.Signals, Callable[[], None]] = {
+            signal.SIGINT: lambda: self._on_stop(signal.SIGINT),
+            signal.SIGTERM: lambda: self._on_stop(signal.SIGTERM),
+            signal.SIGHUP: self._on_reload,
+            signal.SIGTTIN: lambda: self._on_scale(+1),
+            signal.SIGTTOU: lambda: self._on_scale(-1),
+        }
+        for sig, handler in handlers.items():
+            loop.add_signal_handler(sig, handler)
+            self._signals.append(sig)
+
+    def _on_stop(self, sig: signal.Signals) -> None:
+        how = "stopping now" if self.cluster.stopping else "draining"
+        log.info("%s received: %s", sig.name, how)
+        self.stop()
+
+    def _on_reload(self) -> None:
+        log.info("SIGHUP received: reloading workers")
+        self._spawn(self.reload())
+
+    def _on_scale(self, step: int) -> None:
+        name = "SIGTTIN" if step > 0 else "SIGTTOU"
+        if self.cluster.stopping or self.cluster.size + step < 1:
+            log.info("%s received: ignored (%d workers)", name, self.cluster.size)
+            return
+        log.info("%s received: %s a worker", name, "adding" if step > 0 else "removing")
+        self.scale(self.cluster.size + step)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.append(task)
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        if task in self._tasks:
+            self._tasks.remove(task)
+
+    # -- control commands --------------------------------------------------------------------
+
+    async def _command(self, request: Message) -> dict[str, Any]:
+        act = request.get("act")
+        if act == "status":
+            return {
+                "status": self.cluster.status(),
+                "name": self.cluster.config.name,
+                "pid": os.getpid(),
+            }
+        if act == "reload":
+            log.info("reload requested on the control socket")
+            if not await self.reload():
+                raise ConfigError(
+                    "reload stopped: a new worker could not start; the old "
+                    "workers keep serving (see the cluster's log)"
+                )
+            return {"workers": self.cluster.size}
+        if act == "scale":
+            size = request.get("workers")
+            if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                raise ConfigError(f"scale needs a number of workers >= 1, not {size!r}")
+            log.info("scale to %d requested on the control socket", size)
+            self.scale(size)
+            return {"workers": size}
+        if act == "stop":
+            log.info("stop requested on the control socket")
+            self.stop()
+            return {"pid": os.getpid()}
+        raise ConfigError(f"unknown control command {act!r}")
+
+    # -- systemd -----------------------------------------------------------------------------
+
+    def _summary(self) -> str:
+        status = self.cluster.status()
+        return f"{status['listening']} of {status['size']} workers listening"
+
+    async def _announce_ready(self) -> None:
+        with contextlib.suppress(Exception):
+            await self.cluster.wait_ready()
+            self.notifier.ready(self._summary())
+
+    async def _watchdog(self, interval: float) -> None:
+        # Pinged from the primary's loop: a primary whose loop is stuck stops pinging.
+        while True:
+            self.notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)

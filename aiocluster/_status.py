@@ -1,0 +1,89 @@
+"""``aiocluster status`` as a table, like ``pm2 list`` (pure formatting), and waiting for a stop."""
+
+from __future__ import annotations
+
+import os
+import select
+import time
+from typing import Any
+
+__all__ = ["format_bytes", "format_duration", "format_status", "wait_for_exit"]
+
+COLUMNS = ("id", "slot", "pid", "state", "uptime", "restarts", "conns", "requests", "memory", "lag")
+
+
+def format_duration(seconds: float) -> str:
+    """``42s``, ``3m 05s``, ``2h 01m``, ``3d 04h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m {s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h {s % 3600 // 60:02d}m"
+    return f"{s // 86400}d {s % 86400 // 3600:02d}h"
+
+
+def format_bytes(n: float) -> str:
+    """``812 KiB``, ``41.2 MiB``, ``1.50 GiB`` (``-`` when unknown)."""
+    if n <= 0:
+        return "-"
+    if n < 1 << 20:
+        return f"{n / 1024:.0f} KiB"
+    if n < 1 << 30:
+        return f"{n / (1 << 20):.1f} MiB"
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def format_status(name: str, pid: int, status: dict[str, Any]) -> str:
+    """The status reply of a primary as a header line and one table row per worker."""
+    lines = [
+        f"cluster {name} (primary pid {pid}) · {status['listening']} of {status['size']} workers "
+        f"listening · up {format_duration(status['uptime'])} · reloads {status['reloads']} · "
+        f"restarts {status['restarts']}" + (" · STOPPING" if status.get("stopping") else ""),
+    ]
+    rows = [COLUMNS]
+    for w in status["workers"]:
+        rows.append(
+            (
+                str(w["id"]),
+                str(w["slot"]),
+                str(w["pid"]),
+                str(w["state"]),
+                format_duration(w["uptime"]),
+                str(w["restarts"]),
+                str(w["connections"]),
+                str(w["requests"]),
+                format_bytes(w["rss"]),
+                f"{w['lag'] * 1000:.1f}ms",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    for row in rows:
+        cells = [
+            cell.ljust(width) if i == 3 else cell.rjust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def wait_for_exit(pid: int, timeout: float = 600.0) -> None:
+    """Wait until process ``pid`` (not our child) has exited: a pidfd where the OS has one."""
+    if hasattr(os, "pidfd_open"):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return
+        try:
+            select.select([fd], [], [], timeout)
+        finally:
+            os.close(fd)
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:  # macOS: no pidfd; a bounded poll
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
