@@ -48,6 +48,9 @@ async def serve(
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool = False,
+    policy: str | None = None,
+    balance: str | None = None,
+    sticky: bool = False,
     config: ClusterConfig | None = None,
 ) -> None:
     """Serve ``app`` on every worker of a cluster; the same call in both roles.
@@ -64,6 +67,12 @@ async def serve(
     Listens on ``host``/``port``, ``path`` (a Unix socket) and each ``bind`` spec
     (``HOST:PORT`` or ``unix:PATH``); with none of them, 127.0.0.1:8000. A ready-made
     ``config`` replaces all of the cluster options.
+
+    ``policy`` says who accepts connections: ``"shared"`` (every worker, on one socket; the
+    default unless ``$AIOCLUSTER_POLICY`` names another), ``"rr"`` (the primary, handing each
+    to a worker chosen by ``balance``, ``"round-robin"`` or ``"least-conn"``, or by client
+    address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
+    slot). See docs/policies.md.
     """
     if config is None:
         config = ClusterConfig.build(
@@ -74,6 +83,9 @@ async def serve(
             bind=bind,
             graceful_timeout=graceful_timeout,
             backlog=backlog,
+            policy=policy,
+            balance=balance,
+            sticky=sticky,
         )
     if is_worker():
         if protocol:

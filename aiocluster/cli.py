@@ -13,8 +13,9 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from ._config import ClusterConfig, default_workers
+from ._config import DEFAULT_POLICY, ENV_POLICY, ClusterConfig, default_workers
 from ._errors import ConfigError
+from ._policy import BALANCES, POLICIES
 from ._serve import run
 from ._worker import is_worker
 
@@ -85,6 +86,27 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=2048,
         help="listen backlog of each socket (default: 2048)",
+    )
+    run_cmd.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=None,
+        help="who accepts connections: 'shared' (every worker, on one socket), 'rr' (the "
+        "primary, handing each to a worker), 'reuseport' (Linux: one SO_REUSEPORT socket per "
+        f"worker slot, kept by the primary) (default: ${ENV_POLICY}, else {DEFAULT_POLICY})",
+    )
+    run_cmd.add_argument(
+        "--balance",
+        choices=BALANCES,
+        default=None,
+        help="with --policy rr: rotate over the workers in order, or choose the one with the "
+        "fewest open connections (default: round-robin)",
+    )
+    run_cmd.add_argument(
+        "--sticky",
+        action="store_true",
+        help="with --policy rr: the same client address always reaches the same live worker "
+        "(websockets, session-bound apps)",
     )
     run_cmd.add_argument(
         "--access-log", action="store_true", help="log every request (aiohttp apps)"
@@ -189,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             bind=args.bind,
             graceful_timeout=args.graceful_timeout,
             backlog=args.backlog,
+            policy=args.policy,
+            balance=args.balance,
+            sticky=args.sticky,
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")

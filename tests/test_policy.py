@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
+from aiocluster import ClusterConfig, ConfigError
 from aiocluster._policy import Scheduler, reuseport_problem, sticky_order
 
 
@@ -128,3 +130,35 @@ def test_reuseport_needs_linux() -> None:
     assert reuseport_problem("linux", has_option=False) == (
         "this system has no SO_REUSEPORT socket option"
     )
+
+
+def test_config_policy_default_env_and_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIOCLUSTER_POLICY", raising=False)
+    assert ClusterConfig.build(workers=1).policy == "shared"
+    monkeypatch.setenv("AIOCLUSTER_POLICY", "rr")
+    assert ClusterConfig.build(workers=1).policy == "rr"
+    assert ClusterConfig.build(workers=1, policy="reuseport").policy == "reuseport"
+    config = ClusterConfig.build(workers=1, policy="rr", balance="least-conn")
+    assert (config.balance, config.sticky) == ("least-conn", False)
+    assert ClusterConfig.build(workers=1, policy="rr", sticky=True).sticky
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"policy": "roundrobin"}, "policy must be one of shared, rr, reuseport"),
+        ({"policy": "rr", "balance": "random"}, "balance must be one of round-robin, least-conn"),
+        ({"policy": "shared", "sticky": True}, "sticky needs policy 'rr'"),
+        ({"policy": "reuseport", "balance": "least-conn"}, "needs policy 'rr'"),
+        ({"policy": "rr", "balance": "least-conn", "sticky": True}, "cannot be combined"),
+    ],
+)
+def test_config_rejects_policy_options_clearly(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ClusterConfig.build(workers=1, **options)
+
+
+def test_config_names_the_environment_when_it_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AIOCLUSTER_POLICY", "fast")
+    with pytest.raises(ConfigError, match=r"AIOCLUSTER_POLICY \(from the environment\)"):
+        ClusterConfig.build(workers=1)
