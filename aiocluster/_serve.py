@@ -18,11 +18,12 @@ from typing import Any, TypeAlias
 from aiohttp import web
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
+from ._adopt import start_server
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
 from ._primary import Cluster
-from ._worker import announce_listening, is_worker, link, listen_socket
+from ._worker import is_worker, link, listen
 
 __all__ = ["AppTarget", "create_server", "run", "serve"]
 
@@ -178,7 +179,7 @@ async def _serve_protocol_worker(
         raise ConfigError(f"cannot serve {factory!r}: a protocol factory must be callable")
     current = link()
     tracker = ConnectionTracker()
-    servers: list[asyncio.Server] = []
+    servers: list[asyncio.AbstractServer] = []
     with _stop_signals(current.stopping):
         await current.ensure_online()
         try:
@@ -280,26 +281,22 @@ async def create_server(
     address: Address | None = None,
     backlog: int = 2048,
     **kwargs: Any,
-) -> asyncio.Server:
+) -> asyncio.AbstractServer:
     """A cluster-aware ``loop.create_server``.
 
-    In a worker the listening socket comes from the primary (shared by all workers); outside a
-    cluster it is bound here. Extra keyword arguments go to ``loop.create_server`` (``ssl``...).
+    In a worker the listening socket comes from the primary (shared by all workers, or this
+    worker slot's own under policy reuseport); outside a cluster it is bound here. Under policy
+    rr the primary accepts and the result is a :class:`~aiocluster.HandedServer`, which adopts
+    the connections the primary hands over (it has no ``sockets``). Extra keyword arguments go
+    to ``loop.create_server`` (``ssl``...).
     """
     if address is None:
         if path is not None:
             address = Address.unix(path)
         else:
             address = Address.tcp(host or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
-    sock = await listen_socket(address, backlog)
-    loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(protocol_factory, sock=sock, backlog=backlog, **kwargs)
-    except BaseException:
-        sock.close()
-        raise
-    announce_listening(sock)
-    return server
+    grant = await listen(address, backlog)
+    return await start_server(grant, protocol_factory, backlog=backlog, **kwargs)
 
 
 def run(
