@@ -65,14 +65,17 @@ class Route:
             transport, _ = await loop.connect_accepted_socket(
                 self._factory, sock, ssl=self._ssl, **options
             )
-        except (ConnectionError, TimeoutError) as err:
-            log.debug("a handed-over connection ended before it was served: %s", err)
+        except BaseException as err:
             sock.close()
-        except Exception:
-            log.exception("could not serve a connection handed over by the primary")
-            sock.close()
-        else:
-            self._link.track(transport)
+            self._link.adoption_done(None)
+            if isinstance(err, ConnectionError | TimeoutError):
+                log.debug("a handed-over connection ended before it was served: %s", err)
+            elif isinstance(err, Exception):
+                log.exception("could not serve a connection handed over by the primary")
+            else:
+                raise
+            return
+        self._link.adoption_done(transport)
 
 
 class HandedServer(asyncio.AbstractServer):

@@ -123,6 +123,7 @@ class WorkerLink:
         # Adopted connections still open, for least-conn only (pruned when reported).
         self._track_open = False
         self._open: set[asyncio.BaseTransport] = set()
+        self._adopting = 0  # handed over, its transport not made yet: open all the same
         self._report_interval = 1.0
         self._report_timer: asyncio.TimerHandle | None = None
         self._reported = (0, 0, 0)
@@ -229,16 +230,18 @@ class WorkerLink:
         return counting
 
     def note_adopted(self) -> None:
-        """Count a connection handed over by the primary."""
+        """Count a connection handed over by the primary (then call :meth:`adoption_done`)."""
         self.accepted += 1
         self.adopted += 1
+        self._adopting += 1
         self._changed()
 
-    def track(self, transport: asyncio.BaseTransport) -> None:
-        """Follow an adopted connection until it closes, if the primary wants open counts."""
-        if self._track_open:
+    def adoption_done(self, transport: asyncio.BaseTransport | None) -> None:
+        """The adopted connection is served by ``transport`` (None: it failed at once)."""
+        self._adopting -= 1
+        if self._track_open and transport is not None:
             self._open.add(transport)
-            self._changed()
+        self._changed()
 
     def _changed(self) -> None:
         if self._report_timer is None and not self.channel.closed:
@@ -248,13 +251,13 @@ class WorkerLink:
     def _report(self) -> None:
         self._report_timer = None
         self._send_load()
-        if self._open:
+        if self._open or self._adopting:
             # No event tells us an adopted connection ended: look again at the next report.
             self._changed()
 
     def _send_load(self) -> None:
         self._open = {t for t in self._open if not t.is_closing()}
-        state = (self.accepted, len(self._open), self.adopted)
+        state = (self.accepted, len(self._open) + self._adopting, self.adopted)
         if state != self._reported and not self.channel.closed:
             accepted, open_, adopted = state
             msg = {"act": proto.LOAD, "accepted": accepted, "open": open_, "adopted": adopted}
