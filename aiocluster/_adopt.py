@@ -19,7 +19,15 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
-from ._worker import Grant, WorkerLink, announce_listening, counted, is_worker, link
+from ._worker import (
+    Grant,
+    WorkerLink,
+    announce_closed,
+    announce_listening,
+    counted,
+    is_worker,
+    link,
+)
 
 __all__ = ["HandedServer", "Route", "start_server"]
 
@@ -119,6 +127,7 @@ class HandedServer(asyncio.AbstractServer):
         if self._serving:
             self._serving = False
             self._link.unroute(self._grant.handle, self._route)
+            announce_closed(self._grant)  # so the primary hands us no more
             self._closed.set()
 
     def get_loop(self) -> asyncio.AbstractEventLoop:

@@ -77,5 +77,5 @@ class ClusterSite(web.BaseSite):
     async def stop(self) -> None:
         """Stop accepting on this site (the runner drains its connections)."""
         await super().stop()
-        if self._grant is not None:
-            announce_closed(self._grant)
+        if self._grant is not None and self._grant.sock is not None:
+            announce_closed(self._grant)  # (a HandedServer says so itself when it closes)

@@ -150,10 +150,11 @@ async def test_rr_only_the_primary_listens(start_cluster: StartCluster) -> None:
         assert not listening_inodes(c.port) & socket_inodes(pid)
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 async def test_rr_rotates_fresh_and_keepalive_connections_in_order(
-    start_cluster: StartCluster,
+    start_cluster: StartCluster, loop: str
 ) -> None:
-    c = await start_cluster(*run_app("--policy", "rr"))
+    c = await start_cluster(*run_app("--policy", "rr", *(["--no-uvloop"] * (loop == "asyncio"))))
     assert [await worker_of(f"{c.url}/") for _ in range(9)] == [1, 2, 3] * 3
     sessions = []
     firsts = []
