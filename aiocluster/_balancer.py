@@ -185,10 +185,6 @@ class Balancer:
         if not self._count_handoffs:
             self.accepted[worker_id] = accepted
 
-    def peer(self, worker_id: int) -> Peer | None:
-        """The balancer's view of a worker, if it serves any listen."""
-        return self._peers.get(worker_id)
-
     # -- listens -----------------------------------------------------------------------------
 
     def serve(self, handle: Handle) -> None:
@@ -346,6 +342,10 @@ class Balancer:
                         del self._peers[peer.id]  # a dead worker with nothing left to settle
                 elif group.id in peer.groups:
                     candidates.append(peer)
+            if self._sticky:
+                # A worker whose loop is stuck is not live for its clients: they move to
+                # their next slot until it answers again, rather than wait and fill the queue.
+                candidates = [p for p in candidates if not p.stuck] or candidates
             chosen = group.scheduler.choose(candidates, conn.client)
             if chosen is None:
                 return False
@@ -438,14 +438,14 @@ class Balancer:
     def _check_stuck(self) -> None:
         self._watchdog = None
         now = asyncio.get_running_loop().time()
-        waiting = False
+        waiting = newly_stuck = False
         for peer in self._peers.values():
             if not peer.unacked or peer.channel.closed:
                 continue
             waiting = True
             _, since = next(iter(peer.unacked.values()))
             if not peer.stuck and now - since >= self._stuck_after:
-                peer.stuck = True
+                peer.stuck = newly_stuck = True
                 log.warning(
                     "%s has not answered for %.1fs about %d connection(s) handed to it: its "
                     "event loop looks blocked; it gets no new connections until it answers",
@@ -455,3 +455,6 @@ class Balancer:
                 )
         if waiting:
             self._arm_watchdog()
+        if newly_stuck and self._sticky:
+            for group in self._groups.values():
+                self._pump(group)

@@ -283,6 +283,25 @@ async def test_sticky_by_source_address_and_back_after_a_replacement(setup: Setu
         assert await who(port_of(handle), src) == (4 if home[src] == 2 else home[src])
 
 
+async def test_sticky_clients_of_a_stuck_worker_move_until_it_answers(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer(sticky=True, stuck_after=0.2)
+    handle = setup.listen()
+    balancer.serve(handle)
+    peers = {wid: setup.peer(balancer, handle, wid) for wid in (1, 2)}
+    source = "127.0.0.9"
+    home, second = sticky_order(source, [1, 2])
+    peers[home].mode = "hold"  # its loop is stuck
+    waiting = await connect(port_of(handle), source)
+    await logs.wait_for(rf"worker {home} has not answered for .* looks blocked")
+    assert await who(port_of(handle), source) == second
+    peers[home].release()
+    assert await served_by(*waiting) == home
+    await logs.wait_for(rf"worker {home} answers again")
+    assert await who(port_of(handle), source) == home
+
+
 async def test_drain_hands_a_retired_slots_queue_to_the_others(setup: Setup) -> None:
     balancer = Balancer()
     setup.balancers.append(balancer)
