@@ -18,6 +18,7 @@ __version__ = "0.1.0"
 
 from . import web
 from ._address import Address
+from ._adopt import HandedServer
 from ._config import ClusterConfig, default_workers
 from ._errors import (
     AioclusterError,
@@ -38,6 +39,7 @@ __all__ = [
     "ClusterConfig",
     "ClusterFailed",
     "ConfigError",
+    "HandedServer",
     "NotInCluster",
     "ProtocolError",
     "Worker",

@@ -182,14 +182,29 @@ class Channel:
         with contextlib.suppress(ChannelClosed):
             self.send(out, fds)
 
+    def call(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> asyncio.Future[Frame]:
+        """Send ``msg`` and return the future of the peer's reply, without waiting for it.
+
+        For many requests in flight at once, each without a task of its own. The future fails
+        with :class:`ChannelClosed` if the channel closes before the reply arrives; the caller
+        must not cancel it (a reply then arriving is dropped, its descriptors closed).
+        """
+        return self._call(msg, fds)[1]
+
+    def _call(
+        self, msg: Mapping[str, Any], fds: Sequence[int]
+    ) -> tuple[int, asyncio.Future[Frame]]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Frame] = loop.create_future()
+        seq = self.send(msg, fds)
+        self._pending[seq] = fut
+        return seq, fut
+
     async def request(
         self, msg: Mapping[str, Any], fds: Sequence[int] = (), timeout: float | None = None
     ) -> Frame:
         """Send ``msg`` and wait for the peer's reply (the frame whose ``ack`` is our seq)."""
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[Frame] = loop.create_future()
-        seq = self.send(msg, fds)
-        self._pending[seq] = fut
+        seq, fut = self._call(msg, fds)
         try:
             async with asyncio.timeout(timeout):
                 return await fut

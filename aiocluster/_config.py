@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 from ._errors import ConfigError
+from ._policy import BALANCES, POLICIES, Balance, Policy, reuseport_problem
 
-__all__ = ["NAME_CHARS", "ClusterConfig", "default_workers", "parse_size"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "ENV_POLICY",
+    "NAME_CHARS",
+    "ClusterConfig",
+    "default_workers",
+    "parse_size",
+]
+
+#: The scheduling policy when neither the call, the command line nor the environment names one.
+#: ``shared`` costs nothing in the primary and is what the kernel does well for short requests;
+#: see docs/policies.md for the trade-offs and measurements.
+DEFAULT_POLICY: Policy = "shared"
+#: Environment variable naming the policy when the API or CLI leaves it unset.
+ENV_POLICY = "AIOCLUSTER_POLICY"
 
 
 def default_workers() -> int:
@@ -48,6 +64,13 @@ class ClusterConfig:
     control: str | None = None
     #: Where the primary serves /healthz, /readyz and /metrics (None: nowhere).
     admin: Address | None = None
+    #: Who accepts connections: every worker on one socket (``shared``), the primary
+    #: (``rr``), or each worker on its slot's SO_REUSEPORT socket (``reuseport``).
+    policy: Policy = DEFAULT_POLICY
+    #: Under ``rr``: ``round-robin`` or ``least-conn`` (fewest open connections).
+    balance: Balance = "round-robin"
+    #: Under ``rr``: the same client address always reaches the same live worker.
+    sticky: bool = False
 
     @classmethod
     def build(
@@ -70,11 +93,15 @@ class ClusterConfig:
         name: str = "default",
         control: str | None = None,
         admin: str | None = None,
+        policy: str | None = None,
+        balance: str | None = None,
+        sticky: bool = False,
     ) -> ClusterConfig:
         """Validate the options users pass to ``serve``/``run``/the CLI.
 
         ``bind`` specs (``HOST:PORT`` or ``unix:PATH``) add to ``host``/``port`` and ``path``;
-        with none of them the cluster listens on 127.0.0.1:8000.
+        with none of them the cluster listens on 127.0.0.1:8000. ``policy`` None means
+        ``$AIOCLUSTER_POLICY``, else ``shared``.
         """
         if workers is None:
             workers = default_workers()
@@ -109,6 +136,7 @@ class ClusterConfig:
             binds.append(Address.unix(path))
         if not binds:
             binds.append(Address.tcp(DEFAULT_HOST, DEFAULT_PORT))
+        checked_policy, checked_balance = _check_policy(policy, balance, sticky)
         return cls(
             workers=workers,
             binds=tuple(binds),
@@ -124,6 +152,9 @@ class ClusterConfig:
             name=name,
             control=control,
             admin=admin_address,
+            policy=checked_policy,
+            balance=checked_balance,
+            sticky=bool(sticky),
         )
 
 
@@ -156,3 +187,41 @@ def parse_size(value: int | str) -> int:
     if not amount >= 0 or amount == float("inf"):
         raise ConfigError(f"a memory size must be a finite number >= 0, not {value!r}")
     return int(amount * _SIZE_UNITS[unit])
+
+
+def _check_policy(policy: str | None, balance: str | None, sticky: bool) -> tuple[Policy, Balance]:
+    source = "policy"
+    if policy is None:
+        policy = os.environ.get(ENV_POLICY) or DEFAULT_POLICY
+        source = f"{ENV_POLICY} (from the environment)"
+    for choice in POLICIES:
+        if policy == choice:
+            break
+    else:
+        raise ConfigError(f"{source} must be one of {', '.join(POLICIES)}, not {policy!r}")
+    checked_balance: Balance = "round-robin"
+    if balance is not None:
+        for option in BALANCES:
+            if balance == option:
+                checked_balance = option
+                break
+        else:
+            raise ConfigError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+    if choice != "rr" and (checked_balance != "round-robin" or sticky):
+        what = "sticky" if sticky else f"balance {checked_balance!r}"
+        raise ConfigError(
+            f"{what} needs policy 'rr' (it is {choice!r}): only a primary that accepts the "
+            "connections can choose the worker for each one"
+        )
+    if sticky and checked_balance != "round-robin":
+        raise ConfigError(
+            "sticky chooses the worker from the client address; it cannot be combined with "
+            f"balance {checked_balance!r}"
+        )
+    if choice == "reuseport":
+        problem = reuseport_problem(has_option=hasattr(socket, "SO_REUSEPORT"))
+        if problem is not None:
+            raise ConfigError(
+                f"policy 'reuseport' is not available: {problem}; use 'shared' or 'rr'"
+            )
+    return choice, checked_balance

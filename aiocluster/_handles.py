@@ -2,7 +2,9 @@
 
 Keyed like Node's cluster (address, and the index of the listen within one worker), so the
 n-th listen on an address in every worker gets the same socket, and port 0 resolves to one
-real port for the whole cluster.
+real port for the whole cluster. Under policy ``reuseport`` the key also holds the worker
+slot: each slot gets its own SO_REUSEPORT socket on the one port, and keeps it across the
+restarts of its worker.
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ import logging
 import os
 import socket
 import stat
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 from ._address import Address
 
@@ -21,7 +24,8 @@ __all__ = ["Handle", "HandleTable", "open_listener"]
 
 log = logging.getLogger("aiocluster.primary")
 
-HandleKey = tuple[Address, int]
+#: (address asked for, index of the listen within a worker, slot; 0: shared by every slot)
+HandleKey = tuple[Address, int, int]
 
 
 @dataclass(slots=True)
@@ -32,6 +36,22 @@ class Handle:
     sock: socket.socket
     # The Unix socket file we created, with its inode, so we only ever unlink our own file.
     unix_inode: tuple[str, int] | None = None
+    #: Names the listen on the channel; the same for every slot's socket of one listen.
+    id: int = 0
+    _closers: list[Callable[[], None]] = field(default_factory=list)
+
+    @property
+    def slot(self) -> int:
+        """The worker slot whose SO_REUSEPORT socket this is; 0 for a socket shared by all."""
+        return self.key[2]
+
+    def describe(self) -> str:
+        """The real address, and the slot for a SO_REUSEPORT socket: how logs name it."""
+        return f"{self.sockname} (SO_REUSEPORT, slot {self.slot})" if self.slot else self.sockname
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` just before the socket closes (to stop watching it first)."""
+        self._closers.append(callback)
 
     @property
     def sockname(self) -> str:
@@ -40,6 +60,12 @@ class Handle:
 
     def close(self) -> None:
         """Close the socket and remove the Unix socket file if it is still ours."""
+        closers, self._closers = self._closers, []
+        for callback in closers:
+            try:
+                callback()
+            except Exception:
+                log.exception("closing %s: callback failed", self.sockname)
         self.sock.close()
         if self.unix_inode is not None:
             path, inode = self.unix_inode
@@ -79,8 +105,14 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
 
 
-def open_listener(address: Address, backlog: int) -> tuple[socket.socket, tuple[str, int] | None]:
-    """Create, bind and listen a socket for ``address``; raises ``OSError`` as ``bind`` does."""
+def open_listener(
+    address: Address, backlog: int, *, reuseport: bool = False
+) -> tuple[socket.socket, tuple[str, int] | None]:
+    """Create, bind and listen a socket for ``address``; raises ``OSError`` as ``bind`` does.
+
+    With ``reuseport`` (TCP only) the socket has SO_REUSEPORT set, so that several sockets of
+    this user can listen on the same port and the kernel spreads connections over them.
+    """
     if address.kind == "unix":
         _remove_stale_unix_socket(address.path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -104,6 +136,8 @@ def open_listener(address: Address, backlog: int) -> tuple[socket.socket, tuple[
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
@@ -120,21 +154,35 @@ class HandleTable:
 
     def __init__(self) -> None:
         self._handles: dict[HandleKey, Handle] = {}
+        self._ids: dict[tuple[Address, int], int] = {}
 
     def __len__(self) -> int:
         return len(self._handles)
 
-    def get_or_create(self, address: Address, index: int, backlog: int) -> tuple[Handle, bool]:
+    def get_or_create(
+        self, address: Address, index: int, backlog: int, *, slot: int | None = None
+    ) -> tuple[Handle, bool]:
         """Return the handle for ``(address, index)`` and whether it was just created.
+
+        With ``slot`` (policy ``reuseport``), a TCP address gets one SO_REUSEPORT socket per
+        slot, all on one port (port 0 resolves once, for the first slot); a Unix socket
+        stays one socket shared by every slot, since the kernel cannot spread those.
 
         Raises ``OSError`` (EADDRINUSE, EACCES, ...) if the socket cannot be bound.
         """
-        key = (address, index)
+        reuseport = slot is not None and address.kind == "tcp"
+        key = (address, index, slot if reuseport and slot is not None else 0)
         handle = self._handles.get(key)
         if handle is not None:
             return handle, False
-        sock, unix_inode = open_listener(address, backlog)
-        handle = Handle(key, sock, unix_inode)
+        bind_to = address
+        if reuseport and address.port == 0:
+            sibling = next((h for h in self._handles.values() if h.key[:2] == key[:2]), None)
+            if sibling is not None:
+                bind_to = Address.tcp(address.host, sibling.sock.getsockname()[1])
+        sock, unix_inode = open_listener(bind_to, backlog, reuseport=reuseport)
+        handle_id = self._ids.setdefault((address, index), len(self._ids) + 1)
+        handle = Handle(key, sock, unix_inode, handle_id)
         self._handles[key] = handle
         return handle, True
 
@@ -149,8 +197,13 @@ class HandleTable:
         else:
             host, _, port = name.rpartition(":")
             address = Address.tcp(host.strip("[]"), int(port))
-        self._handles[(address, 0)] = Handle((address, 0), sock)
+        self._handles[(address, 0, 0)] = Handle((address, 0, 0), sock)
         return address
+
+    def pop_slot(self, slot: int) -> list[Handle]:
+        """Take the SO_REUSEPORT handles of ``slot`` out of the table, still open."""
+        keys = [key for key in self._handles if slot and key[2] == slot]
+        return [self._handles.pop(key) for key in keys]
 
     def handles(self) -> list[Handle]:
         """Every handle, in creation order."""
@@ -158,6 +211,7 @@ class HandleTable:
 
     def close_all(self) -> None:
         """Close every socket and remove the Unix socket files this table created."""
-        for handle in self._handles.values():
-            handle.close()
+        handles = list(self._handles.values())
         self._handles.clear()
+        for handle in handles:
+            handle.close()

@@ -22,11 +22,12 @@ from typing import Any, Literal
 
 from . import _protocol as proto
 from ._address import Address
+from ._balancer import Balancer
 from ._channel import Channel, channel_pair
 from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from ._handles import HandleTable
+from ._handles import Handle, HandleTable
 from ._supervisor import (
     RestartPolicy,
     Supervisor,
@@ -78,6 +79,11 @@ class Worker:
 
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
+
+    @property
+    def accepted(self) -> int:
+        """Connections this worker accepted so far (handed over by the primary under rr)."""
+        return self._cluster.balancer.accepted.get(self.id, 0)
 
     @property
     def pid(self) -> int | None:
@@ -162,6 +168,10 @@ class Cluster:
         #: Live workers by id.
         self.workers: dict[int, Worker] = {}
         self.handles = HandleTable()
+        #: Hands out the connections the primary accepts (policy rr); counts every worker's.
+        self.balancer = Balancer(
+            balance=config.balance, sticky=config.sticky, count_handoffs=config.policy == "rr"
+        )
         self._argv = list(config.argv) if config.argv else worker_argv()
         self._size = config.workers
         #: What workers listen on: the configured binds, or the sockets systemd passed.
@@ -233,6 +243,7 @@ class Cluster:
                 "connections": int(w.stats.get("connections", 0)),
                 "rss": int(w.stats.get("rss", 0)),
                 "lag": w.stats.get("lag", 0.0),
+                "accepted": w.accepted,
                 "listening": list(w.listening),
             }
             for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.id))
@@ -350,6 +361,7 @@ class Cluster:
         finally:
             self._tg = None
             self.handles.close_all()
+            self.balancer.close()
 
     def _serving(self) -> list[Worker]:
         """Workers that serve, or will: neither draining nor on their way out."""
@@ -430,6 +442,19 @@ class Cluster:
 
     def _after_exit(self, worker: Worker, returncode: int) -> None:
         how = _describe_status(returncode)
+        if (
+            self.config.policy == "reuseport"
+            and worker.slot > self._size
+            and not self.stopping
+            and not any(w.slot == worker.slot for w in self.workers.values())
+        ):
+            # Scaled down: serve what the kernel queued on the slot's socket, then close it.
+            handed = self.drain_slot(worker.slot)
+            log.info(
+                "slot %d retired: %d queued connections handed to other workers",
+                worker.slot,
+                handed,
+            )
         if self._stop.is_set() or worker.exited_after_disconnect:
             log.info("%s %s", worker.describe(), how)
             return
@@ -595,6 +620,7 @@ class Cluster:
                     "graceful_timeout": self.config.graceful_timeout,
                     "heartbeat": heartbeat_interval(self.config.timeout),
                     "binds": [a.to_wire() for a in self.binds],
+                    **self._policy_settings(),
                 },
             )
             self._arm_hang_timer(worker)
@@ -602,6 +628,7 @@ class Cluster:
         elif act == proto.LISTENING:
             address = proto.require(msg, "address", str)
             worker.listening.append(address)
+            self._join_balancer(worker, msg)
             log.info("%s listening on %s", worker.describe(), address)
             if worker.state in ("starting", "online"):
                 worker.state = "listening"
@@ -615,6 +642,9 @@ class Cluster:
             self._emit("message", worker, msg.get("data"))
         elif act == proto.CLOSE:
             log.debug("%s closed %s", worker.describe(), msg.get("address"))
+            self._part_balancer(worker, msg)
+        elif act == proto.LOAD:
+            self._load_report(worker, msg)
         else:
             raise ProtocolError(f"unknown act {act!r} from {worker.describe()}")
 
@@ -630,7 +660,9 @@ class Cluster:
             raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r}")
         assert worker._channel is not None
         try:
-            handle, created = self.handles.get_or_create(address, index, backlog)
+            handle, created = self.handles.get_or_create(
+                address, index, backlog, slot=self._reuseport_slot(worker)
+            )
         except OSError as err:
             code = err.errno or 0
             text = err.strerror or str(err)
@@ -638,10 +670,58 @@ class Cluster:
             self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
             return
         if created:
-            log.info("listening on %s", handle.sockname)
-        worker._channel.reply(
-            frame, {"errno": 0, "sockname": handle.sockname}, [handle.sock.fileno()]
-        )
+            log.info("listening on %s", handle.describe())
+        self._grant(worker, frame, handle)
+
+    # -- scheduling policies -----------------------------------------------------------------
+
+    def drain_slot(self, slot: int) -> int:
+        """Scale down under policy reuseport: serve what ``slot``'s sockets queued, close them.
+
+        Call it once the slot's worker has exited (disconnect it, await ``worker.wait()``) and
+        no replacement will take the slot. The primary accepts the connections the kernel
+        had queued on the slot's SO_REUSEPORT sockets, hands them to the other workers, and
+        closes the sockets; returns how many it handed over. Under other policies: 0.
+        """
+        if any(w.slot == slot for w in self.workers.values()):
+            raise AioclusterError(
+                f"slot {slot} still has a worker: disconnect it and wait for its exit first"
+            )
+        return self.balancer.drain(self.handles.pop_slot(slot))
+
+    def _policy_settings(self) -> dict[str, Any]:
+        return {"policy": self.config.policy, "balance": self.config.balance}
+
+    def _reuseport_slot(self, worker: Worker) -> int | None:
+        return worker.slot if self.config.policy == "reuseport" else None
+
+    def _grant(self, worker: Worker, frame: Frame, handle: Handle) -> None:
+        """Answer a queryServer: the socket, or under rr only the handle id (we accept)."""
+        assert worker._channel is not None
+        msg = {"errno": 0, "sockname": handle.sockname, "handle": handle.id}
+        if self.config.policy == "rr":
+            self.balancer.serve(handle)
+            worker._channel.reply(frame, {**msg, "accept": "primary"})
+        else:
+            worker._channel.reply(frame, msg, [handle.sock.fileno()])
+
+    def _join_balancer(self, worker: Worker, msg: dict[str, Any]) -> None:
+        handle = msg.get("handle")
+        if isinstance(handle, int) and worker._channel is not None:
+            name = worker.describe()
+            self.balancer.join(worker.id, worker.slot, name, worker._channel, handle)
+
+    def _part_balancer(self, worker: Worker, msg: dict[str, Any]) -> None:
+        handle = msg.get("handle")
+        if isinstance(handle, int):
+            self.balancer.part(worker.id, handle)
+
+    def _load_report(self, worker: Worker, msg: dict[str, Any]) -> None:
+        counts = [proto.require(msg, key, int) for key in ("accepted", "open", "adopted")]
+        if min(counts) < 0:
+            raise ProtocolError(f"negative counters in a load report: {counts}")
+        accepted, open_, adopted = counts
+        self.balancer.report(worker.id, accepted=accepted, open_=open_, adopted=adopted)
 
     def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
         self._arm_hang_timer(worker)

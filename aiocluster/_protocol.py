@@ -14,7 +14,9 @@ __all__ = [
     "ENV_WORKER_SLOT",
     "HEARTBEAT",
     "LISTENING",
+    "LOAD",
     "MESSAGE",
+    "NEWCONN",
     "ONLINE",
     "QUERY_SERVER",
     "require",
@@ -26,15 +28,21 @@ ENV_WORKER_SLOT = "AIOCLUSTER_WORKER_SLOT"
 ENV_CHANNEL_FD = "AIOCLUSTER_CHANNEL_FD"
 
 # worker -> primary
-ONLINE = "online"  # request; the reply carries the primary's settings for the worker
-QUERY_SERVER = "queryServer"  # request; the reply carries errno, sockname and the socket's fd
-LISTENING = "listening"
-CLOSE = "close"
+ONLINE = "online"  # request; the reply carries the primary's settings (policy...)
+# request; the reply carries errno, sockname, the handle id, and the socket's fd, or under
+# policy rr no fd and "accept": "primary"
+QUERY_SERVER = "queryServer"
+LISTENING = "listening"  # address, and the handle id now served
+CLOSE = "close"  # address, and the handle id no longer served
+LOAD = "load"  # counters: accepted (in all), open (adopted, still open), adopted
 HEARTBEAT = "heartbeat"  # from the worker's event loop: lag, requests, connections, rss
 # both ways
 MESSAGE = "message"
 # primary -> worker
 DISCONNECT = "disconnect"
+# request with one fd, a connection the primary accepted for the listen "handle"; the worker
+# replies {"accepted": true} once it owns it, or false (stopping, or no server for it)
+NEWCONN = "newconn"
 
 T = TypeVar("T")
 

@@ -18,13 +18,14 @@ from typing import Any, TypeAlias
 from aiohttp import web
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
+from ._adopt import start_server
 from ._config import ClusterConfig
 from ._drain import drain_app
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
 from ._operations import Operations
 from ._primary import Cluster
-from ._worker import announce_listening, is_worker, link, listen_socket
+from ._worker import is_worker, link, listen
 
 __all__ = ["AppTarget", "create_server", "run", "serve", "supervise", "until_stopped"]
 
@@ -59,8 +60,15 @@ async def serve(
     ``graceful_timeout`` seconds.
 
     ``options`` are those of :meth:`ClusterConfig.build` (``workers``, ``host``, ``port``,
-    ``path``, ``bind``, ``graceful_timeout``, ``timeout``, ``max_requests``...); a ready-made
-    ``config`` replaces them. With no address at all the cluster listens on 127.0.0.1:8000.
+    ``path``, ``bind``, ``graceful_timeout``, ``timeout``, ``max_requests``, ``policy``...); a
+    ready-made ``config`` replaces them. With no address at all the cluster listens on
+    127.0.0.1:8000.
+
+    ``policy`` says who accepts connections: ``"shared"`` (every worker, on one socket; the
+    default unless ``$AIOCLUSTER_POLICY`` names another), ``"rr"`` (the primary, handing each
+    to a worker chosen by ``balance``, ``"round-robin"`` or ``"least-conn"``, or by client
+    address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
+    slot). See docs/policies.md.
     """
     if config is None:
         config = ClusterConfig.build(**options)
@@ -162,7 +170,7 @@ async def _serve_protocol_worker(
     current = link()
     tracker = ConnectionTracker()
     current.add_stats_source(lambda: (tracker.accepted, len(tracker.transports)))
-    servers: list[asyncio.Server] = []
+    servers: list[asyncio.AbstractServer] = []
     with _stop_signals(current.stopping):
         await current.ensure_online()
         try:
@@ -279,26 +287,22 @@ async def create_server(
     address: Address | None = None,
     backlog: int = 2048,
     **kwargs: Any,
-) -> asyncio.Server:
+) -> asyncio.AbstractServer:
     """A cluster-aware ``loop.create_server``.
 
-    In a worker the listening socket comes from the primary (shared by all workers); outside a
-    cluster it is bound here. Extra keyword arguments go to ``loop.create_server`` (``ssl``...).
+    In a worker the listening socket comes from the primary (shared by all workers, or this
+    worker slot's own under policy reuseport); outside a cluster it is bound here. Under policy
+    rr the primary accepts and the result is a :class:`~aiocluster.HandedServer`, which adopts
+    the connections the primary hands over (it has no ``sockets``). Extra keyword arguments go
+    to ``loop.create_server`` (``ssl``...).
     """
     if address is None:
         if path is not None:
             address = Address.unix(path)
         else:
             address = Address.tcp(host or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
-    sock = await listen_socket(address, backlog)
-    loop = asyncio.get_running_loop()
-    try:
-        server = await loop.create_server(protocol_factory, sock=sock, backlog=backlog, **kwargs)
-    except BaseException:
-        sock.close()
-        raise
-    announce_listening(sock)
-    return server
+    grant = await listen(address, backlog)
+    return await start_server(grant, protocol_factory, backlog=backlog, **kwargs)
 
 
 def run(

@@ -1,5 +1,9 @@
 """The worker side: its end of the channel, ``queryServer``, and stopping when told to.
 
+It also counts the connections this worker accepted and reports them to the primary
+(``load``), and adopts the connections the primary hands over (``newconn``) into the server
+registered for their listen (see :mod:`aiocluster._adopt`).
+
 A process is a worker when the primary started it with ``AIOCLUSTER_WORKER_ID`` and
 ``AIOCLUSTER_CHANNEL_FD`` in its environment. Both are read once, at import; the channel
 variable is then removed so that programs this worker starts do not mistake themselves for it.
@@ -15,20 +19,24 @@ import os
 import signal
 import socket
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
 
 from . import _protocol as proto
 from ._address import Address
 from ._channel import Channel, close_fds
 from ._codec import Frame
-from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from ._errors import AioclusterError, ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from ._handles import format_sockname, open_listener
 
 __all__ = [
+    "Adopter",
+    "Grant",
     "WorkerLink",
     "is_primary",
     "is_worker",
     "link",
+    "listen",
     "listen_socket",
     "messages",
     "send",
@@ -75,6 +83,29 @@ def worker_slot() -> int | None:
     return _WORKER_SLOT
 
 
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """The primary's answer to one listen: the socket to accept on, or none (policy rr)."""
+
+    address: Address
+    #: The real address (port 0 resolved), as ``host:port`` or ``unix:path``.
+    sockname: str
+    #: The listen's id on the channel: ``newconn`` frames for it name it (0 outside a cluster).
+    handle: int = 0
+    #: The listening socket; None when the primary accepts and hands connections over.
+    sock: socket.socket | None = None
+
+
+class Adopter(Protocol):
+    """A server that can take over a connection accepted elsewhere (by the primary)."""
+
+    def adopt(self, sock: socket.socket) -> bool:
+        """Start serving ``sock`` and return True, or return False to refuse it (never raise)."""
+
+
 class WorkerLink:
     """The worker's end of the control channel to the primary."""
 
@@ -86,6 +117,21 @@ class WorkerLink:
         #: Where the primary wants this worker to listen (it may differ from the worker's own
         #: configuration: sockets passed by systemd).
         self.binds: list[Address] = []
+        #: The primary's scheduling policy and balance (its settings win over this process's).
+        self.policy = "shared"
+        self.balance = "round-robin"
+        #: Connections this worker accepted, itself or from the primary.
+        self.accepted = 0
+        #: Of those, the ones the primary accepted and handed over.
+        self.adopted = 0
+        self._adopters: dict[int, Adopter] = {}
+        # Adopted connections still open, for least-conn only (pruned when reported).
+        self._track_open = False
+        self._open: set[asyncio.BaseTransport] = set()
+        self._adopting = 0  # handed over, its transport not made yet: open all the same
+        self._report_interval = 1.0
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._reported = (0, 0, 0)
         self._online: asyncio.Task[None] | None = None
         self._indexes: collections.Counter[Address] = collections.Counter()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
@@ -157,9 +203,21 @@ class WorkerLink:
         interval = reply.msg.get("heartbeat")
         if isinstance(interval, int | float) and interval > 0 and not self.channel.closed:
             self._heartbeat = asyncio.ensure_future(self._beat(float(interval)))
+        policy, balance = reply.msg.get("policy"), reply.msg.get("balance")
+        if isinstance(policy, str):
+            self.policy = policy
+        if isinstance(balance, str):
+            self.balance = balance
+        # The primary needs open counts only to choose by them: then report often.
+        self._track_open = self.policy == "rr" and self.balance == "least-conn"
+        self._report_interval = 0.1 if self._track_open else 1.0
 
-    async def query_server(self, address: Address, backlog: int) -> socket.socket:
-        """Ask the primary for the listening socket for ``address``; raise its ``OSError``."""
+    async def query_server(self, address: Address, backlog: int) -> Grant:
+        """Ask the primary for the listen on ``address``; raise its ``OSError``.
+
+        The grant holds the listening socket, or under policy rr no socket: the primary
+        accepts, and hands each connection to a server :meth:`route` registered for it.
+        """
         await self.ensure_online()
         index = self._indexes[address]
         self._indexes[address] += 1
@@ -175,22 +233,111 @@ class WorkerLink:
         if code:
             close_fds(reply.fds)
             raise OSError(code, f"{reply.msg.get('error', os.strerror(code))} ({address})")
-        if len(reply.fds) != 1:
+        primary_accepts = reply.msg.get("accept") == "primary"
+        if len(reply.fds) != (0 if primary_accepts else 1):
             close_fds(reply.fds)
             raise ProtocolError(f"queryServer reply for {address} carried {len(reply.fds)} fds")
-        return socket.socket(fileno=reply.fds[0])
+        handle, sockname = reply.msg.get("handle", 0), reply.msg.get("sockname")
+        if not isinstance(handle, int) or not isinstance(sockname, str):
+            close_fds(reply.fds)
+            raise ProtocolError(f"queryServer reply for {address} lacks its handle or sockname")
+        sock = None if primary_accepts else socket.socket(fileno=reply.fds[0])
+        return Grant(address, sockname, handle, sock)
 
-    def announce_listening(self, sockname: str) -> None:
-        """Tell the primary this worker now accepts on ``sockname``."""
-        self.channel.send({"act": proto.LISTENING, "address": sockname})
+    def announce_listening(self, grant: Grant) -> None:
+        """Tell the primary this worker now serves ``grant``'s listen."""
+        msg = {"act": proto.LISTENING, "address": grant.sockname, "handle": grant.handle}
+        self.channel.send(msg)
 
-    def announce_closed(self, sockname: str) -> None:
-        """Tell the primary this worker stopped accepting on ``sockname``."""
+    def announce_closed(self, grant: Grant) -> None:
+        """Tell the primary this worker stopped serving ``grant``'s listen."""
         if not self.channel.closed:
-            self.channel.send({"act": proto.CLOSE, "address": sockname})
+            msg = {"act": proto.CLOSE, "address": grant.sockname, "handle": grant.handle}
+            self.channel.send(msg)
+
+    # -- connections handed over, and counted ------------------------------------------------
+
+    def route(self, handle: int, adopter: Adopter) -> None:
+        """Connections the primary hands over for listen ``handle`` go to ``adopter``."""
+        self._adopters[handle] = adopter
+
+    def unroute(self, handle: int, adopter: Adopter) -> None:
+        """Refuse the connections of ``handle`` from now on (if ``adopter`` still serves it)."""
+        if self._adopters.get(handle) is adopter:
+            del self._adopters[handle]
+
+    def counted(self, factory: Callable[[], P]) -> Callable[[], P]:
+        """``factory``, counting each connection it is called for (servers that accept)."""
+
+        def counting() -> P:
+            self.accepted += 1
+            self._changed()
+            return factory()
+
+        return counting
+
+    def note_adopted(self) -> None:
+        """Count a connection handed over by the primary (then call :meth:`adoption_done`)."""
+        self.accepted += 1
+        self.adopted += 1
+        self._adopting += 1
+        self._changed()
+
+    def adoption_done(self, transport: asyncio.BaseTransport | None) -> None:
+        """The adopted connection is served by ``transport`` (None: it failed at once)."""
+        self._adopting -= 1
+        if self._track_open and transport is not None:
+            self._open.add(transport)
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._report_timer is None and not self.channel.closed:
+            loop = asyncio.get_running_loop()
+            self._report_timer = loop.call_later(self._report_interval, self._report)
+
+    def _report(self) -> None:
+        self._report_timer = None
+        self._send_load()
+        if self._open or self._adopting:
+            # No event tells us an adopted connection ended: look again at the next report.
+            self._changed()
+
+    def _send_load(self) -> None:
+        self._open = {t for t in self._open if not t.is_closing()}
+        state = (self.accepted, len(self._open) + self._adopting, self.adopted)
+        if state != self._reported and not self.channel.closed:
+            accepted, open_, adopted = state
+            msg = {"act": proto.LOAD, "accepted": accepted, "open": open_, "adopted": adopted}
+            self.channel.send(msg)
+            self._reported = state
+
+    def _on_newconn(self, frame: Frame) -> None:
+        if len(frame.fds) != 1:
+            close_fds(frame.fds)
+            raise ProtocolError(f"newconn with {len(frame.fds)} descriptors, not 1")
+        handle = frame.msg.get("handle")
+        adopter = self._adopters.get(handle) if isinstance(handle, int) else None
+        accepted = False
+        if adopter is not None and not self.stopping.is_set():
+            try:
+                sock = socket.socket(fileno=frame.fds[0])
+            except OSError as err:
+                log.warning("a connection handed over by the primary is unusable: %s", err)
+                close_fds(frame.fds)
+            else:
+                accepted = adopter.adopt(sock)
+                if not accepted:
+                    sock.close()
+        else:
+            close_fds(frame.fds)
+        # Our answer lets the primary close its copy (true) or hand it to another worker.
+        self.channel.reply(frame, {"accepted": accepted})
 
     def _on_frame(self, frame: Frame) -> None:
         act = frame.msg["act"]
+        if act == proto.NEWCONN:
+            self._on_newconn(frame)
+            return
         if frame.fds:
             close_fds(frame.fds)
             raise ProtocolError(f"unexpected descriptors with {act!r}")
@@ -216,9 +363,14 @@ class WorkerLink:
         return item
 
     def close(self) -> None:
-        """Close the channel; the primary then sees this worker's end close."""
+        """Send the last counters, close the channel; the primary then sees this end close."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        if self._report_timer is not None:
+            self._report_timer.cancel()
+            self._report_timer = None
+        if not self.channel.closed:
+            self._send_load()
         self.channel.close()
 
 
@@ -266,15 +418,40 @@ async def messages() -> AsyncIterator[Any]:
             return
 
 
-async def listen_socket(address: Address, backlog: int) -> socket.socket:
-    """A listening socket for ``address``: from the primary in a worker, bound here otherwise."""
+async def listen(address: Address, backlog: int) -> Grant:
+    """The listen for ``address``: granted by the primary in a worker, bound here otherwise."""
     if is_worker():
         return await link().query_server(address, backlog)
     sock, _ = open_listener(address, backlog)
-    return sock
+    return Grant(address, format_sockname(sock), 0, sock)
 
 
-def announce_listening(sock: socket.socket) -> None:
-    """In a worker, tell the primary that ``sock`` is being served; elsewhere do nothing."""
+async def listen_socket(address: Address, backlog: int) -> socket.socket:
+    """A listening socket for ``address``: from the primary in a worker, bound here otherwise.
+
+    Raises :class:`AioclusterError` under policy rr, where workers have no listening socket.
+    """
+    grant = await listen(address, backlog)
+    if grant.sock is None:
+        raise AioclusterError(
+            f"policy rr: the primary accepts the connections of {address}, so this worker has "
+            "no listening socket; serve with aiocluster.create_server or aiocluster.web.ClusterSite"
+        )
+    return grant.sock
+
+
+def counted(factory: Callable[[], P]) -> Callable[[], P]:
+    """In a worker, ``factory`` counting the connections it serves; elsewhere ``factory``."""
+    return link().counted(factory) if is_worker() else factory
+
+
+def announce_listening(grant: Grant) -> None:
+    """In a worker, tell the primary that ``grant`` is being served; elsewhere do nothing."""
     if is_worker():
-        link().announce_listening(format_sockname(sock))
+        link().announce_listening(grant)
+
+
+def announce_closed(grant: Grant) -> None:
+    """In a worker, tell the primary that ``grant`` is no longer served; elsewhere nothing."""
+    if is_worker():
+        link().announce_closed(grant)

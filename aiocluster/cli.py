@@ -17,10 +17,11 @@ from typing import Any
 
 from . import __version__
 from ._appspec import NotImported, check_kind, check_module, load_app, split_spec
-from ._config import ClusterConfig, default_workers
+from ._config import DEFAULT_POLICY, ClusterConfig, default_workers
 from ._control import ControlError, call, control_path
 from ._errors import ConfigError
 from ._logging import ensure_logging
+from ._policy import BALANCES, POLICIES
 from ._serve import run
 from ._status import format_status, wait_for_exit
 from ._worker import is_worker
@@ -147,6 +148,27 @@ def _parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=2048,
         help="listen backlog of each socket (default: 2048)",
+    )
+    serving.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default=None,
+        help="who accepts connections: 'shared' (every worker, on one socket), 'rr' (the "
+        "primary, handing each to a worker), 'reuseport' (Linux: one SO_REUSEPORT socket per "
+        f"worker slot, kept by the primary) (default: {DEFAULT_POLICY})",
+    )
+    serving.add_argument(
+        "--balance",
+        choices=BALANCES,
+        default=None,
+        help="with --policy rr: rotate over the workers in order, or choose the one with the "
+        "fewest open connections (default: round-robin)",
+    )
+    serving.add_argument(
+        "--sticky",
+        action="store_true",
+        help="with --policy rr: the same client address always reaches the same live worker "
+        "(websockets, session-bound apps)",
     )
     serving.add_argument(
         "--no-uvloop",
@@ -280,6 +302,8 @@ def _env_defaults(cmd: argparse.ArgumentParser) -> None:
                 value = action.type(text)
             else:
                 value = text
+            if action.choices is not None and value not in action.choices:
+                raise ValueError(f"must be one of {', '.join(map(str, action.choices))}")
         except (argparse.ArgumentTypeError, ValueError) as err:
             cmd.error(f"{var}={text!r}: {err}")
         action.default = value
@@ -330,6 +354,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             name=args.name,
             control=args.control,
             admin=args.admin,
+            policy=args.policy,
+            balance=args.balance,
+            sticky=args.sticky,
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")

@@ -7,21 +7,20 @@
     site = aiocluster.web.ClusterSite(runner, "127.0.0.1", 8080)
     await site.start()
 
-In a worker the socket comes from the primary (shared by every worker); outside a cluster the
-site binds the address itself, so the same code runs under ``python app.py`` too.
+In a worker the socket comes from the primary (or, under policy rr, the primary accepts and
+hands each connection to the site); outside a cluster the site binds the address itself, so
+the same code runs under ``python app.py`` too.
 """
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from ssl import SSLContext
 
 from aiohttp import web
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
-from ._handles import format_sockname
-from ._worker import announce_listening, is_worker, link, listen_socket
+from ._adopt import start_server
+from ._worker import Grant, announce_closed, listen
 
 __all__ = ["ClusterSite"]
 
@@ -29,7 +28,7 @@ __all__ = ["ClusterSite"]
 class ClusterSite(web.BaseSite):
     """An aiohttp site on a socket obtained from the cluster primary (or bound locally)."""
 
-    __slots__ = ("_address", "_sock", "_sockname")
+    __slots__ = ("_address", "_grant")
 
     def __init__(
         self,
@@ -49,8 +48,7 @@ class ClusterSite(web.BaseSite):
             else:
                 address = Address.tcp(host or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
         self._address = address
-        self._sock: socket.socket | None = None
-        self._sockname: str | None = None
+        self._grant: Grant | None = None
 
     @property
     def address(self) -> Address:
@@ -61,27 +59,23 @@ class ClusterSite(web.BaseSite):
     def name(self) -> str:
         """The URL served: the real address once started (port 0 resolved)."""
         scheme = "https" if self._ssl_context else "http"
-        where = self._sockname or str(self._address)
+        where = self._grant.sockname if self._grant is not None else str(self._address)
         if where.startswith("unix:"):
             return f"{scheme}://{where}:"
         return f"{scheme}://{where}"
 
     async def start(self) -> None:
-        """Obtain the socket and start serving the runner's server on it."""
+        """Obtain the listen and start serving the runner's server on it."""
         await super().start()
         server = self._runner.server
         assert server is not None
-        sock = await listen_socket(self._address, self._backlog)
-        self._sock = sock
-        self._sockname = format_sockname(sock)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            server, sock=sock, ssl=self._ssl_context, backlog=self._backlog
+        self._grant = await listen(self._address, self._backlog)
+        self._server = await start_server(
+            self._grant, server, ssl=self._ssl_context, backlog=self._backlog
         )
-        announce_listening(sock)
 
     async def stop(self) -> None:
         """Stop accepting on this site (the runner drains its connections)."""
         await super().stop()
-        if is_worker() and self._sockname is not None:
-            link().announce_closed(self._sockname)
+        if self._grant is not None and self._grant.sock is not None:
+            announce_closed(self._grant)  # (a HandedServer says so itself when it closes)

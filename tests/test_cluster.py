@@ -336,6 +336,7 @@ async def test_create_server_outside_a_cluster_binds_locally() -> None:
 
     server = await aiocluster.create_server(Hello, "127.0.0.1", 0)
     async with server:
+        assert isinstance(server, asyncio.Server)
         port = server.sockets[0].getsockname()[1]
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(reader.readline(), 5) == b"hi\n"

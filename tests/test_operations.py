@@ -216,7 +216,7 @@ async def test_admin_health_ready_and_metrics(start_cluster: StartCluster) -> No
                 assert r.status == 200
         # Counters travel with heartbeats (every 0.1 s here): give them a few.
         total = 0.0
-        for _ in range(50):
+        for _ in range(100):
             async with s.get(f"{base}/metrics") as r:
                 assert r.status == 200
                 assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")

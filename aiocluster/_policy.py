@@ -1,0 +1,142 @@
+"""Scheduling policies, and choosing the worker for a connection the primary accepted (pure).
+
+Nothing here does I/O or reads a clock: the primary's balancer describes its workers as
+:class:`Candidate` values and asks a :class:`Scheduler` which one takes the next connection.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Literal, Protocol, TypeVar
+
+__all__ = [
+    "BALANCES",
+    "POLICIES",
+    "Balance",
+    "Candidate",
+    "Policy",
+    "Scheduler",
+    "rendezvous_score",
+    "reuseport_problem",
+    "sticky_order",
+]
+
+Policy = Literal["shared", "rr", "reuseport"]
+#: ``shared``: one listening socket, every worker accepts on it (Node's SCHED_NONE).
+#: ``rr``: only the primary accepts, and hands each connection to one worker (SCHED_RR).
+#: ``reuseport``: one SO_REUSEPORT socket per worker slot, kept by the primary (Linux).
+POLICIES: tuple[Policy, ...] = ("shared", "rr", "reuseport")
+
+Balance = Literal["round-robin", "least-conn"]
+#: How the primary chooses a worker under ``rr`` (unless ``sticky`` chooses by client).
+BALANCES: tuple[Balance, ...] = ("round-robin", "least-conn")
+
+
+class Candidate(Protocol):
+    """What the scheduler needs to know of a worker that could take a connection."""
+
+    @property
+    def id(self) -> int:
+        """The worker id (unique for the cluster's life; a newer worker has a higher id)."""
+
+    @property
+    def slot(self) -> int:
+        """The worker's slot (a replacement takes the slot of the worker it replaces)."""
+
+    @property
+    def load(self) -> int:
+        """Connections the worker has open, or has been handed and not yet acknowledged."""
+
+    @property
+    def has_room(self) -> bool:
+        """False while the worker has as many unacknowledged connections as it may have."""
+
+
+C = TypeVar("C", bound=Candidate)
+
+
+def rendezvous_score(client: str, slot: int) -> int:
+    """The weight of ``slot`` for ``client`` in rendezvous (highest random weight) hashing.
+
+    Stable across processes and runs (no per-process hash seed), so a client keeps its worker
+    slot for as long as that slot is live, whatever happens to the other slots.
+    """
+    digest = hashlib.blake2b(f"{slot}\0{client}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def sticky_order(client: str, slots: Iterable[int]) -> list[int]:
+    """``slots`` from most to least preferred for ``client``.
+
+    The first live slot of this list serves the client: when it dies the client moves to the
+    next one, and moves back when the slot is live again. Clients of other slots never move.
+    """
+    return sorted(set(slots), key=lambda slot: (-rendezvous_score(client, slot), slot))
+
+
+class Scheduler:
+    """Chooses the worker for each connection of one listening handle.
+
+    ``round-robin`` rotates strictly over the workers in slot order, skipping workers without
+    room; ``least-conn`` takes the worker with the lowest load, ties going in the same rotation;
+    ``sticky`` sends a client address to the first live slot of :func:`sticky_order`, and
+    waits (returns None) while that worker has no room rather than break the affinity.
+    """
+
+    def __init__(self, balance: Balance = "round-robin", *, sticky: bool = False) -> None:
+        if balance not in BALANCES:
+            raise ValueError(f"unknown balance {balance!r}; expected one of {BALANCES}")
+        self.balance: Balance = balance
+        self.sticky = sticky
+        self._last: tuple[int, int] = (0, 0)  # (slot, id) of the last worker chosen
+
+    def choose(self, candidates: Iterable[C], client: str | None = None) -> C | None:
+        """The worker for the next connection from ``client``; None if it must wait.
+
+        ``client`` is the peer's host address (None when there is none, as on Unix sockets,
+        where ``sticky`` cannot apply and the balance decides).
+        """
+        ordered = sorted(candidates, key=_position)
+        if not ordered:
+            return None
+        if self.sticky and client is not None:
+            # Ties in a slot (a replacement started before its predecessor left): the newest.
+            best = max(ordered, key=lambda c: (rendezvous_score(client, c.slot), c.id))
+            return best if best.has_room else None
+        start = bisect.bisect_right([_position(c) for c in ordered], self._last)
+        rotation = ordered[start:] + ordered[:start]
+        pick = self._pick(rotation)
+        if pick is not None:
+            self._last = _position(pick)
+        return pick
+
+    def _pick(self, rotation: Sequence[C]) -> C | None:
+        if self.balance == "least-conn":
+            roomy = [c for c in rotation if c.has_room]
+            # min() keeps the first of equals: ties rotate instead of piling on one worker.
+            return min(roomy, key=lambda c: c.load) if roomy else None
+        return next((c for c in rotation if c.has_room), None)
+
+
+def _position(candidate: Candidate) -> tuple[int, int]:
+    return (candidate.slot, candidate.id)
+
+
+def reuseport_problem(platform: str = sys.platform, *, has_option: bool = True) -> str | None:
+    """Why policy ``reuseport`` cannot work on ``platform``, or None if it can.
+
+    Only Linux spreads the connections of one port over every SO_REUSEPORT socket bound to
+    it. macOS and the BSDs accept the option, but there the last socket bound takes every
+    connection, so one worker would serve them all.
+    """
+    if not has_option:
+        return "this system has no SO_REUSEPORT socket option"
+    if not platform.startswith("linux"):
+        return (
+            f"on {platform}, SO_REUSEPORT does not spread connections over the sockets that "
+            "share a port (only Linux does): one worker would get them all"
+        )
+    return None

@@ -1,0 +1,354 @@
+"""The primary's handoff with real loopback sockets and real channels, in one process.
+
+Each ``Peer`` here is the worker end of a real channel: it answers ``newconn`` as a worker
+does (adopt: write its id on the connection; refuse; or hold the frame unanswered, as a
+worker whose loop is stuck does), so every path of the balancer runs for real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import resource
+import socket
+from collections.abc import AsyncIterator, Iterator
+from typing import Literal
+
+import pytest
+
+from aiocluster._address import Address
+from aiocluster._balancer import Balancer
+from aiocluster._channel import Channel, close_fds
+from aiocluster._codec import Frame
+from aiocluster._handles import Handle, HandleTable
+from aiocluster._policy import sticky_order
+
+pytestmark = pytest.mark.timeout(20)
+
+Mode = Literal["accept", "refuse", "hold"]
+
+
+class Peer:
+    """The worker side of one channel, answering newconn like a worker would."""
+
+    def __init__(self, wid: int, slot: int | None = None, mode: Mode = "accept") -> None:
+        self.id = wid
+        self.slot = wid if slot is None else slot
+        self.mode: Mode = mode
+        self.held: list[Frame] = []
+        self.got_frame = asyncio.Event()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.primary_end = Channel(parent, self._unexpected, name=f"worker {wid}", max_fds=0)
+        self.worker_end = Channel(child, self._on_frame, name="primary")
+        self.primary_end.start()
+        self.worker_end.start()
+
+    def _unexpected(self, frame: Frame) -> None:
+        raise AssertionError(f"unexpected frame to the primary: {frame.msg}")
+
+    def _on_frame(self, frame: Frame) -> None:
+        if frame.msg["act"] == "ping":
+            self.worker_end.reply(frame, {})
+            return
+        assert frame.msg["act"] == "newconn" and len(frame.fds) == 1
+        self.got_frame.set()
+        if self.mode == "hold":
+            self.held.append(frame)
+        else:
+            self.answer(frame, self.mode == "accept")
+
+    def answer(self, frame: Frame, accepted: bool) -> None:
+        if accepted:
+            with socket.socket(fileno=frame.fds[0]) as conn:
+                conn.send(f"{self.id}\n".encode())
+        else:
+            close_fds(frame.fds)
+        self.worker_end.reply(frame, {"accepted": accepted})
+
+    def release(self) -> None:
+        self.mode = "accept"
+        held, self.held = self.held, []
+        for frame in held:
+            self.answer(frame, True)
+
+    def die(self) -> None:
+        for frame in self.held:
+            close_fds(frame.fds)
+        self.worker_end.close()
+
+    async def sync(self) -> None:
+        """Every answer sent so far has been seen by the balancer (the channel is FIFO)."""
+        await self.primary_end.request({"act": "ping"}, timeout=5)
+
+    def close(self) -> None:
+        self.die()
+        self.primary_end.close()
+
+
+class LogWaiter(logging.Handler):
+    """Wait for a log line of the primary without sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.changed = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+        self.changed.set()
+
+    async def wait_for(self, pattern: str, timeout: float = 5) -> str:
+        async with asyncio.timeout(timeout):
+            while True:
+                for line in self.lines:
+                    if re.search(pattern, line):
+                        return line
+                self.changed.clear()
+                await self.changed.wait()
+
+
+@pytest.fixture
+def logs() -> Iterator[LogWaiter]:
+    waiter = LogWaiter()
+    logger = logging.getLogger("aiocluster.primary")
+    logger.addHandler(waiter)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    yield waiter
+    logger.removeHandler(waiter)
+    logger.setLevel(old)
+
+
+class Setup:
+    def __init__(self) -> None:
+        self.table = HandleTable()
+        self.peers: list[Peer] = []
+        self.balancers: list[Balancer] = []
+
+    def listen(self, slot: int | None = None) -> Handle:
+        handle, _ = self.table.get_or_create(Address.tcp("127.0.0.1", 0), 0, 128, slot=slot)
+        return handle
+
+    def balancer(self, **options: object) -> Balancer:
+        balancer = Balancer(count_handoffs=True, **options)  # type: ignore[arg-type]
+        self.balancers.append(balancer)
+        return balancer
+
+    def peer(self, balancer: Balancer, handle: Handle, wid: int, **kw: object) -> Peer:
+        peer = Peer(wid, **kw)  # type: ignore[arg-type]
+        self.peers.append(peer)
+        balancer.join(peer.id, peer.slot, f"worker {wid}", peer.primary_end, handle.id)
+        return peer
+
+    def close(self) -> None:
+        for balancer in self.balancers:
+            balancer.close()
+        self.table.close_all()
+        for peer in self.peers:
+            peer.close()
+
+
+@pytest.fixture
+async def setup() -> AsyncIterator[Setup]:
+    s = Setup()
+    yield s
+    s.close()
+
+
+async def connect(
+    port: int, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection("127.0.0.1", port, local_addr=(source, 0))
+
+
+async def served_by(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> int:
+    try:
+        async with asyncio.timeout(5):
+            return int(await reader.readline())
+    finally:
+        writer.close()
+
+
+async def who(port: int, source: str = "127.0.0.1") -> int:
+    return await served_by(*await connect(port, source))
+
+
+def port_of(handle: Handle) -> int:
+    port: int = handle.sock.getsockname()[1]
+    return port
+
+
+async def test_rotation_is_strict_and_counted(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    balancer.serve(handle)
+    peers = [setup.peer(balancer, handle, wid) for wid in (1, 2, 3)]
+    assert [await who(port_of(handle)) for _ in range(7)] == [1, 2, 3, 1, 2, 3, 1]
+    for peer in peers:
+        await peer.sync()
+    assert balancer.accepted == {1: 3, 2: 2, 3: 2}
+    balancer.close()
+    assert "connections per worker: 1=3, 2=2, 3=2" in logs.lines
+
+
+async def test_refused_connection_goes_to_another_worker(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    balancer.serve(handle)
+    setup.peer(balancer, handle, 1, mode="refuse")
+    setup.peer(balancer, handle, 2)
+    assert [await who(port_of(handle)) for _ in range(4)] == [2, 2, 2, 2]
+    await logs.wait_for(r"worker 1 refused a connection")
+    assert balancer.accepted == {1: 0, 2: 4}
+
+
+async def test_worker_dying_before_its_answer_loses_no_connection(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer(stuck_after=0.2)
+    handle = setup.listen()
+    balancer.serve(handle)
+    stuck = setup.peer(balancer, handle, 1, mode="hold")
+    setup.peer(balancer, handle, 2)
+    client = await connect(port_of(handle))
+    await stuck.got_frame.wait()
+    await logs.wait_for(r"worker 1 has not answered for .* looks blocked")
+    stuck.die()
+    assert await served_by(*client) == 2
+    await logs.wait_for(r"worker 1 is gone with 1 connection\(s\) it had not acknowledged")
+
+
+async def test_a_stuck_worker_gets_no_more_than_its_share(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer(max_unacked=2, stuck_after=0.2)
+    handle = setup.listen()
+    balancer.serve(handle)
+    stuck = setup.peer(balancer, handle, 1, mode="hold")
+    setup.peer(balancer, handle, 2)
+    clients = [await connect(port_of(handle)) for _ in range(6)]
+    results = [asyncio.create_task(served_by(*c)) for c in clients]
+    done = [await results[i] for i in (1, 3, 4, 5)]  # rotation: 1 2 1 2, then 1 is full
+    assert done == [2, 2, 2, 2]
+    assert len(stuck.held) == 2
+    await logs.wait_for(r"worker 1 has not answered for .* looks blocked")
+    stuck.release()
+    assert [await results[i] for i in (0, 2)] == [1, 1]
+    await logs.wait_for(r"worker 1 answers again")
+
+
+async def test_connections_wait_in_the_primary_then_in_the_backlog(setup: Setup) -> None:
+    balancer = setup.balancer(max_unacked=1, max_queued=2)
+    handle = setup.listen()
+    balancer.serve(handle)
+    peer = setup.peer(balancer, handle, 1, mode="hold")
+    clients = [await connect(port_of(handle)) for _ in range(6)]
+    await peer.got_frame.wait()
+    assert len(peer.held) == 1
+    results = [asyncio.create_task(served_by(*c)) for c in clients]
+    peer.release()
+    assert await asyncio.gather(*results) == [1] * 6
+    await peer.sync()
+    assert balancer.accepted == {1: 6}
+
+
+async def test_least_conn_follows_reported_load(setup: Setup) -> None:
+    balancer = setup.balancer(balance="least-conn")
+    handle = setup.listen()
+    balancer.serve(handle)
+    for wid in (1, 2, 3):
+        setup.peer(balancer, handle, wid)
+    balancer.report(1, accepted=0, open_=4, adopted=0)
+    balancer.report(3, accepted=0, open_=2, adopted=0)
+    # 2 takes connections until it has as many as 3, then they alternate below 1's load
+    assert [await who(port_of(handle)) for _ in range(6)] == [2, 2, 3, 2, 3, 2]
+
+
+async def test_sticky_by_source_address_and_back_after_a_replacement(setup: Setup) -> None:
+    balancer = setup.balancer(sticky=True)
+    handle = setup.listen()
+    balancer.serve(handle)
+    peers = {wid: setup.peer(balancer, handle, wid) for wid in (1, 2, 3)}
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+    home = {src: sticky_order(src, [1, 2, 3])[0] for src in sources}
+    for src in sources:
+        assert {await who(port_of(handle), src) for _ in range(3)} == {home[src]}
+    assert len(set(home.values())) == 3
+    peers[2].die()
+    for src in sources:
+        expected = home[src] if home[src] != 2 else sticky_order(src, [1, 3])[0]
+        assert await who(port_of(handle), src) == expected
+    setup.peer(balancer, handle, 4, slot=2)  # the replacement takes slot 2
+    for src in sources:
+        assert await who(port_of(handle), src) == (4 if home[src] == 2 else home[src])
+
+
+async def test_sticky_clients_of_a_stuck_worker_move_until_it_answers(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer(sticky=True, stuck_after=0.2)
+    handle = setup.listen()
+    balancer.serve(handle)
+    peers = {wid: setup.peer(balancer, handle, wid) for wid in (1, 2)}
+    source = "127.0.0.9"
+    home, second = sticky_order(source, [1, 2])
+    peers[home].mode = "hold"  # its loop is stuck
+    waiting = await connect(port_of(handle), source)
+    await logs.wait_for(rf"worker {home} has not answered for .* looks blocked")
+    assert await who(port_of(handle), source) == second
+    peers[home].release()
+    assert await served_by(*waiting) == home
+    await logs.wait_for(rf"worker {home} answers again")
+    assert await who(port_of(handle), source) == home
+
+
+async def test_drain_hands_a_retired_slots_queue_to_the_others(setup: Setup) -> None:
+    balancer = Balancer()
+    setup.balancers.append(balancer)
+    first, second = setup.listen(slot=1), setup.listen(slot=2)
+    assert first.id == second.id and port_of(first) == port_of(second)
+    assert first.sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+    setup.peer(balancer, first, 7, slot=3)
+    # Nobody accepts on either socket: the kernel queues each connection on one of them.
+    clients = [await connect(port_of(first)) for _ in range(8)]
+    assert balancer.drain(setup.table.pop_slot(1) + setup.table.pop_slot(2)) == 8
+    assert [await served_by(*c) for c in clients] == [7] * 8
+    assert first.sock.fileno() == -1 and second.sock.fileno() == -1
+
+
+def lowest_free_fd(any_fd: int) -> int:
+    fd = os.dup(any_fd)
+    os.close(fd)
+    return fd
+
+
+async def test_out_of_descriptors_backs_off_and_recovers(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    peer = setup.peer(balancer, handle, 1)
+    clients = [await connect(port_of(handle)) for _ in range(3)]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(handle.sock.fileno()), hard))
+    try:
+        balancer.serve(handle)
+        await logs.wait_for(r"cannot take connections on .*Too many open files.*pausing accepts")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert [await served_by(*c) for c in clients] == [1, 1, 1]
+    await logs.wait_for(r"accepting on 127\.0\.0\.1:\d+ again")
+    await peer.sync()
+    assert balancer.accepted == {1: 3}
+
+
+async def test_stop_closes_what_no_worker_took(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    balancer.serve(handle)
+    setup.peer(balancer, handle, 1, mode="refuse")  # stopping: it refuses, and leaves
+    reader, writer = await connect(port_of(handle))
+    await logs.wait_for(r"worker 1 refused a connection")
+    setup.table.close_all()
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""  # closed, not leaked
+    writer.close()
+    await logs.wait_for(r"closing 1 connection\(s\) no worker took before the stop")
