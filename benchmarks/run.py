@@ -33,7 +33,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -498,38 +497,53 @@ def started(server: Server, ctx: Context, log_path: Path) -> Iterator[Running]:
 # -- load -------------------------------------------------------------------------------------
 
 
-def wrk(
-    port: int, mode: str, duration: float, settings: Settings, *, tally: bool = False
-) -> dict[str, Any]:
-    """One bounded wrk run; its BENCH_JSON report plus requests/s."""
-    secs = max(1, round(duration))
-    argv = [
+def wrk_argv(port: int, mode: str, duration: float, settings: Settings) -> list[str]:
+    return [
         "wrk",
         f"-t{settings.wrk_threads}",
         f"-c{settings.connections}",
-        f"-d{secs}s",
+        f"-d{max(1, round(duration))}s",
         "--timeout",
         "5s",
         "-s",
         str(LUA[mode]),
         f"http://{HOST}:{port}/",
     ]
-    env = {**os.environ, "BENCH_TALLY": "1" if tally else "0"}
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, env=env, timeout=secs + 30, check=False
-    )
-    for line in proc.stdout.splitlines():
+
+
+def wrk_env(tally: bool) -> dict[str, str]:
+    return {**os.environ, "BENCH_TALLY": "1" if tally else "0"}
+
+
+def wrk_result(stdout: str, stderr: str, returncode: int) -> dict[str, Any]:
+    """wrk's BENCH_JSON report (see wrk_report.lua), plus requests/s and error sums."""
+    for line in stdout.splitlines():
         if line.startswith("BENCH_JSON "):
             result: dict[str, Any] = json.loads(line.removeprefix("BENCH_JSON "))
             break
     else:
-        raise RuntimeError(f"wrk printed no report (exit {proc.returncode}): {proc.stderr}")
+        raise RuntimeError(f"wrk printed no report (exit {returncode}): {stderr.strip()}")
     seconds = result["duration_us"] / 1e6
     result["rps"] = result["requests"] / seconds if seconds else 0.0
     errors = result["errors"]
     result["socket_errors"] = sum(errors[k] for k in ("connect", "read", "write", "timeout"))
     result["non_2xx"] = errors["status"]
     return result
+
+
+def wrk(
+    port: int, mode: str, duration: float, settings: Settings, *, tally: bool = False
+) -> dict[str, Any]:
+    """One wrk run, bounded by -d (and a timeout on top)."""
+    proc = subprocess.run(
+        wrk_argv(port, mode, duration, settings),
+        capture_output=True,
+        text=True,
+        env=wrk_env(tally),
+        timeout=duration + 30,
+        check=False,
+    )
+    return wrk_result(proc.stdout, proc.stderr, proc.returncode)
 
 
 def balance(pids: dict[str, int]) -> dict[str, Any]:
@@ -558,38 +572,55 @@ def memory(running: Running) -> dict[str, Any]:
 
 
 def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
-    """Failed requests while the server reloads its workers under keep-alive load.
+    """Failed requests while the server replaces its workers under keep-alive load.
 
-    wrk runs for reload_duration; a third of the way in the server gets its reload signal.
-    Failures are wrk's socket errors (connect/read/write/timeout) plus non-2xx answers.
+    wrk starts (bounded by -d at reload_duration + 30 s), a third of reload_duration later the
+    server gets its reload signal; once every old worker is gone and N new ones exist (some
+    servers respawn one worker at a time, seconds apart) and another third has passed, wrk is
+    stopped with SIGINT, which makes it report. Failures are wrk's socket errors
+    (connect/read/write/timeout) plus non-2xx answers. Note that wrk counts a keep-alive
+    connection that the server closes between two requests as a read error; a real client would
+    retry such an idempotent request, so these are an upper bound on what users would see.
     """
     sig = running.server.reload_signal
     if sig is None:
         return {"skipped": running.server.reload_note or "no reload mechanism"}
-    box: dict[str, Any] = {}
-
-    def load() -> None:
-        try:
-            box["wrk"] = wrk(running.ctx.port, "keepalive", settings.reload_duration, settings)
-        except Exception as err:  # reported below
-            box["error"] = repr(err)
-
+    third = settings.reload_duration / 3
+    bound = settings.reload_duration + 30
     before = {p.pid for p in running.workers()}
-    thread = threading.Thread(target=load, daemon=True)
-    thread.start()
-    time.sleep(settings.reload_duration / 3)
-    running.signal(sig)
-    thread.join(settings.reload_duration + 40)
-    after = {p.pid for p in running.workers()}
-    if "wrk" not in box:
-        return {"error": box.get("error", "wrk did not finish")}
-    result = box["wrk"]
+    load = subprocess.Popen(
+        wrk_argv(running.ctx.port, "keepalive", bound, settings),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=wrk_env(False),
+    )
+    try:
+        time.sleep(third)
+        signalled = time.monotonic()
+        running.signal(sig)
+        replaced_after = None
+        deadline = signalled + bound - third - 2
+        while time.monotonic() < deadline and load.poll() is None:
+            now = {p.pid for p in running.workers()}
+            if not (now & before) and len(now) >= running.ctx.workers:
+                replaced_after = time.monotonic() - signalled
+                break
+            time.sleep(0.05)
+        time.sleep(third)
+        load.send_signal(signal.SIGINT)
+        stdout, stderr = load.communicate(timeout=30)
+    finally:
+        if load.poll() is None:
+            load.kill()
+            load.wait()
+    result = wrk_result(stdout, stderr, load.returncode)
     return {
         "signal": sig.name,
         "requests": result["requests"],
         "failed": result["socket_errors"] + result["non_2xx"],
         "errors": result["errors"],
-        "workers_replaced": len(before - after),
+        "replaced_after_s": None if replaced_after is None else round(replaced_after, 2),
         "still_answers": http_status(running.ctx.port, timeout=5.0) == 200,
     }
 
