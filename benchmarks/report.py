@@ -27,6 +27,24 @@ def _fmt_lat(row: Row, mode: str) -> str:
     return f"{data['p50_ms']:.2f} / {data['p99_ms']:.2f}" if data else "—"
 
 
+def _fmt_cpu(row: Row) -> str:
+    parts = []
+    for mode in ("keepalive", "close"):
+        data = row.get(mode)
+        if data and data.get("cpu"):
+            cpu = data["cpu"]
+            parts.append(
+                f"{cpu['server_cores']:.2f}/{cpu['wrk_cores']:.2f}/{cpu['other_cores']:.2f}"
+            )
+    return "; ".join(parts) if parts else "—"
+
+
+def _fmt_per_cpu(row: Row, mode: str) -> str:
+    data = row.get(mode)
+    value = data.get("requests_per_server_cpu_s") if data else None
+    return f"{value:,.0f}" if value else "—"
+
+
 def _fmt_errors(row: Row) -> str:
     parts = []
     for mode in ("keepalive", "close"):
@@ -87,6 +105,28 @@ def table(rows: list[Row]) -> str:
             f"| {_fmt_start(row)} | {_fmt_mem(row)} | {_fmt_reload(row)} |"
         )
     return head + "\n".join(lines) + "\n"
+
+
+def cpu_table(rows: list[Row]) -> str:
+    """Where the CPU went during the measured runs: the noise check of a shared machine."""
+    lines = [
+        "| server | req per server CPU-s (ka / close) | cores server/wrk/irq/other (ka; close) "
+        "| req/s of each round (ka; close) |",
+        "|---|---:|---:|---:|",
+    ]
+    for row in rows:
+        if not row.get("keepalive"):
+            continue
+        rounds = "; ".join(
+            ", ".join(f"{v:,.0f}" for v in row[mode].get("rps_all", [row[mode]["rps"]]))
+            for mode in ("keepalive", "close")
+            if row.get(mode)
+        )
+        lines.append(
+            f"| {row['name']} | {_fmt_per_cpu(row, 'keepalive')} / {_fmt_per_cpu(row, 'close')} "
+            f"| {_fmt_cpu(row)} | {rounds} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 # -- targets ------------------------------------------------------------------------------------
@@ -209,6 +249,10 @@ def markdown(results: dict[str, Any]) -> str:
         "primary/master in brackets. Reload: keep-alive load for "
         f"{s['reload_duration']:g} s with the reload signal a third of the way in.\n",
         table(results["servers"]),
+        "\nCPU during the measured runs, in cores (server = primary + workers; irq = "
+        "interrupts and softirqs, where loopback TCP partly runs; other = everything else on "
+        "the machine, which is near 0 only when nothing else runs):\n",
+        cpu_table(results["servers"]),
         "\n## Targets\n",
         targets_table(rows),
     ]

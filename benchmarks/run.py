@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -63,6 +64,7 @@ class Settings:
     starts: int
     reload_duration: float
     reloads: bool
+    rounds: int
     quick: bool
     out: Path
 
@@ -404,6 +406,17 @@ class Running:
             result.append(proc)
         return result
 
+    def cpu_s(self) -> float:
+        """CPU seconds used so far by the primary and every live descendant."""
+        import psutil
+
+        total = 0.0
+        for proc in [self.ps, *self.descendants()]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
     def alive(self) -> bool:
         return self.proc.poll() is None
 
@@ -571,6 +584,57 @@ def memory(running: Running) -> dict[str, Any]:
     }
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def machine_busy_s() -> tuple[float, float]:
+    """CPU seconds since boot, all CPUs: (not idle, of which in interrupts), from /proc/stat.
+
+    Loopback TCP does much of its work in softirqs, which the kernel may account there rather
+    than to the sending or receiving process; they are reported apart from "other".
+    """
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    busy = (user + nice + system + irq + softirq + steal) / _CLK_TCK
+    return busy, (irq + softirq) / _CLK_TCK
+
+
+def children_cpu_s() -> float:
+    """CPU seconds of our reaped children (wrk, once it has exited)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuSample:
+    """Where the machine's CPU time went, to tell a measurement from a busy neighbour."""
+
+    wall: float
+    busy: float
+    irq: float
+    server: float
+    children: float
+
+    @classmethod
+    def take(cls, running: Running) -> CpuSample:
+        busy, irq = machine_busy_s()
+        return cls(time.monotonic(), busy, irq, running.cpu_s(), children_cpu_s())
+
+    def until(self, end: CpuSample) -> dict[str, float]:
+        """Cores used over the window by the server, by wrk, and by everything else."""
+        wall = end.wall - self.wall
+        server = (end.server - self.server) / wall
+        wrk_cores = (end.children - self.children) / wall
+        busy = (end.busy - self.busy) / wall
+        irq = (end.irq - self.irq) / wall
+        return {
+            "server_cores": round(server, 3),
+            "wrk_cores": round(wrk_cores, 3),
+            "irq_cores": round(irq, 3),
+            "other_cores": round(max(0.0, busy - server - wrk_cores - irq), 3),
+        }
+
+
 def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
     """Failed requests while the server replaces its workers under keep-alive load.
 
@@ -628,7 +692,10 @@ def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
 # -- one server ---------------------------------------------------------------------------------
 
 
-def bench_server(server: Server, settings: Settings, logs: Path) -> dict[str, Any]:
+def bench_server(
+    server: Server, settings: Settings, logs: Path, *, first_round: bool = True
+) -> dict[str, Any]:
+    """One round for one server; reloads and extra timed starts happen in the first round."""
     row: dict[str, Any] = {"name": server.name, "family": server.family}
     row["describe"] = server.describe
     starts: list[float] = []
@@ -642,7 +709,9 @@ def bench_server(server: Server, settings: Settings, logs: Path) -> dict[str, An
                 row["workers_found"] = running.wait_workers(time.monotonic() + 30)
                 for mode in MODES:
                     warm = wrk(ctx.port, mode, settings.warmup, settings, tally=True)
+                    before = CpuSample.take(running)
                     measured = wrk(ctx.port, mode, settings.duration, settings)
+                    cpu = before.until(CpuSample.take(running))
                     row[mode] = {
                         "rps": round(measured["rps"], 1),
                         "p50_ms": measured["latency_us"]["p50"] / 1000,
@@ -653,21 +722,27 @@ def bench_server(server: Server, settings: Settings, logs: Path) -> dict[str, An
                         "non_2xx": measured["non_2xx"],
                         "errors": measured["errors"],
                         "balance": balance(warm["pids"]),
+                        "cpu": cpu,
+                        "requests_per_server_cpu_s": round(measured["rps"] / cpu["server_cores"], 1)
+                        if cpu["server_cores"]
+                        else None,
                     }
                     _say(
                         f"  {mode:9} {measured['rps']:>10,.0f} req/s  "
                         f"p50 {row[mode]['p50_ms']:.2f} ms  p99 {row[mode]['p99_ms']:.2f} ms  "
                         f"errors {measured['socket_errors']}+{measured['non_2xx']}  "
-                        f"shares {row[mode]['balance']['shares']}"
+                        f"shares {row[mode]['balance']['shares']}  cores: server "
+                        f"{cpu['server_cores']:.2f} wrk {cpu['wrk_cores']:.2f} "
+                        f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f}"
                     )
                 row["memory"] = memory(running)
-                if settings.reloads:
+                if settings.reloads and first_round:
                     row["reload"] = measure_reload(running, settings)
             except Exception as err:
                 row["error"] = f"{err}"
                 row["log_tail"] = running.log_tail()
                 _say(f"  error: {err}\n{row['log_tail']}")
-        for _ in range(settings.starts - 1):
+        for _ in range(settings.starts - 1 if first_round else 0):
             if "error" in row:
                 break
             ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
@@ -675,6 +750,27 @@ def bench_server(server: Server, settings: Settings, logs: Path) -> dict[str, An
                 starts.append(running.wait_first_answer(time.monotonic() + 60))
     row["first_answer_s"] = starts
     row["first_answer_median_s"] = statistics.median(starts) if starts else None
+    return row
+
+
+def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from several rounds: per mode, the round with the median requests/s."""
+    row = dict(rounds[0])
+    row["rounds"] = len(rounds)
+    for mode in MODES:
+        runs = [r[mode] for r in rounds if r.get(mode)]
+        if runs:
+            runs.sort(key=lambda run: run["rps"])
+            row[mode] = {**runs[len(runs) // 2], "rps_all": [run["rps"] for run in runs]}
+    starts = [s for r in rounds for s in r.get("first_answer_s", [])]
+    row["first_answer_s"] = starts
+    row["first_answer_median_s"] = statistics.median(starts) if starts else None
+    memories = [r["memory"] for r in rounds if r.get("memory")]
+    if memories:
+        row["memory"] = memories[-1]
+    errors = [r["error"] for r in rounds if r.get("error")]
+    if errors:
+        row["error"] = "; ".join(errors)
     return row
 
 
@@ -760,12 +856,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--setup", action="store_true", help="make the venv, install wrk/nginx")
     parser.add_argument("--quick", action="store_true", help="short runs: a few minutes in all")
     parser.add_argument("--workers", type=int, default=2, help="workers for every server (2)")
-    parser.add_argument("--duration", type=float, help="seconds per measured run (quick 5, 15)")
-    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 2, 5)")
+    parser.add_argument("--duration", type=float, help="seconds per measured run (quick 5, 10)")
+    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 2, 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument("--starts", type=int, help="starts timed per server (quick 1, 3)")
     parser.add_argument("--reload-duration", type=float, help="seconds of load around a reload")
+    parser.add_argument("--rounds", type=int, help="rounds over all servers (quick 1, 3)")
     parser.add_argument("--no-reloads", action="store_true", help="skip the reload runs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (globs allowed)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
@@ -781,13 +878,14 @@ def main(argv: list[str] | None = None) -> int:
     quick = bool(args.quick)
     settings = Settings(
         workers=args.workers,
-        duration=args.duration or (5.0 if quick else 15.0),
-        warmup=args.warmup or (2.0 if quick else 5.0),
+        duration=args.duration or (5.0 if quick else 10.0),
+        warmup=args.warmup or (2.0 if quick else 3.0),
         connections=args.connections,
         wrk_threads=args.wrk_threads,
         starts=args.starts or (1 if quick else 3),
         reload_duration=args.reload_duration or (6.0 if quick else 12.0),
         reloads=not args.no_reloads,
+        rounds=args.rounds or (1 if quick else 3),
         quick=quick,
         out=args.out,
     )
@@ -840,24 +938,32 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"note: {note}")
     began = time.monotonic()
     interrupted = False
+    rounds: dict[str, list[dict[str, Any]]] = {}
+    runnable = []
+    for server in servers:
+        why = server.missing()
+        if why:
+            results["notes"].append(f"{server.name} skipped: {why}")
+            _say(f"{server.name}: skipped ({why})")
+        else:
+            runnable.append(server)
     try:
-        for server in servers:
-            why = server.missing()
-            if why:
-                results["notes"].append(f"{server.name} skipped: {why}")
-                _say(f"{server.name}: skipped ({why})")
-                continue
-            _say(f"{server.name}: {server.describe}")
-            row = bench_server(server, settings, logs)
-            results["servers"].append(row)
-            if row.get("first_answer_median_s") is not None:
-                _say(f"  first answer {row['first_answer_median_s'] * 1000:.0f} ms")
+        for number in range(settings.rounds):
+            # Alternate the order so that drift in the machine's state spreads evenly.
+            order = runnable if number % 2 == 0 else runnable[::-1]
+            for server in order:
+                _say(f"{server.name} (round {number + 1}/{settings.rounds}): {server.describe}")
+                row = bench_server(server, settings, logs, first_round=number == 0)
+                rounds.setdefault(server.name, []).append(row)
+                if row.get("first_answer_median_s") is not None:
+                    _say(f"  first answer {row['first_answer_median_s'] * 1000:.0f} ms")
     except KeyboardInterrupt:
         interrupted = True
         _say("interrupted: stopping servers")
     finally:
         for running in list(RUNNING):
             running.stop()
+    results["servers"] = [merge_rounds(rounds[s.name]) for s in runnable if s.name in rounds]
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["interrupted"] = interrupted
     path = settings.out / f"{label}.json"
