@@ -34,7 +34,8 @@ def _fmt_cpu(row: Row) -> str:
         if data and data.get("cpu"):
             cpu = data["cpu"]
             parts.append(
-                f"{cpu['server_cores']:.2f}/{cpu['wrk_cores']:.2f}/{cpu['other_cores']:.2f}"
+                f"{cpu['server_cores']:.2f}/{cpu['wrk_cores']:.2f}/"
+                f"{cpu.get('irq_cores', 0):.2f}/{cpu['other_cores']:.2f}"
             )
     return "; ".join(parts) if parts else "—"
 
