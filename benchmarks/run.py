@@ -65,6 +65,8 @@ class Settings:
     reload_duration: float
     reloads: bool
     rounds: int
+    quiet_cores: float
+    quiet_wait: float
     quick: bool
     out: Path
 
@@ -635,6 +637,26 @@ class CpuSample:
         }
 
 
+def wait_quiet(settings: Settings) -> dict[str, float]:
+    """Wait (up to settings.quiet_wait) until the machine is idle besides us, before a run.
+
+    This machine may be shared (other sessions run test suites on it): a load run measured
+    while something else takes a core says little. Samples busy cores over 0.5 s windows,
+    with the server idle, until they drop under settings.quiet_cores; returns what was seen.
+    """
+    began = time.monotonic()
+    busy = 0.0
+    while True:
+        start_busy, _ = machine_busy_s()
+        start = time.monotonic()
+        time.sleep(0.5)
+        end_busy, _ = machine_busy_s()
+        busy = (end_busy - start_busy) / (time.monotonic() - start)
+        waited = time.monotonic() - began
+        if busy < settings.quiet_cores or waited >= settings.quiet_wait:
+            return {"idle_busy_cores": round(busy, 3), "waited_s": round(waited, 1)}
+
+
 def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
     """Failed requests while the server replaces its workers under keep-alive load.
 
@@ -708,6 +730,7 @@ def bench_server(
                 starts.append(running.wait_first_answer(time.monotonic() + 60))
                 row["workers_found"] = running.wait_workers(time.monotonic() + 30)
                 for mode in MODES:
+                    quiet = wait_quiet(settings)
                     warm = wrk(ctx.port, mode, settings.warmup, settings, tally=True)
                     before = CpuSample.take(running)
                     measured = wrk(ctx.port, mode, settings.duration, settings)
@@ -723,6 +746,7 @@ def bench_server(
                         "errors": measured["errors"],
                         "balance": balance(warm["pids"]),
                         "cpu": cpu,
+                        "before": quiet,
                         "requests_per_server_cpu_s": round(measured["rps"] / cpu["server_cores"], 1)
                         if cpu["server_cores"]
                         else None,
@@ -863,6 +887,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--starts", type=int, help="starts timed per server (quick 1, 3)")
     parser.add_argument("--reload-duration", type=float, help="seconds of load around a reload")
     parser.add_argument("--rounds", type=int, help="rounds over all servers (quick 1, 3)")
+    parser.add_argument(
+        "--quiet-cores",
+        type=float,
+        default=0.2,
+        help="before each mode, wait until the machine's busy cores drop under this (0.2)",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, help="longest wait for that, seconds (quick 10, 30)"
+    )
     parser.add_argument("--no-reloads", action="store_true", help="skip the reload runs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (globs allowed)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
@@ -886,6 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         reload_duration=args.reload_duration or (6.0 if quick else 12.0),
         reloads=not args.no_reloads,
         rounds=args.rounds or (1 if quick else 3),
+        quiet_cores=args.quiet_cores,
+        quiet_wait=args.quiet_wait if args.quiet_wait is not None else (10.0 if quick else 30.0),
         quick=quick,
         out=args.out,
     )
