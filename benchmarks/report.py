@@ -147,6 +147,35 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 Check = tuple[str, float | None, str, Callable[[float], bool]]
 
 
+def _per_cpu(rows: dict[str, Row], name: str, mode: str) -> float | None:
+    row = rows.get(name)
+    value = row.get(mode, {}).get("requests_per_server_cpu_s") if row else None
+    return float(value) if value else None
+
+
+def _other(rows: dict[str, Row], name: str, mode: str) -> float | None:
+    row = rows.get(name)
+    cpu = row.get(mode, {}).get("cpu") if row else None
+    return float(cpu["other_cores"]) if cpu else None
+
+
+def context(rows: dict[str, Row], what: str) -> str:
+    """For a throughput ratio 'A / B, mode': A/B per server CPU-s, and the busiest neighbour."""
+    try:
+        pair, mode = what.rsplit(", ", 1)
+        left, right = (part.split(" ")[0] for part in pair.split(" / "))
+    except ValueError:
+        return ""
+    if mode not in ("keepalive", "close") or left not in rows or right not in rows:
+        return ""
+    per_cpu = _ratio(_per_cpu(rows, left, mode), _per_cpu(rows, right, mode))
+    others = [o for o in (_other(rows, left, mode), _other(rows, right, mode)) if o is not None]
+    text = f"{per_cpu:.2f}" if per_cpu is not None else "—"
+    if others:
+        text += f" | {max(others):.2f}"
+    return text
+
+
 def checks(rows: dict[str, Row]) -> list[Check]:
     """(what, ratio, target text, passes) for every target the issue sets."""
     out: list[Check] = []
@@ -213,13 +242,17 @@ def checks(rows: dict[str, Row]) -> list[Check]:
 
 
 def targets_table(rows: dict[str, Row]) -> str:
-    lines = ["| ratio (same run) | value | target | met |", "|---|---:|---:|:-:|"]
+    lines = [
+        "| ratio (same run) | value | target | met | per server CPU-s | other cores (max) |",
+        "|---|---:|---:|:-:|---:|---:|",
+    ]
     for what, value, target, passes in checks(rows):
+        extra = context(rows, what) or "|"
         if value is None:
-            lines.append(f"| {what} | — | {target} | not measured |")
+            lines.append(f"| {what} | — | {target} | not measured | {extra} |")
         else:
             met = "yes" if passes(value) else "no"
-            lines.append(f"| {what} | {value:.2f} | {target} | {met} |")
+            lines.append(f"| {what} | {value:.2f} | {target} | {met} | {extra} |")
     return "\n".join(lines) + "\n"
 
 
@@ -255,6 +288,9 @@ def markdown(results: dict[str, Any]) -> str:
         "the machine, which is near 0 only when nothing else runs):\n",
         cpu_table(results["servers"]),
         "\n## Targets\n",
+        "Requests/s ratios, with the same ratio per server CPU-second beside them, and the "
+        "most CPU that something else on the machine took during either run (over ~0.2 "
+        "cores, the ratio is noise-prone).\n",
         targets_table(rows),
     ]
     if results.get("notes"):
