@@ -1,0 +1,58 @@
+"""A bare asyncio protocol answering every HTTP/1.1 request with one fixed response.
+
+Served with ``aiocluster run bare_protocol:HelloProtocol --protocol``, which listens through
+``aiocluster.create_server``. It does not parse HTTP: it counts request ends (``\\r\\n\\r\\n``)
+so keep-alive and pipelining work, and closes after answering a request that carries
+``Connection: close`` (which is how wrk's connection-per-request mode is driven). Requests with
+a body are not supported: this is the floor of what a Python server can cost, not a server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import cast
+
+_BODY = b"Hello, World!"
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"X-Worker-Pid: %d\r\n" % (len(_BODY), os.getpid())
+)
+RESPONSE = _HEAD + b"\r\n" + _BODY
+RESPONSE_CLOSE = _HEAD + b"Connection: close\r\n\r\n" + _BODY
+_END = b"\r\n\r\n"
+
+
+class HelloProtocol(asyncio.Protocol):
+    """One instance per connection."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.pending = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        if self.pending:
+            data = self.pending + data
+        count = data.count(_END)
+        if not count:
+            self.pending = data
+            return
+        tail = data.rfind(_END) + len(_END)
+        self.pending = data[tail:]
+        if b"lose\r\n" in data and b"onnection: close" in data.lower():
+            transport.write(RESPONSE * (count - 1) + RESPONSE_CLOSE)
+            transport.close()
+            return
+        transport.write(RESPONSE if count == 1 else RESPONSE * count)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
