@@ -16,9 +16,9 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from . import web
+from typing import TYPE_CHECKING
+
 from ._address import Address
-from ._adopt import HandedServer
 from ._config import ClusterConfig, default_workers
 from ._errors import (
     AioclusterError,
@@ -30,6 +30,10 @@ from ._errors import (
 from ._primary import Cluster, ClusterFailed, Worker
 from ._serve import create_server, run, serve, supervise, until_stopped
 from ._worker import is_primary, is_worker, messages, send, worker_id, worker_slot
+
+if TYPE_CHECKING:  # real attributes for type checkers; imported on first use at run time
+    from . import web as web
+    from ._adopt import HandedServer as HandedServer
 
 __all__ = [
     "Address",
@@ -58,3 +62,17 @@ __all__ = [
     "worker_id",
     "worker_slot",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # aiohttp is imported only by those who use it: ``aiocluster.web`` on first access, so a
+    # primary (which never serves) and protocol workers start without it.
+    if name == "web":
+        import importlib
+
+        return importlib.import_module(".web", __name__)
+    if name == "HandedServer":
+        from ._adopt import HandedServer
+
+        return HandedServer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,8 +7,6 @@ import importlib.util
 import os
 from typing import Any
 
-from aiohttp import web
-
 from ._errors import ConfigError
 
 __all__ = ["NotImported", "check_kind", "check_module", "load_app", "split_spec"]
@@ -53,6 +51,8 @@ def load_app(spec: str) -> Any:
 
 def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
     """Check that what ``spec`` names is what ``--factory``/``--protocol`` said it is."""
+    from aiohttp import web  # workers only: the primary never checks the kind
+
     if factory or protocol:
         if not callable(target):
             what = "protocol factory" if protocol else "factory"

@@ -13,14 +13,16 @@ import logging
 import os
 import signal
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._admin import AdminServer
 from ._codec import Message
 from ._control import ControlServer, control_path
 from ._errors import ConfigError
 from ._primary import Cluster
 from ._systemd import Notifier, listen_fds
+
+if TYPE_CHECKING:
+    from ._admin import AdminServer
 
 __all__ = ["Operations"]
 
@@ -37,7 +39,11 @@ class Operations:
         self.control: ControlServer | None = None
         if config.control != "off":
             self.control = ControlServer(control_path(config.name, config.control), self._command)
-        self.admin = AdminServer(cluster) if config.admin is not None else None
+        self.admin: AdminServer | None = None
+        if config.admin is not None:
+            from ._admin import AdminServer  # aiohttp and prometheus_client only when asked
+
+            self.admin = AdminServer(cluster)
         self._tasks: list[asyncio.Task[Any]] = []
         self._signals: list[signal.Signals] = []
 

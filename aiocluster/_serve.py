@@ -13,19 +13,19 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, TypeAlias
-
-from aiohttp import web
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
 from ._adopt import start_server
 from ._config import ClusterConfig
-from ._drain import drain_app
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
 from ._operations import Operations
 from ._primary import Cluster
 from ._worker import is_worker, link, listen
+
+if TYPE_CHECKING:
+    from aiohttp import web
 
 __all__ = ["AppTarget", "create_server", "run", "serve", "supervise", "until_stopped"]
 
@@ -78,7 +78,8 @@ async def serve(
         else:
             await _serve_app_worker(app, config, access_log=access_log)
         return
-    if not callable(app) and not isinstance(app, web.Application):
+    # aiohttp Applications are callable too: the primary need not import aiohttp to check.
+    if not callable(app):
         raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
     await supervise(config, on_primary=on_primary)
 
@@ -118,6 +119,8 @@ async def supervise(
 
 async def resolve_app(target: AppTarget) -> web.Application:
     """The Application itself, or what a factory (sync or async) returns."""
+    from aiohttp import web
+
     if isinstance(target, web.Application):
         return target
     if not callable(target):
@@ -135,6 +138,10 @@ async def resolve_app(target: AppTarget) -> web.Application:
 
 
 async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_log: bool) -> None:
+    # Imported here: the primary, and workers serving bare protocols, never load aiohttp.
+    from aiohttp import web
+
+    from ._drain import drain_app
     from .web import ClusterSite
 
     current = link()

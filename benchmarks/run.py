@@ -115,12 +115,10 @@ def _need_venv(name: str) -> Callable[[], str | None]:
     return _need(str(VENV / "bin" / name), "run `python benchmarks/run.py --setup`")
 
 
-# TODO(reload): aiocluster has no reload command or SIGHUP handling in this tree yet. When it
-# has, set `reload_signal` (or give Server a `reload` callable for a command) on the aiocluster
-# rows below; `measure_reload` then counts the requests that fail while the workers are
-# replaced under load, as it does for gunicorn, uvicorn, granian and nginx.
-AIOCLUSTER_RELOAD: signal.Signals | None = None
-AIOCLUSTER_RELOAD_NOTE = "TODO: no reload command/SIGHUP handling in aiocluster yet"
+# aiocluster reloads on SIGHUP (rolling: each new worker listens before the old one drains);
+# `measure_reload` counts the requests that fail meanwhile, as for the peers.
+AIOCLUSTER_RELOAD: signal.Signals | None = signal.SIGHUP
+AIOCLUSTER_RELOAD_NOTE = ""
 
 
 def aiocluster_policies() -> tuple[list[str], str]:

@@ -180,8 +180,10 @@ async def test_peer_credentials_are_checked() -> None:
         shutil.rmtree(folder)
 
 
-async def test_admin_health_ready_and_metrics(start_cluster: StartCluster) -> None:
+async def test_admin_health_ready_and_metrics(start_cluster: StartCluster, tmp_path: Path) -> None:
     admin = free_port()
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
     c = await start_cluster(
         *cli(
             "run",
@@ -196,7 +198,7 @@ async def test_admin_health_ready_and_metrics(start_cluster: StartCluster) -> No
             "--timeout",
             "0.4",
         ),
-        env={"SLOW_START": "3"},
+        env={"GATE": str(gate)},
         ready=False,
     )
     await c.wait_for(r"admin endpoint at http://127\.0\.0\.1:\d+")
@@ -208,7 +210,12 @@ async def test_admin_health_ready_and_metrics(start_cluster: StartCluster) -> No
         async with s.get(f"{base}/readyz") as r:
             assert r.status == 503  # the workers are still starting
             assert "0/2 workers listening" in await r.text()
-        await c.ready()
+        # O_RDWR never blocks on a FIFO; held open, it lets every worker's open() through.
+        writer = os.open(gate, os.O_RDWR)
+        try:
+            await c.ready()
+        finally:
+            os.close(writer)
         async with s.get(f"{base}/readyz") as r:
             assert r.status == 200
         for _ in range(10):

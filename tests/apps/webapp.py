@@ -118,7 +118,9 @@ class EchoProtocol(asyncio.Protocol):
 
 
 async def slow_factory() -> web.Application:
-    """An application that takes a while to start: for readiness checks."""
+    """An application that starts only once the test opens the FIFO named in $GATE."""
     say("factory-waiting")
-    await asyncio.sleep(float(os.environ.get("SLOW_START", "2")))
+    gate = os.environ["GATE"]
+    # Opening a FIFO for reading blocks until a writer opens it: an event, not a timer.
+    await asyncio.to_thread(lambda: os.close(os.open(gate, os.O_RDONLY)))
     return make_app()
