@@ -17,11 +17,14 @@ from dataclasses import dataclass
 
 from ._address import Address
 
-__all__ = ["Handle", "HandleTable", "open_listener"]
+__all__ = ["MAX_HANDLES", "Handle", "HandleTable", "open_listener"]
 
 log = logging.getLogger("aiocluster.primary")
 
 HandleKey = tuple[Address, int]
+
+MAX_HANDLES = 256
+"""Most listening sockets the primary holds at once: a worker asking for more gets EMFILE."""
 
 
 @dataclass(slots=True)
@@ -98,7 +101,8 @@ def open_listener(address: Address, backlog: int) -> tuple[socket.socket, tuple[
         infos = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror as err:
+    except (socket.gaierror, UnicodeError) as err:
+        # UnicodeError: a host name the IDNA codec refuses (an empty or 64+ character label).
         raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {err}") from None
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
@@ -120,23 +124,60 @@ class HandleTable:
 
     def __init__(self) -> None:
         self._handles: dict[HandleKey, Handle] = {}
+        # Worker ids holding each handle; handles with no entry here are held by nobody.
+        self._holders: dict[HandleKey, set[int]] = {}
+        self._pinned: set[HandleKey] = set()
 
     def __len__(self) -> int:
         return len(self._handles)
 
-    def get_or_create(self, address: Address, index: int, backlog: int) -> tuple[Handle, bool]:
+    def get_or_create(
+        self, address: Address, index: int, backlog: int, *, holder: int | None = None
+    ) -> tuple[Handle, bool]:
         """Return the handle for ``(address, index)`` and whether it was just created.
 
-        Raises ``OSError`` (EADDRINUSE, EACCES, ...) if the socket cannot be bound.
+        ``holder`` (a worker id) now holds the handle, until :meth:`release`. Raises ``OSError``
+        (EADDRINUSE, EACCES, ...) if the socket cannot be bound, and EMFILE past
+        :data:`MAX_HANDLES`.
         """
         key = (address, index)
         handle = self._handles.get(key)
-        if handle is not None:
-            return handle, False
-        sock, unix_inode = open_listener(address, backlog)
-        handle = Handle(key, sock, unix_inode)
-        self._handles[key] = handle
-        return handle, True
+        created = handle is None
+        if handle is None:
+            if len(self._handles) >= MAX_HANDLES:
+                raise OSError(
+                    errno.EMFILE, f"the primary already holds {MAX_HANDLES} listening sockets"
+                )
+            sock, unix_inode = open_listener(address, backlog)
+            handle = Handle(key, sock, unix_inode)
+            self._handles[key] = handle
+        if holder is not None:
+            self._holders.setdefault(key, set()).add(holder)
+        return handle, created
+
+    def pin(self, address: Address, index: int) -> None:
+        """Keep the handle for ``(address, index)`` open for the table's life, held or not."""
+        self._pinned.add((address, index))
+
+    def release(self, holder: int, sockname: str | None = None) -> None:
+        """``holder`` no longer holds the handle serving ``sockname`` (None: any handle).
+
+        A handle that nobody holds any more is closed unless it is pinned: the first listen on
+        each address, and the cluster's configured addresses, stay open while workers restart.
+        """
+        for key in list(self._holders):
+            handle = self._handles[key]
+            if sockname is not None and handle.sockname != sockname:
+                continue
+            holders = self._holders[key]
+            holders.discard(holder)
+            if not holders:
+                del self._holders[key]
+                if key[1] != 0 and key not in self._pinned:
+                    name = handle.sockname
+                    del self._handles[key]
+                    handle.close()
+                    log.info("closed %s: no worker listens on it any more", name)
 
     def handles(self) -> list[Handle]:
         """Every handle, in creation order."""
@@ -147,3 +188,4 @@ class HandleTable:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        self._holders.clear()
