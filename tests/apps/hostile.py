@@ -77,8 +77,16 @@ def no_reading(sock: socket.socket) -> None:
 def query_without_reading(sock: socket.socket, count: int) -> None:
     no_reading(sock)
     request = frame({"act": "queryServer", "address": TCP, "index": 0, "backlog": 16})
-    for _ in range(count):
-        sock.sendall(request)
+    sock.settimeout(10)  # the primary reads at its own pace: block (briefly) when it lags
+    try:
+        for _ in range(count):
+            sock.sendall(request)
+    except OSError:
+        return  # cut off meanwhile
+    finally:
+        sock.setblocking(False)
+    # Behind the requests on the same stream: once the primary reports it, it has answered them.
+    aiocluster.send({"after": "queryServer"})
 
 
 def flood_me(sock: socket.socket) -> None:
@@ -172,6 +180,8 @@ def on_primary(cluster: aiocluster.Cluster) -> None:
             except aiocluster.ChannelClosed:
                 pass
             print(f"TEST flood sent={sent} of {data['flood']}", file=sys.stderr, flush=True)
+        else:
+            print(f"TEST primary got {data} from worker={worker.id}", file=sys.stderr, flush=True)
 
     cluster.on("message", on_message)
 
