@@ -319,7 +319,10 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
-    """A fresh unnamed AF_UNIX stream pair: (parent end, inheritable child end)."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child.set_inheritable(True)
-    return parent, child
+    """A fresh unnamed AF_UNIX stream pair: (parent end, child end), both non-inheritable.
+
+    Pass the child end with ``pass_fds``, which makes it inheritable in that child only: were it
+    inheritable here, a worker spawned meanwhile by a loop without ``close_fds`` (uvloop) would
+    inherit another worker's channel.
+    """
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
