@@ -10,49 +10,29 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import socket
 import subprocess
 import sys
 
 import pytest
 
+from .actions import (
+    HOSTILE,
+    expect_cut_off,
+    get_ok,
+    inject,
+    kill_and_wait,
+    live_workers,
+    reload_and_wait,
+)
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli
 from .procfs import O_CLOEXEC, fd_flags, fd_kinds, fd_targets, listening_tcp_inode, sockets
-from .test_hostile_worker import HOSTILE, expect_cut_off, get_ok, inject
 
 pytestmark = pytest.mark.timeout(60)
 
 # The event loop's own sockets: asyncio's self-pipe, or uvloop's signal wakeup pair.
 LOOP_SOCKETS = 2
-
-
-def live_workers(c: ClusterProcess) -> dict[int, int]:
-    """Workers started and not yet reported dead: id -> pid."""
-    dead = {
-        int(m.group(1))
-        for line in c.lines
-        if (m := re.search(r"worker (\d+) \(pid \d+\) (was killed|exited)", line))
-    }
-    return {wid: pid for wid, pid in c.worker_pids.items() if wid not in dead}
-
-
-async def kill_and_wait(c: ClusterProcess, wid: int) -> None:
-    mark = len(c.lines)
-    os.kill(c.worker_pids[wid], signal.SIGKILL)
-    await c.wait_for(rf"worker {wid} \(pid \d+\) was killed by SIGKILL unexpectedly", start=mark)
-    m = await c.wait_for(r"started worker (\d+) ", start=mark)
-    await c.wait_for(rf"worker {m.group(1)} \(pid \d+\) listening on", start=mark)
-
-
-async def reload_and_wait(c: ClusterProcess, workers: int) -> None:
-    mark = len(c.lines)
-    old = set(live_workers(c))
-    c.signal(signal.SIGHUP)
-    await c.wait_for(rf"reload complete: {workers} workers replaced", start=mark)
-    for wid in old:
-        await c.wait_for(rf"worker {wid} \(pid \d+\) exited with code 0", start=mark)
 
 
 async def test_the_primary_holds_the_same_descriptors_after_many_cycles(

@@ -11,10 +11,10 @@ import signal
 
 import pytest
 
+from .actions import HOSTILE, expect_cut_off, get_ok, inject
 from .conftest import StartCluster
 from .harness import cli
 from .procfs import fd_kinds
-from .test_hostile_worker import HOSTILE, expect_cut_off, get_ok, inject
 
 pytestmark = pytest.mark.timeout(40)
 

@@ -6,21 +6,13 @@ replace it, keep serving, and end up holding exactly the descriptors it held bef
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import re
-import sys
-
-import aiohttp
 import pytest
 
+from .actions import HOSTILE, expect_cut_off, get_ok, inject
 from .conftest import StartCluster
-from .harness import ClusterProcess
 from .procfs import fd_kinds
 
 pytestmark = pytest.mark.timeout(40)
-
-HOSTILE = (sys.executable, "hostile.py")
 
 # kind (tests/apps/hostile.py) -> what the primary says about it
 PROTOCOL_ERRORS = [
@@ -46,41 +38,6 @@ PROTOCOL_ERRORS = [
     ("fd-of-socket", "frame announces 1 descriptors, more than the 0 allowed"),
     ("fds-announced-none-sent", "frame announces 2 descriptors, more than the 0 allowed"),
 ]
-
-
-async def get_ok(url: str) -> dict[str, object]:
-    async with (
-        aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s,
-        s.get(url, timeout=aiohttp.ClientTimeout(total=10)) as r,
-    ):
-        assert r.status == 200, await r.text()
-        data = await r.json()
-        assert isinstance(data, dict)
-        return data
-
-
-async def inject(c: ClusterProcess, kind: str) -> int:
-    """Ask one worker to misbehave; return its id once it has."""
-    mark = len(c.lines)
-    # One raw request: an HTTP client might retry it on another worker once this one is killed.
-    _, writer = await asyncio.open_connection("127.0.0.1", c.port)
-    try:
-        writer.write(f"GET /inject?kind={kind} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        m = await c.wait_for(rf"TEST inject kind={re.escape(kind)} worker=(\d+)", start=mark)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    return int(m.group(1))
-
-
-async def expect_cut_off(c: ClusterProcess, worker: int, what: str, why: str) -> None:
-    """``worker`` was killed for ``why`` and a new worker listens in its place."""
-    await c.wait_for(rf"worker {worker} \(pid \d+\) {what} \(.*{re.escape(why)}.*\); killing it")
-    mark = len(c.lines)
-    await c.wait_for(rf"worker {worker} \(pid \d+\) was killed by SIGKILL unexpectedly; restarting")
-    m = await c.wait_for(r"started worker (\d+) ", start=mark)
-    await c.wait_for(rf"worker {m.group(1)} \(pid \d+\) listening on", start=mark)
 
 
 @pytest.mark.parametrize(("kind", "why"), PROTOCOL_ERRORS, ids=[k for k, _ in PROTOCOL_ERRORS])

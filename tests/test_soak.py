@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from .actions import live_workers
 from .conftest import StartCluster
 from .harness import cli
 from .load import KeepAliveLoad
-from .test_descriptors import live_workers
 
 SECONDS = float(os.environ.get("AIOCLUSTER_SOAK_SECONDS", "45"))
 SEED = int(os.environ.get("AIOCLUSTER_SOAK_SEED", "20240601"))
@@ -116,7 +116,7 @@ async def test_soak_kills_and_reloads_under_keepalive_load(start_cluster: StartC
     )
     print(report)
     assert sum(w.failed for w in summary.windows) == result.failed
-    assert kills >= 2 and reloads >= 1, report
+    assert kills >= 1 and reloads >= 1, report
     assert summary.failed("start") == 0, result.errors[:5]
     assert summary.failed("reload") == 0, (report, result.errors[:5])
     for window in summary.windows:
