@@ -32,6 +32,8 @@ class Address:
             raise ConfigError(f"port must be an integer from 0 to 65535, not {port!r}")
         if not isinstance(host, str) or not host:
             raise ConfigError(f"host must be a non-empty string, not {host!r}")
+        if not host.isprintable() or not _is_utf8(host):
+            raise ConfigError(f"host {host!r} is not a printable UTF-8 host name")
         return cls("tcp", host=host, port=port)
 
     @classmethod
@@ -39,9 +41,14 @@ class Address:
         """A Unix stream socket at ``path`` (a stale socket file there is replaced)."""
         if not isinstance(path, str) or not path or "\0" in path:
             raise ConfigError(f"unix socket path must be a non-empty string, not {path!r}")
-        if len(path.encode()) > 100:
+        try:
+            size = len(path.encode())
+        except UnicodeError:
+            # A lone surrogate, e.g. from a peer's JSON: no file name, and no reply could carry it.
+            raise ConfigError(f"unix socket path {path!r} is not valid UTF-8 text") from None
+        if size > 100:
             # sun_path is 104 bytes on macOS and 108 on Linux, including the terminator.
-            raise ConfigError(f"unix socket path is too long ({len(path.encode())} bytes): {path}")
+            raise ConfigError(f"unix socket path is too long ({size} bytes): {path}")
         return cls("unix", path=path)
 
     def to_wire(self) -> dict[str, Any]:
@@ -68,6 +75,14 @@ class Address:
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeError:
+        return False
+    return True
 
 
 def parse_bind(spec: str) -> Address:

@@ -21,7 +21,7 @@ from typing import Any
 from ._codec import MAX_FDS, Decoder, Frame, encode
 from ._errors import ChannelClosed, ProtocolError
 
-__all__ = ["Channel", "channel_pair", "close_fds"]
+__all__ = ["Channel", "PeerNotReading", "channel_pair", "close_fds"]
 
 log = logging.getLogger("aiocluster.channel")
 
@@ -34,6 +34,10 @@ _READS_PER_WAKEUP = 16
 _CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Handler = Callable[[Frame], None]
+
+
+class PeerNotReading(ChannelClosed):
+    """Why a channel closed itself: the peer stopped reading and too much was queued for it."""
 
 
 def close_fds(fds: Sequence[int]) -> None:
@@ -53,8 +57,9 @@ class Channel:
     ``on_close`` is called once, with :attr:`close_reason`, when the channel closes.
 
     ``max_fds`` is how many descriptors one frame from the peer may carry; 0 means the peer may
-    never send any (the primary's view of a worker). ``max_buffer`` bounds the bytes queued for
-    a peer that stops reading; past it the channel closes rather than grow without limit.
+    never send any (the primary's view of a worker). ``max_buffer`` bounds the bytes, and
+    ``max_queued_fds`` the descriptors (our duplicates), queued for a peer that stops reading;
+    past either the channel closes (:class:`PeerNotReading`) rather than grow without limit.
     """
 
     def __init__(
@@ -65,6 +70,7 @@ class Channel:
         name: str,
         max_fds: int = MAX_FDS,
         max_buffer: int = 8 * 1024 * 1024,
+        max_queued_fds: int = 256,
         on_close: Callable[[BaseException | None], None] | None = None,
     ) -> None:
         sock.setblocking(False)
@@ -75,12 +81,15 @@ class Channel:
         self.name = name
         self._max_fds = max_fds
         self._max_buffer = max_buffer
+        self._max_queued_fds = max_queued_fds
         self._decoder = Decoder(max_fds=max_fds)
         self._ancbuf = socket.CMSG_SPACE(max(1, max_fds) * _FD_SIZE)
         self._outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._outq_bytes = 0
+        self._outq_fds = 0
         self._writing = False
         self._seq = itertools.count(1)
+        self._last_seq = 0
         self._pending: dict[int, asyncio.Future[Frame]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -126,6 +135,7 @@ class Channel:
             close_fds(fds)
         self._outq.clear()
         self._outq_bytes = 0
+        self._outq_fds = 0
         close_fds(self._decoder.close())
         self._sock.close()
         err = (
@@ -157,18 +167,23 @@ class Channel:
         if self._closed:
             raise ChannelClosed(f"channel {self.name} is closed")
         seq = next(self._seq)
+        self._last_seq = seq
         out = dict(msg)
         out["seq"] = seq
         data = encode(out, len(fds))
-        dups = [os.dup(fd) for fd in fds]
+        dups: list[int] = []
+        try:
+            for fd in fds:
+                dups.append(os.dup(fd))
+        except BaseException:
+            close_fds(dups)  # EMFILE halfway: the copies made so far must not leak
+            raise
         self._outq.append((memoryview(data), dups))
         self._outq_bytes += len(data)
-        if self._outq_bytes > self._max_buffer:
-            self.close(
-                ChannelClosed(
-                    f"channel {self.name}: peer is not reading ({self._outq_bytes} bytes queued)"
-                )
-            )
+        self._outq_fds += len(dups)
+        if self._outq_bytes > self._max_buffer or self._outq_fds > self._max_queued_fds:
+            queued = f"{self._outq_bytes} bytes and {self._outq_fds} descriptors queued"
+            self.close(PeerNotReading(f"channel {self.name}: peer is not reading ({queued})"))
             raise ChannelClosed(f"channel {self.name} closed: peer is not reading")
         if not self._writing:
             self._flush()
@@ -227,6 +242,7 @@ class Channel:
                 return
             # Once any byte went out the kernel holds its own references to the descriptors.
             close_fds(fds)
+            self._outq_fds -= len(fds)
             self._outq_bytes -= sent
             if sent == len(data):
                 self._outq.popleft()
@@ -283,6 +299,10 @@ class Channel:
     def _dispatch(self, frame: Frame) -> None:
         ack = frame.msg.get("ack")
         if ack is not None:
+            if not 0 < ack <= self._last_seq:
+                close_fds(frame.fds)
+                self._protocol_error(ProtocolError(f"reply to {ack}, a request never sent"))
+                return
             fut = self._pending.pop(ack, None)
             if fut is None or fut.done():
                 # A reply nobody waits for any more (the request timed out): drop it cleanly.
@@ -314,7 +334,10 @@ def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:
-    """A fresh unnamed AF_UNIX stream pair: (parent end, inheritable child end)."""
-    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    child.set_inheritable(True)
-    return parent, child
+    """A fresh unnamed AF_UNIX stream pair: (parent end, child end), both non-inheritable.
+
+    Pass the child end with ``pass_fds``, which makes it inheritable in that child only: were it
+    inheritable here, a worker spawned meanwhile by a loop without ``close_fds`` (uvloop) would
+    inherit another worker's channel.
+    """
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

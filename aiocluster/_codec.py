@@ -9,6 +9,7 @@ each one belongs to so that the caller can always close every one of them.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -106,9 +107,20 @@ def _reject_constant(name: str) -> NoReturn:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # A literal like 1e999 is valid JSON but parses as infinity, which encode() never sends
+    # and which breaks whoever converts it (int(inf) raises): refuse it like NaN.
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:20]!r} is out of range")
+    return value
+
+
 def _parse(payload: bytes) -> Message:
     try:
-        value = json.loads(payload.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(
+            payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
+        )
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
         raise _Violation(f"frame payload is not valid JSON: {exc}") from exc

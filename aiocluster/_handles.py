@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 
 from ._address import Address
 
-__all__ = ["Handle", "HandleTable", "open_listener"]
+__all__ = ["MAX_HANDLES", "Handle", "HandleTable", "open_listener"]
 
 log = logging.getLogger("aiocluster.primary")
 
 #: (address asked for, index of the listen within a worker, slot; 0: shared by every slot)
 HandleKey = tuple[Address, int, int]
+
+MAX_HANDLES = 256
+"""Most listening sockets the primary holds at once: a worker asking for more gets EMFILE."""
 
 
 @dataclass(slots=True)
@@ -130,7 +133,8 @@ def open_listener(
         infos = socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )
-    except socket.gaierror as err:
+    except (socket.gaierror, UnicodeError) as err:
+        # UnicodeError: a host name the IDNA codec refuses (an empty or 64+ character label).
         raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {err}") from None
     family, kind, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, kind, proto)
@@ -155,12 +159,22 @@ class HandleTable:
     def __init__(self) -> None:
         self._handles: dict[HandleKey, Handle] = {}
         self._ids: dict[tuple[Address, int], int] = {}
+        # Worker ids holding each handle; handles with no entry here are held by nobody.
+        self._holders: dict[HandleKey, set[int]] = {}
+        # (address, index) listens kept open for the table's life, held or not.
+        self._pinned: set[tuple[Address, int]] = set()
 
     def __len__(self) -> int:
         return len(self._handles)
 
     def get_or_create(
-        self, address: Address, index: int, backlog: int, *, slot: int | None = None
+        self,
+        address: Address,
+        index: int,
+        backlog: int,
+        *,
+        slot: int | None = None,
+        holder: int | None = None,
     ) -> tuple[Handle, bool]:
         """Return the handle for ``(address, index)`` and whether it was just created.
 
@@ -168,23 +182,59 @@ class HandleTable:
         slot, all on one port (port 0 resolves once, for the first slot); a Unix socket
         stays one socket shared by every slot, since the kernel cannot spread those.
 
-        Raises ``OSError`` (EADDRINUSE, EACCES, ...) if the socket cannot be bound.
+        ``holder`` (a worker id) now holds the handle, until :meth:`release`. Raises ``OSError``
+        (EADDRINUSE, EACCES, ...) if the socket cannot be bound, and EMFILE past
+        :data:`MAX_HANDLES`.
         """
         reuseport = slot is not None and address.kind == "tcp"
         key = (address, index, slot if reuseport and slot is not None else 0)
         handle = self._handles.get(key)
-        if handle is not None:
-            return handle, False
-        bind_to = address
-        if reuseport and address.port == 0:
-            sibling = next((h for h in self._handles.values() if h.key[:2] == key[:2]), None)
-            if sibling is not None:
-                bind_to = Address.tcp(address.host, sibling.sock.getsockname()[1])
-        sock, unix_inode = open_listener(bind_to, backlog, reuseport=reuseport)
-        handle_id = self._ids.setdefault((address, index), len(self._ids) + 1)
-        handle = Handle(key, sock, unix_inode, handle_id)
-        self._handles[key] = handle
-        return handle, True
+        created = handle is None
+        if handle is None:
+            if len(self._handles) >= MAX_HANDLES:
+                raise OSError(
+                    errno.EMFILE, f"the primary already holds {MAX_HANDLES} listening sockets"
+                )
+            bind_to = address
+            if reuseport and address.port == 0:
+                sibling = next((h for h in self._handles.values() if h.key[:2] == key[:2]), None)
+                if sibling is not None:
+                    bind_to = Address.tcp(address.host, sibling.sock.getsockname()[1])
+            sock, unix_inode = open_listener(bind_to, backlog, reuseport=reuseport)
+            handle_id = self._ids.setdefault((address, index), len(self._ids) + 1)
+            handle = Handle(key, sock, unix_inode, handle_id)
+            self._handles[key] = handle
+        if holder is not None:
+            self._holders.setdefault(key, set()).add(holder)
+        return handle, created
+
+    def pin(self, address: Address, index: int) -> None:
+        """Keep the handles for ``(address, index)`` open for the table's life, held or not."""
+        self._pinned.add((address, index))
+
+    def release(self, holder: int, sockname: str | None = None) -> None:
+        """``holder`` no longer holds the handle serving ``sockname`` (None: any handle).
+
+        A handle that nobody holds any more is closed unless it is pinned or the first listen on
+        its address (index 0): those stay open while workers restart, and a reuseport slot's
+        socket waits for its slot's next worker.
+        """
+        for key in list(self._holders):
+            handle = self._handles.get(key)
+            if handle is None:
+                del self._holders[key]
+                continue
+            if sockname is not None and handle.sockname != sockname:
+                continue
+            holders = self._holders[key]
+            holders.discard(holder)
+            if not holders:
+                del self._holders[key]
+                if key[1] != 0 and key[:2] not in self._pinned:
+                    name = handle.sockname
+                    del self._handles[key]
+                    handle.close()
+                    log.info("closed %s: no worker listens on it any more", name)
 
     def adopt(self, sock: socket.socket) -> Address:
         """Serve an already listening socket (systemd socket activation) as index 0 of its address.
@@ -213,5 +263,6 @@ class HandleTable:
         """Close every socket and remove the Unix socket files this table created."""
         handles = list(self._handles.values())
         self._handles.clear()
+        self._holders.clear()
         for handle in handles:
             handle.close()

@@ -23,11 +23,11 @@ from typing import Any, Literal
 from . import _protocol as proto
 from ._address import Address
 from ._balancer import Balancer
-from ._channel import Channel, channel_pair
+from ._channel import Channel, PeerNotReading, channel_pair
 from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from ._handles import Handle, HandleTable
+from ._handles import MAX_HANDLES, Handle, HandleTable
 from ._supervisor import (
     RestartPolicy,
     Supervisor,
@@ -60,6 +60,7 @@ class Worker:
         self.exited_after_disconnect = False
         #: The exit status once dead: the code, or the negative signal number as asyncio reports.
         self.returncode: int | None = None
+        #: The addresses it listens on now (it reports each listen and each close).
         self.listening: list[str] = []
         #: The last report from the worker's event loop: requests, connections, rss, lag.
         self.stats: dict[str, float] = {}
@@ -76,6 +77,7 @@ class Worker:
         self._exited = asyncio.Event()
         self._listening = asyncio.Event()
         self._hang: asyncio.TimerHandle | None = None
+        self._announced = False  # sent `online`
 
     def __repr__(self) -> str:
         return f"<Worker id={self.id} pid={self.pid} state={self.state}>"
@@ -181,6 +183,9 @@ class Cluster:
         #: Rolling reloads completed.
         self.reloads = 0
         self.started_at = asyncio.get_running_loop().time()
+        for address in set(config.binds):
+            for index in range(config.binds.count(address)):
+                self.handles.pin(address, index)
         self._supervisor = Supervisor(RestartPolicy())
         self._reload_lock = asyncio.Lock()
         self._reload_again = False
@@ -419,16 +424,15 @@ class Cluster:
         exit_task = asyncio.create_task(worker._process.wait())
         closed_task = asyncio.create_task(channel.wait_closed())
         await asyncio.wait({exit_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
-        if isinstance(channel.close_reason, ProtocolError) and not exit_task.done():
-            log.error(
-                "%s broke the channel protocol (%s); killing it",
-                worker.describe(),
-                channel.close_reason,
-            )
+        why = _cut_off_because(channel.close_reason)
+        if why is not None and not exit_task.done():
+            # Never trusted again, and maybe not even reading: it cannot be asked to leave.
+            log.error("%s %s; killing it", worker.describe(), why)
             worker._signal(signal.SIGKILL)
         returncode = await exit_task
         closed_task.cancel()
         channel.close()
+        self.handles.release(worker.id)
         if worker._hang is not None:
             worker._hang.cancel()
         worker.state = "dead"
@@ -475,7 +479,7 @@ class Cluster:
             return
         uptime = asyncio.get_running_loop().time() - worker.started_at
         decision = self._supervisor.exited(
-            worker.slot, listened=bool(worker.listening), uptime=uptime
+            worker.slot, listened=worker._listening.is_set(), uptime=uptime
         )
         if decision.action == "halt":
             self._fail(
@@ -484,7 +488,7 @@ class Cluster:
             )
             return
         when = "at once" if not decision.delay else f"in {decision.delay:g}s"
-        what = "unexpectedly" if worker.listening else "before it was listening"
+        what = "unexpectedly" if worker._listening.is_set() else "before it was listening"
         log.warning(
             "%s %s %s; restarting slot %d %s (%s)",
             worker.describe(),
@@ -611,6 +615,9 @@ class Cluster:
         if act == proto.QUERY_SERVER:
             self._query_server(worker, frame)
         elif act == proto.ONLINE:
+            if worker._announced:
+                raise ProtocolError(f"{worker.describe()} sent 'online' twice")
+            worker._announced = True
             if worker.state == "starting":
                 worker.state = "online"
             assert worker._channel is not None
@@ -626,7 +633,12 @@ class Cluster:
             self._arm_hang_timer(worker)
             self._emit("online", worker)
         elif act == proto.LISTENING:
-            address = proto.require(msg, "address", str)
+            address = _require_address(msg)
+            if address in worker.listening:
+                return  # said twice: once is enough
+            if len(worker.listening) >= MAX_HANDLES:
+                # Servers from create_server() never report their close: forget the oldest.
+                del worker.listening[0]
             worker.listening.append(address)
             self._join_balancer(worker, msg)
             log.info("%s listening on %s", worker.describe(), address)
@@ -641,7 +653,11 @@ class Cluster:
         elif act == proto.MESSAGE:
             self._emit("message", worker, msg.get("data"))
         elif act == proto.CLOSE:
-            log.debug("%s closed %s", worker.describe(), msg.get("address"))
+            address = _require_address(msg)
+            log.debug("%s closed %s", worker.describe(), address)
+            if address in worker.listening:
+                worker.listening.remove(address)
+            self.handles.release(worker.id, address)
             self._part_balancer(worker, msg)
         elif act == proto.LOAD:
             self._load_report(worker, msg)
@@ -657,17 +673,26 @@ class Cluster:
         index = proto.require(msg, "index", int)
         backlog = msg.get("backlog", self.config.backlog)
         if index < 0 or not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
-            raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r}")
+            raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r:.40}")
+        # The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
+        backlog = min(backlog, _MAX_BACKLOG)
         assert worker._channel is not None
         try:
             handle, created = self.handles.get_or_create(
-                address, index, backlog, slot=self._reuseport_slot(worker)
+                address, index, backlog, slot=self._reuseport_slot(worker), holder=worker.id
             )
         except OSError as err:
             code = err.errno or 0
             text = err.strerror or str(err)
             worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
-            self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
+            if self._ready.is_set():
+                # A listen asked for once the cluster serves (a worker's create_server, a
+                # reload's new code) fails only that worker's call, never the cluster.
+                log.warning(
+                    "%s cannot listen on %s: [Errno %d] %s", worker.describe(), address, code, text
+                )
+            else:
+                self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
             return
         if created:
             log.info("listening on %s", handle.describe())
@@ -724,12 +749,13 @@ class Cluster:
         self.balancer.report(worker.id, accepted=accepted, open_=open_, adopted=adopted)
 
     def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
-        self._arm_hang_timer(worker)
-        worker.stats = {
-            key: float(value)
+        stats = {
+            key: value
             for key in ("requests", "connections", "rss", "lag")
-            if isinstance(value := msg.get(key), int | float) and not isinstance(value, bool)
+            if (value := proto.optional_number(msg, key)) is not None
         }
+        self._arm_hang_timer(worker)
+        worker.stats = stats
         requests = int(worker.stats.get("requests", 0))
         if worker.request_limit and requests >= worker.request_limit:
             self._retire(worker, f"served {requests} requests, limit {worker.request_limit}")
@@ -765,6 +791,30 @@ async def _guard(event: str, awaitable: Any) -> None:
         await awaitable
     except Exception:
         log.exception("%r callback failed", event)
+
+
+_MAX_BACKLOG = 2**31 - 1
+# A sockname is ``host:port`` or ``unix:`` and a path of at most 100 bytes.
+_MAX_ADDRESS = 300
+
+
+def _require_address(msg: dict[str, Any]) -> str:
+    address = proto.require(msg, "address", str)
+    if len(address) > _MAX_ADDRESS:
+        raise ProtocolError(f"{msg['act']!r}: address of {len(address)} characters")
+    return address
+
+
+def _cut_off_because(reason: BaseException | None) -> str | None:
+    """Why a worker whose channel closed for ``reason`` must be killed; None if it need not."""
+    if isinstance(reason, ProtocolError):
+        return f"broke the channel protocol ({reason})"
+    if isinstance(reason, PeerNotReading):
+        return f"stopped reading its channel ({reason})"
+    if reason is not None and not isinstance(reason, ChannelClosed):
+        # Our handler failed on its message: whatever it sent, it is cut off like a violation.
+        return f"sent a message the primary could not handle ({type(reason).__name__}: {reason})"
+    return None  # it closed its end (or we did): it is on its way out
 
 
 def _describe_status(returncode: int) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "NEWCONN",
     "ONLINE",
     "QUERY_SERVER",
+    "optional_number",
     "require",
 ]
 
@@ -55,3 +56,24 @@ def require(msg: dict[str, Any], key: str, kind: type[T]) -> T:
             f"{msg.get('act')!r}: field {key!r} must be {kind.__name__}, got {type(value).__name__}"
         )
     return value
+
+
+# Numbers the primary reads from a worker (counts, bytes, seconds) fit in 63 bits.
+_NUMBER_LIMIT = 2**63
+
+
+def optional_number(msg: dict[str, Any], key: str) -> float | None:
+    """``msg[key]`` as a float if present, None if absent; :class:`ProtocolError` if it is not a
+    number in ``0..2**63`` (a string, a bool, a negative or a huge value)."""
+    if key not in msg:
+        return None
+    value = msg[key]
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not 0 <= value <= _NUMBER_LIMIT
+    ):
+        raise ProtocolError(
+            f"{msg.get('act')!r}: field {key!r} must be a number in 0..2**63, got {value!r:.40}"
+        )
+    return float(value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import faulthandler
 import logging
 import os
@@ -57,7 +58,30 @@ def _read_env() -> tuple[int | None, int | None, int | None]:
         slot: int | None = int(os.environ.get(proto.ENV_WORKER_SLOT, ""))
     except ValueError:
         slot = None
+    _close_inherited(keep=fd)
     return wid, fd, slot
+
+
+def _close_inherited(keep: int) -> None:
+    """Close every descriptor this worker inherited except stdio and its channel.
+
+    Python creates only non-inheritable descriptors (PEP 446), so an inheritable one here came
+    through exec. The primary passes only the channel, but uvloop's subprocess_exec does not
+    implement close_fds: under it a worker would inherit every inheritable descriptor of the
+    primary (and libuv's copies of stdio), holding them open for its whole life.
+    """
+    for folder in ("/proc/self/fd", "/dev/fd"):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            fd = int(name)
+            if fd > 2 and fd != keep:
+                with contextlib.suppress(OSError):  # the listing's own descriptor is gone
+                    if os.get_inheritable(fd):
+                        os.close(fd)
+        return
 
 
 _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT = _read_env()

@@ -39,7 +39,7 @@ async def block(request: web.Request) -> web.Response:
 async def slow(request: web.Request) -> web.Response:
     say("slow-started")
     await asyncio.sleep(float(request.query.get("s", "1.0")))
-    return web.json_response({"pid": os.getpid(), "done": True})
+    return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id(), "done": True})
 
 
 async def send_to_primary(request: web.Request) -> web.Response:

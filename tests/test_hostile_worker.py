@@ -1,0 +1,58 @@
+"""A worker that writes hostile bytes and descriptors on its channel, in a real cluster.
+
+For every kind of bad input the primary must log what happened naming the worker, kill it,
+replace it, keep serving, and end up holding exactly the descriptors it held before.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .actions import HOSTILE, expect_cut_off, get_ok, inject
+from .conftest import StartCluster
+from .procfs import fd_kinds
+
+pytestmark = pytest.mark.timeout(40)
+
+# kind (tests/apps/hostile.py) -> what the primary says about it
+PROTOCOL_ERRORS = [
+    ("random-bytes", "frame announces 2651075870 bytes, more than the 1048576 allowed"),
+    ("length-4gib", "frame announces 4294967295 bytes, more than the 1048576 allowed"),
+    ("bad-utf8", "frame payload is not valid JSON"),
+    ("json-array", "frame payload is a JSON list, not an object"),
+    ("json-string", "frame payload is a JSON str, not an object"),
+    ("json-null", "frame payload is a JSON NoneType, not an object"),
+    ("no-act", "message has no string 'act'"),
+    ("unknown-act", "unknown act 'selfDestruct'"),
+    ("primary-only-act", "unknown act 'disconnect'"),
+    ("ack-to-nothing", "reply to 1000000000, a request never sent"),
+    ("online-twice", "sent 'online' twice"),
+    ("query-index-string", "'queryServer': field 'index' must be int, got str"),
+    ("query-address-string", "bad queryServer address: address must be an object, not str"),
+    ("listening-no-address", "'listening': field 'address' must be str, got NoneType"),
+    ("heartbeat-string", "'heartbeat': field 'rss' must be a number in 0..2**63, got 'lots'"),
+    ("heartbeat-1e999", "number '1e999' is out of range"),
+    ("heartbeat-huge-int", "'heartbeat': field 'rss' must be a number in 0..2**63"),
+    ("many-fds-none-announced", "descriptors truncated (MSG_CTRUNC)"),
+    ("fd-of-regular-file", "frame announces 1 descriptors, more than the 0 allowed"),
+    ("fd-of-socket", "frame announces 1 descriptors, more than the 0 allowed"),
+    ("fds-announced-none-sent", "frame announces 2 descriptors, more than the 0 allowed"),
+]
+
+
+@pytest.mark.parametrize(("kind", "why"), PROTOCOL_ERRORS, ids=[k for k, _ in PROTOCOL_ERRORS])
+async def test_hostile_input_cuts_off_that_worker_only(
+    start_cluster: StartCluster, kind: str, why: str
+) -> None:
+    c = await start_cluster(*HOSTILE)
+    assert c.proc is not None
+    primary = c.proc.pid
+    baseline = fd_kinds(primary)
+    worker = await inject(c, kind)
+    # The channel names the worker when it refuses the input, then the primary acts on it.
+    await c.wait_for(rf"worker {worker} \(pid \d+\): protocol error, closing the channel: ")
+    await expect_cut_off(c, worker, "broke the channel protocol", why)
+    await get_ok(f"{c.url}/")
+    assert fd_kinds(primary) == baseline
+    assert "Traceback" not in c.output
+    assert c.count("broke the channel protocol") == 1, c.output
