@@ -134,7 +134,8 @@ def aiocluster_policies() -> tuple[list[str], str]:
         return [], "policy rows skipped: `aiocluster run --help` lists no --policy yet"
     found = re.search(r"--policy\s+\{([^}]*)\}", text)
     choices = [c.strip() for c in found.group(1).split(",")] if found else list(POLICY_DEFAULTS)
-    default = re.search(r"--policy.*?default:?\s*([\w-]+)", text, re.S)
+    # The default as the option's own help states it: "(default: shared) [env: AIOCLUSTER_POLICY]".
+    default = re.search(r"\(default:\s*([\w-]+)\)\s*\[env:\s*AIOCLUSTER_POLICY\]", text)
     if default and default.group(1) in choices:
         choices.remove(default.group(1))  # the rows without --policy already measure it
     return choices, ""
