@@ -15,19 +15,9 @@ from aiocluster._channel import Channel, close_fds
 from aiocluster._codec import HEADER, Frame, encode
 from aiocluster._errors import ChannelClosed, ProtocolError
 
+from .procfs import open_fds
+
 pytestmark = pytest.mark.timeout(20)
-
-
-def open_fds() -> set[int]:
-    """This process's open descriptors (less the one listdir used, closed once it returns)."""
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            continue
-        fds.add(int(name))
-    return fds
 
 
 @dataclass

@@ -30,20 +30,11 @@ from aiocluster._config import ClusterConfig
 from aiocluster._errors import ChannelClosed, ProtocolError
 from aiocluster._handles import MAX_HANDLES, HandleTable
 
+from .procfs import open_fds
+
 pytestmark = pytest.mark.timeout(60)
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-
-
-def open_fds() -> set[int]:
-    fds = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            os.readlink(f"/proc/self/fd/{name}")
-        except FileNotFoundError:
-            continue  # the descriptor listdir itself used
-        fds.add(int(name))
-    return fds
 
 
 def raw(payload: bytes, nfds: int = 0) -> bytes:
