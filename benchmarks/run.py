@@ -141,6 +141,19 @@ def aiocluster_policies() -> tuple[list[str], str]:
     return choices, ""
 
 
+def node_row(name: str, sched: str, how: str) -> Server:
+    """Node.js's own cluster module on the classic hello world, with scheduling ``sched``."""
+    return Server(
+        name=name,
+        family="peer",
+        describe=f"Node.js cluster, classic hello world, {how}",
+        argv=lambda ctx: [NODE, str(APPS / "node_cluster.js")],
+        env=lambda ctx: {"PORT": str(ctx.port), "WORKERS": str(ctx.workers), "BENCH_SCHED": sched},
+        missing=_need(NODE, "install Node.js (Debian: apt-get install -y nodejs)"),
+        reload_note="Node's cluster has no built-in reload",
+    )
+
+
 def aiocluster_row(name: str, spec: str, *flags: str, policy: str | None = None) -> Server:
     extra = [*flags, *(["--policy", policy] if policy else [])]
     what = "aiohttp hello app" if "--protocol" not in flags else "bare asyncio protocol"
@@ -269,32 +282,8 @@ def build_servers() -> tuple[list[Server], list[str]]:
             missing=_need_venv("granian"),
             reload_signal=signal.SIGHUP,
         ),
-        Server(
-            name="node-cluster",
-            family="peer",
-            describe="Node.js cluster, classic hello world, SCHED_NONE (workers accept)",
-            argv=lambda ctx: [NODE, str(APPS / "node_cluster.js")],
-            env=lambda ctx: {
-                "PORT": str(ctx.port),
-                "WORKERS": str(ctx.workers),
-                "BENCH_SCHED": "none",
-            },
-            missing=_need(NODE, "install Node.js (Debian: apt-get install -y nodejs)"),
-            reload_note="Node's cluster has no built-in reload",
-        ),
-        Server(
-            name="node-cluster-rr",
-            family="peer",
-            describe="Node.js cluster, classic hello world, SCHED_RR (primary hands out)",
-            argv=lambda ctx: [NODE, str(APPS / "node_cluster.js")],
-            env=lambda ctx: {
-                "PORT": str(ctx.port),
-                "WORKERS": str(ctx.workers),
-                "BENCH_SCHED": "rr",
-            },
-            missing=_need(NODE, "install Node.js (Debian: apt-get install -y nodejs)"),
-            reload_note="Node's cluster has no built-in reload",
-        ),
+        node_row("node-cluster", "none", "SCHED_NONE (workers accept)"),
+        node_row("node-cluster-rr", "rr", "SCHED_RR (primary hands out)"),
         Server(
             name="nginx",
             family="ceiling",

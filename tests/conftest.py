@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -18,9 +18,13 @@ async def start_cluster() -> AsyncIterator[StartCluster]:
     started: list[ClusterProcess] = []
 
     async def start(
-        *argv: str, cwd: Path = APPS, env: dict[str, str] | None = None, ready: bool = True
+        *argv: str,
+        cwd: Path = APPS,
+        env: dict[str, str] | None = None,
+        ready: bool = True,
+        pass_fds: Sequence[int] = (),
     ) -> ClusterProcess:
-        proc = ClusterProcess(argv, cwd, env)
+        proc = ClusterProcess(argv, cwd, env, pass_fds)
         started.append(proc)
         await proc.start()
         if ready:

@@ -69,7 +69,13 @@ def pid_alive(pid: int) -> bool:
 class ClusterProcess:
     """A primary process started by a test, with its merged stdout/stderr as lines."""
 
-    def __init__(self, argv: Sequence[str], cwd: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: Path,
+        env: dict[str, str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
         self.argv = list(argv)
         self.cwd = cwd
         # A private runtime directory: each cluster gets its own control socket directory,
@@ -83,6 +89,7 @@ class ClusterProcess:
             **(env or {}),
         }
         self.env.pop("AIOCLUSTER_WORKER_ID", None)
+        self.pass_fds = tuple(pass_fds)
         self.lines: list[str] = []
         self.proc: asyncio.subprocess.Process | None = None
         self._changed = asyncio.Condition()
@@ -96,6 +103,7 @@ class ClusterProcess:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            pass_fds=self.pass_fds,
         )
         self._reader = asyncio.create_task(self._read())
         return self

@@ -257,8 +257,8 @@ async def test_socket_activation(start_cluster: StartCluster) -> None:
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     listener.set_inheritable(True)
-    c = ClusterProcess(
-        [
+    try:
+        c = await start_cluster(
             sys.executable,
             str(APPS / "activate.py"),
             str(listener.fileno()),
@@ -271,33 +271,15 @@ async def test_socket_activation(start_cluster: StartCluster) -> None:
             "2",
             "-b",
             "127.0.0.1:1",
-        ],
-        APPS,
-    )
-    c_proc_started = False
-    try:
-        c.proc = await asyncio.create_subprocess_exec(
-            *c.argv,
-            cwd=c.cwd,
-            env=c.env,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
             pass_fds=(listener.fileno(),),
         )
-        c_proc_started = True
-        c._reader = asyncio.create_task(c._read())
-        listener.close()  # the cluster holds it now
-        await c.ready()
-        assert f"listening on 127.0.0.1:{port} (passed by the service manager)" in c.output
-        assert "127.0.0.1:1" not in c.output  # -b is ignored: nothing was bound
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as r:
-            assert (await r.json())["worker"] in (1, 2)
-        assert await c.stop() == 0
     finally:
-        if c_proc_started:
-            await c.close()
-        listener.close()
+        listener.close()  # the cluster holds it now
+    assert f"listening on 127.0.0.1:{port} (passed by the service manager)" in c.output
+    assert "127.0.0.1:1" not in c.output  # -b is ignored: nothing was bound
+    async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/") as r:
+        assert (await r.json())["worker"] in (1, 2)
+    assert await c.stop() == 0
 
 
 async def test_notify_socket_messages(start_cluster: StartCluster, tmp_path: Path) -> None:
