@@ -7,6 +7,7 @@ it, and reports it in the log. (The primary's SIGKILL is in test_cluster.py.)
 from __future__ import annotations
 
 import os
+import resource
 import signal
 
 import pytest
@@ -14,7 +15,7 @@ import pytest
 from .actions import HOSTILE, expect_cut_off, get_ok, inject
 from .conftest import StartCluster
 from .harness import cli
-from .procfs import fd_kinds
+from .procfs import fd_kinds, fd_targets
 
 pytestmark = pytest.mark.timeout(40)
 
@@ -85,3 +86,31 @@ async def test_one_queryserver_reply_never_read_does_not_hurt(start_cluster: Sta
     await c.wait_for(r"started worker 3 ", start=mark)
     await c.wait_for(r"worker 3 \(pid \d+\) listening on", start=mark)
     assert fd_kinds(c.proc.pid) == baseline
+
+
+async def test_rr_primary_out_of_descriptors_backs_off_and_serves_everyone(
+    start_cluster: StartCluster,
+) -> None:
+    """The primary's accept loop meets a real EMFILE (its open-files limit lowered from outside,
+    with prlimit): it pauses accepting, the connections wait in the kernel's backlog, and every
+    one of them is answered once descriptors free up."""
+    from .test_policies import answer_raw, send_raw
+
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--policy", "rr")
+    )
+    assert c.proc is not None
+    primary = c.proc.pid
+    soft, hard = resource.prlimit(primary, resource.RLIMIT_NOFILE)
+    # Room for one accepted connection, not for the duplicate its hand-off needs as well.
+    resource.prlimit(primary, resource.RLIMIT_NOFILE, (max(fd_targets(primary)) + 2, hard))
+    try:
+        clients = [await send_raw(c.port) for _ in range(20)]
+        await c.wait_for(r"cannot take connections on .*Too many open files; pausing accepts")
+    finally:
+        resource.prlimit(primary, resource.RLIMIT_NOFILE, (soft, hard))
+    answers = [await answer_raw(client) for client in clients]
+    assert {a["worker"] for a in answers} <= {1, 2}
+    assert len(answers) == 20
+    assert c.proc.returncode is None
+    assert await c.stop() == 0
