@@ -7,6 +7,7 @@ format comes from ``prometheus_client``; the values are read from the cluster at
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections.abc import Iterator
 
@@ -108,6 +109,13 @@ class ClusterCollector(Collector):
         )
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 class AdminServer:
     """A small aiohttp server in the primary's own loop."""
 
@@ -134,6 +142,12 @@ class AdminServer:
         await site.start()
         self.url = site.name
         log.info("admin endpoint at %s (/healthz, /readyz, /metrics)", self.url)
+        if address.kind == "tcp" and not _is_loopback(address.host):
+            log.warning(
+                "the admin endpoint on %s has no authentication: anyone who can reach it reads "
+                "the metrics; keep it on a private network or loopback",
+                address,
+            )
 
     async def aclose(self) -> None:
         """Stop serving."""

@@ -388,3 +388,16 @@ async def test_help_names_every_environment_variable() -> None:
         "AIOCLUSTER_NAME",
     ):
         assert f"[env: {var}]" in text
+
+
+def test_admin_warns_unless_loopback() -> None:
+    # Pure check only: tests never listen beyond loopback.
+    from aiocluster._admin import _is_loopback
+
+    assert _is_loopback("127.0.0.1")
+    assert _is_loopback("127.8.9.10")
+    assert _is_loopback("::1")
+    assert _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0")
+    assert not _is_loopback("10.1.2.3")
+    assert not _is_loopback("::")
