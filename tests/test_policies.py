@@ -323,3 +323,15 @@ async def test_cli_rejects_bad_policy_options(
     assert await c.wait() == 2
     assert message in c.output
     assert "Traceback" not in c.output
+
+
+async def test_reuseport_scaling_down_with_ttou_retires_the_slot_socket(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(*run_app("--policy", "reuseport", workers=2))
+    assert len(listening_inodes(c.port)) == 2
+    c.signal(signal.SIGTTOU)
+    await c.wait_for(r"slot 2 retired: \d+ queued connections handed to other workers")
+    assert len(listening_inodes(c.port)) == 1  # the primary closed slot 2's socket
+    assert await worker_of(f"{c.url}/") == 1
+    assert await c.stop() == 0
