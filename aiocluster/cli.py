@@ -332,6 +332,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     # Like uvicorn and gunicorn: the application module is looked up from where we run.
     sys.path.insert(0, os.getcwd())
     try:
+        if args.factory and args.protocol:  # possible through the environment only
+            raise ConfigError("--factory and --protocol exclude each other (check AIOCLUSTER_*)")
         module, _ = split_spec(args.app)
         if is_worker():
             target = check_kind(

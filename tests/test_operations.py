@@ -351,6 +351,10 @@ async def test_options_from_the_environment(start_cluster: StartCluster) -> None
         ({"AIOCLUSTER_LOG_LEVEL": "loud"}, "AIOCLUSTER_LOG_LEVEL='loud'"),
         ({"AIOCLUSTER_NAME": "a/b"}, "cluster name 'a/b' may use only"),
         ({"AIOCLUSTER_MAX_MEMORY": "lots"}, "a memory size must be bytes"),
+        (
+            {"AIOCLUSTER_FACTORY": "1", "AIOCLUSTER_PROTOCOL": "1"},
+            "--factory and --protocol exclude each other",
+        ),
     ],
 )
 async def test_bad_environment_is_a_clear_error(
