@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 from typing import TYPE_CHECKING
 
 from ._address import Address
+from ._child import Worker
 from ._config import ClusterConfig, default_workers
 from ._errors import (
     AioclusterError,
@@ -27,7 +28,7 @@ from ._errors import (
     NotInCluster,
     ProtocolError,
 )
-from ._primary import Cluster, ClusterFailed, Worker
+from ._primary import Cluster, ClusterFailed
 from ._serve import create_server, run, serve, supervise, until_stopped
 from ._worker import is_primary, is_worker, messages, send, worker_id, worker_slot
 

@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiocluster import _primary
+from aiocluster import _child, _primary
 from aiocluster import _protocol as proto
 from aiocluster._address import Address
 from aiocluster._channel import Channel, PeerNotReading, close_fds
@@ -238,7 +238,7 @@ class Fixture:
         self.cluster = _primary.Cluster(
             ClusterConfig.build(workers=1, bind=["127.0.0.1:0"], timeout=0)
         )
-        self.worker = _primary.Worker(self.cluster, 1, 1)
+        self.worker = _child.Worker(self.cluster, 1, 1)
         ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.peer.setblocking(False)
         self.worker._channel = Channel(ours, lambda frame: None, name="worker 1", max_fds=0)
