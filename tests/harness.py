@@ -209,15 +209,23 @@ class ClusterProcess:
         return await self.wait(timeout)
 
     async def close(self) -> None:
-        """Kill whatever is still running (primary and workers) and reap it all."""
+        """Kill whatever is still running (primary and workers) and reap it all.
+
+        Workers are killed before the primary is awaited: asyncio's wait() for the primary
+        may also wait for its output pipes, which live workers hold open.
+        """
         if self.proc is not None and self.proc.returncode is None:
             self.proc.kill()
-            await self.proc.wait()
         for pid in self.worker_pids.values():
             if pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+        for pid in self.worker_pids.values():
             await wait_pid_gone(pid, 10)
+        if self.proc is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await self.proc.wait()
         if self._reader is not None:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(10):

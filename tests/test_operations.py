@@ -210,9 +210,10 @@ async def test_admin_health_ready_and_metrics(start_cluster: StartCluster, tmp_p
         async with s.get(f"{base}/readyz") as r:
             assert r.status == 503  # the workers are still starting
             assert "0/2 workers listening" in await r.text()
-        # O_RDWR never blocks on a FIFO; held open, it lets every worker's open() through.
+        # O_RDWR never blocks on a FIFO; the byte stays unread, so every worker sees it.
         writer = os.open(gate, os.O_RDWR)
         try:
+            os.write(writer, b"!")
             await c.ready()
         finally:
             os.close(writer)

@@ -20,7 +20,7 @@ async def main(port: int) -> None:
     await runner.setup()
     site = ClusterSite(runner, "127.0.0.1", port)
     await site.start()
-    print(f"TEST custom-site {site.name}", file=sys.stderr, flush=True)
+    sys.stderr.write(f"TEST custom-site {site.name}" + "\n")
     await aiocluster.until_stopped()
     await runner.cleanup()
 

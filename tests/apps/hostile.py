@@ -30,11 +30,8 @@ RANDOM_BYTES = random.Random(20240601).randbytes(64)
 
 
 def say(line: str) -> None:
-    print(
-        f"TEST {line} worker={aiocluster.worker_id()} pid={os.getpid()}",
-        file=sys.stderr,
-        flush=True,
-    )
+    # One write for the whole line (print() writes the newline separately).
+    sys.stderr.write(f"TEST {line} worker={aiocluster.worker_id()} pid={os.getpid()}\n")
 
 
 def raw(payload: bytes, nfds: int = 0) -> bytes:
@@ -179,9 +176,9 @@ def on_primary(cluster: aiocluster.Cluster) -> None:
                     sent += 1
             except aiocluster.ChannelClosed:
                 pass
-            print(f"TEST flood sent={sent} of {data['flood']}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"TEST flood sent={sent} of {data['flood']}" + "\n")
         else:
-            print(f"TEST primary got {data} from worker={worker.id}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"TEST primary got {data} from worker={worker.id}" + "\n")
 
     cluster.on("message", on_message)
 

@@ -23,7 +23,7 @@ def main() -> None:
             worker.kill(signal.SIGKILL)  # whatever it had queued, it never accepts
             await worker.wait()
             handed = cluster.drain_slot(slot)
-            print(f"TEST drained slot {slot}: {handed}", file=sys.stderr, flush=True)
+            sys.stderr.write(f"TEST drained slot {slot}: {handed}" + "\n")
 
         def on_usr2() -> None:
             task = loop.create_task(retire(2))

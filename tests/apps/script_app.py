@@ -24,11 +24,8 @@ def main() -> None:
             async def report(worker: aiocluster.Worker, *args: object) -> None:
                 # An async callback: the cluster runs it as a task it owns.
                 extra = " ".join(map(str, args))
-                print(
-                    f"EVENT {event} worker={worker.id} pid={worker.pid} {extra}".rstrip(),
-                    file=sys.stderr,
-                    flush=True,
-                )
+                line = f"EVENT {event} worker={worker.id} pid={worker.pid} {extra}".rstrip()
+                sys.stderr.write(line + "\n")  # one write: lines of other processes never split it
 
             cluster.on(event, report)  # type: ignore[arg-type]
 

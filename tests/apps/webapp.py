@@ -17,12 +17,13 @@ LAST_MESSAGE: web.AppKey[asyncio.Queue[object]] = web.AppKey("last_message", asy
 
 
 def say(line: str) -> None:
-    """A line on stderr that the tests wait for (they never sleep to guess)."""
-    print(
-        f"TEST {line} worker={aiocluster.worker_id()} pid={os.getpid()}",
-        file=sys.stderr,
-        flush=True,
-    )
+    """A line on stderr that the tests wait for (they never sleep to guess).
+
+    One write() for the whole line: print() writes the text and the newline separately, and
+    another process's line can land between the two.
+    """
+    sys.stderr.write(f"TEST {line} worker={aiocluster.worker_id()} pid={os.getpid()}\n")
+    sys.stderr.flush()
 
 
 async def whoami(request: web.Request) -> web.Response:
@@ -118,9 +119,22 @@ class EchoProtocol(asyncio.Protocol):
 
 
 async def slow_factory() -> web.Application:
-    """An application that starts only once the test opens the FIFO named in $GATE."""
+    """An application that starts only once the test writes to the FIFO named in $GATE."""
     say("factory-waiting")
-    gate = os.environ["GATE"]
-    # Opening a FIFO for reading blocks until a writer opens it: an event, not a timer.
-    await asyncio.to_thread(lambda: os.close(os.open(gate, os.O_RDONLY)))
+    # O_NONBLOCK: opening never blocks; the loop then waits for a byte (an event, not a timer),
+    # and a worker told to stop meanwhile is not stuck in a thread.
+    fd = os.open(os.environ["GATE"], os.O_RDONLY | os.O_NONBLOCK)
+    loop = asyncio.get_running_loop()
+    opened: asyncio.Future[None] = loop.create_future()
+
+    def ready() -> None:
+        if not opened.done():
+            opened.set_result(None)
+
+    loop.add_reader(fd, ready)
+    try:
+        await opened
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
     return make_app()
