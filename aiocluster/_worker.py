@@ -27,7 +27,7 @@ from . import _protocol as proto
 from ._address import Address
 from ._channel import Channel, close_fds
 from ._codec import Frame
-from ._errors import AioclusterError, ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from ._handles import format_sockname, open_listener
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "is_worker",
     "link",
     "listen",
-    "listen_socket",
     "messages",
     "send",
     "worker_id",
@@ -448,20 +447,6 @@ async def listen(address: Address, backlog: int) -> Grant:
         return await link().query_server(address, backlog)
     sock, _ = open_listener(address, backlog)
     return Grant(address, format_sockname(sock), 0, sock)
-
-
-async def listen_socket(address: Address, backlog: int) -> socket.socket:
-    """A listening socket for ``address``: from the primary in a worker, bound here otherwise.
-
-    Raises :class:`AioclusterError` under policy rr, where workers have no listening socket.
-    """
-    grant = await listen(address, backlog)
-    if grant.sock is None:
-        raise AioclusterError(
-            f"policy rr: the primary accepts the connections of {address}, so this worker has "
-            "no listening socket; serve with aiocluster.create_server or aiocluster.web.ClusterSite"
-        )
-    return grant.sock
 
 
 def counted(factory: Callable[[], P]) -> Callable[[], P]:
