@@ -68,8 +68,16 @@ def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
 class NotImported:
     """Stands for the application in the primary, which never imports it."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, *, factory: bool = False, protocol: bool = False) -> None:
         self.spec = spec
+        self.factory = factory
+        self.protocol = protocol
+
+    def load(self) -> Any:
+        """Import the application (in a worker, or in the zygote) and check its kind."""
+        return check_kind(
+            load_app(self.spec), self.spec, factory=self.factory, protocol=self.protocol
+        )
 
     def __call__(self) -> None:  # pragma: no cover - never called in the primary
         raise AssertionError("the primary does not build the application")

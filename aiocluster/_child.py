@@ -17,6 +17,7 @@ from ._errors import ChannelClosed
 
 if TYPE_CHECKING:
     from ._primary import Cluster
+    from ._starter import ProcessHandle
 
 __all__ = ["Worker", "WorkerState"]
 
@@ -46,7 +47,7 @@ class Worker:
         self.request_limit = 0
         self.started_at = asyncio.get_running_loop().time()
         self._cluster = cluster
-        self._process: asyncio.subprocess.Process | None = None
+        self._process: ProcessHandle | None = None
         self._channel: Channel | None = None
         self._exited = asyncio.Event()
         self._listening = asyncio.Event()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 from ._errors import ConfigError
@@ -14,11 +16,18 @@ from ._policy import BALANCES, POLICIES, Balance, Policy, reuseport_problem
 __all__ = [
     "DEFAULT_POLICY",
     "ENV_POLICY",
+    "ENV_START",
     "NAME_CHARS",
+    "START_METHODS",
     "ClusterConfig",
+    "StartMethod",
+    "default_start",
     "default_workers",
     "parse_size",
 ]
+
+StartMethod = Literal["fork", "spawn"]
+START_METHODS: tuple[StartMethod, ...] = ("fork", "spawn")
 
 #: The scheduling policy when neither the call, the command line nor the environment names one.
 #: ``shared`` costs nothing in the primary and is what the kernel does well for short requests;
@@ -26,6 +35,13 @@ __all__ = [
 DEFAULT_POLICY: Policy = "shared"
 #: Environment variable naming the policy when the API or CLI leaves it unset.
 ENV_POLICY = "AIOCLUSTER_POLICY"
+#: Environment variable naming the start method when the API or CLI leaves it unset.
+ENV_START = "AIOCLUSTER_START"
+
+
+def default_start() -> StartMethod:
+    """``fork`` on Linux, ``spawn`` elsewhere (for programs entering through ``run()``)."""
+    return "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def default_workers() -> int:
@@ -71,6 +87,10 @@ class ClusterConfig:
     balance: Balance = "round-robin"
     #: Under ``rr``: the same client address always reaches the same live worker.
     sticky: bool = False
+    #: How workers start: forked from a zygote that loaded the program once (``fork``, Linux),
+    #: or as fresh interpreters (``spawn``). None: ``fork`` for programs that enter through
+    #: ``aiocluster.run()`` or the CLI, on Linux; ``spawn`` otherwise.
+    start: StartMethod | None = None
 
     @classmethod
     def build(
@@ -96,12 +116,14 @@ class ClusterConfig:
         policy: str | None = None,
         balance: str | None = None,
         sticky: bool = False,
+        start: str | None = None,
     ) -> ClusterConfig:
         """Validate the options users pass to ``serve``/``run``/the CLI.
 
         ``bind`` specs (``HOST:PORT`` or ``unix:PATH``) add to ``host``/``port`` and ``path``;
         with none of them the cluster listens on 127.0.0.1:8000. ``policy`` None means
-        ``$AIOCLUSTER_POLICY``, else ``shared``.
+        ``$AIOCLUSTER_POLICY``, else ``shared``; ``start`` None means ``$AIOCLUSTER_START``,
+        else the default described at :attr:`start`.
         """
         if workers is None:
             workers = default_workers()
@@ -137,6 +159,7 @@ class ClusterConfig:
         if not binds:
             binds.append(Address.tcp(DEFAULT_HOST, DEFAULT_PORT))
         checked_policy, checked_balance = _check_policy(policy, balance, sticky)
+        checked_start = _check_start(start)
         return cls(
             workers=workers,
             binds=tuple(binds),
@@ -155,6 +178,7 @@ class ClusterConfig:
             policy=checked_policy,
             balance=checked_balance,
             sticky=bool(sticky),
+            start=checked_start,
         )
 
 
@@ -187,6 +211,26 @@ def parse_size(value: int | str) -> int:
     if not amount >= 0 or amount == float("inf"):
         raise ConfigError(f"a memory size must be a finite number >= 0, not {value!r}")
     return int(amount * _SIZE_UNITS[unit])
+
+
+def _check_start(start: str | None) -> StartMethod | None:
+    source = "start"
+    if start is None:
+        start = os.environ.get(ENV_START) or None
+        if start is None:
+            return None
+        source = f"{ENV_START} (from the environment)"
+    for method in START_METHODS:
+        if start == method:
+            break
+    else:
+        raise ConfigError(f"{source} must be one of {', '.join(START_METHODS)}, not {start!r}")
+    if method == "fork" and not sys.platform.startswith("linux"):
+        raise ConfigError(
+            f"{source} 'fork' needs Linux (forking without exec is unsafe on {sys.platform}); "
+            "use 'spawn'"
+        )
+    return method
 
 
 def _check_policy(policy: str | None, balance: str | None, sticky: bool) -> tuple[Policy, Balance]:

@@ -6,14 +6,18 @@ import logging
 import os
 import sys
 
-from ._worker import worker_id
+from ._zygote import is_zygote
 
 __all__ = ["ensure_logging", "role_tag"]
 
 
 def role_tag() -> str:
-    """``primary 1234`` or ``worker 2 1240`` for this process."""
+    """``primary 1234``, ``worker 2 1240`` or ``zygote 1236`` for this process."""
+    from ._worker import worker_id  # loaded by then; not at import, for the command line's sake
+
     wid = worker_id()
+    if wid is None and is_zygote():
+        return f"zygote {os.getpid()}"
     return f"primary {os.getpid()}" if wid is None else f"worker {wid} {os.getpid()}"
 
 

@@ -15,8 +15,6 @@ import logging
 import os
 import signal
 import socket
-import subprocess
-import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -29,6 +27,7 @@ from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
 from ._handles import MAX_HANDLES, Handle, HandleTable
+from ._starter import Starter, worker_argv
 from ._supervisor import (
     RestartPolicy,
     Supervisor,
@@ -81,7 +80,10 @@ class Cluster:
         self.balancer = Balancer(
             balance=config.balance, sticky=config.sticky, count_handoffs=config.policy == "rr"
         )
-        self._argv = list(config.argv) if config.argv else worker_argv()
+        #: Starts worker processes: forks of a zygote, or fresh interpreters.
+        self.starter = Starter(
+            config.start or "spawn", list(config.argv) if config.argv else worker_argv()
+        )
         self._size = config.workers
         #: What workers listen on: the configured binds, or the sockets systemd passed.
         self.binds: list[Address] = list(config.binds)
@@ -169,6 +171,8 @@ class Cluster:
             "restarts": sum(self.restarts.values()),
             "uptime": round(now - self.started_at, 3),
             "binds": [str(a) for a in self.binds],
+            "start": self.starter.method,
+            "zygote": self.starter.zygote_pid,
             "workers": workers,
         }
 
@@ -274,6 +278,7 @@ class Cluster:
             self._tg = None
             self.handles.close_all()
             self.balancer.close()
+            await self.starter.aclose()
 
     def _serving(self) -> list[Worker]:
         """Workers that serve, or will: neither draining nor on their way out."""
@@ -296,17 +301,8 @@ class Cluster:
         env = dict(os.environ)
         env[proto.ENV_WORKER_ID] = str(worker.id)
         env[proto.ENV_WORKER_SLOT] = str(slot)
-        env[proto.ENV_CHANNEL_FD] = str(child.fileno())
         try:
-            worker._process = await asyncio.create_subprocess_exec(
-                *self._argv,
-                env=env,
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                # Own session: a terminal's Ctrl-C reaches only the primary, which then
-                # drains the workers in order instead of every process dying at once.
-                start_new_session=True,
-            )
+            worker._process = await self.starter.start(worker.id, slot, env, child)
         except BaseException:
             parent.close()
             raise
@@ -419,6 +415,9 @@ class Cluster:
         await self._spawn(slot)
 
     async def _reload_once(self) -> bool:
+        if not await self.starter.renew():
+            log.error("reload stopped: the program failed to load; the old workers keep serving")
+            return False
         old = sorted(self._serving(), key=lambda w: w.slot)
         batch = self.config.reload_batch
         log.info("reload: replacing %d workers, %d at a time", len(old), batch)
@@ -732,11 +731,3 @@ def _describe_status(returncode: int) -> str:
             name = f"signal {-returncode}"
         return f"was killed by {name}"
     return f"exited with code {returncode}"
-
-
-def worker_argv() -> list[str]:
-    """The command that started this process, to start workers as the same program.
-
-    ``sys.orig_argv`` keeps interpreter options (``-m``, ``-X``...) that ``sys.argv`` loses.
-    """
-    return [sys.executable, *sys.orig_argv[1:]]

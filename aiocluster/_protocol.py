@@ -19,6 +19,9 @@ __all__ = [
     "NEWCONN",
     "ONLINE",
     "QUERY_SERVER",
+    "ZYGOTE_FORK",
+    "ZYGOTE_READY",
+    "ZYGOTE_UNABLE",
     "optional_number",
     "require",
 ]
@@ -44,6 +47,14 @@ DISCONNECT = "disconnect"
 # request with one fd, a connection the primary accepted for the listen "handle"; the worker
 # replies {"accepted": true} once it owns it, or false (stopping, or no server for it)
 NEWCONN = "newconn"
+
+# The zygote's channel (start method fork, see _zygote.py). zygote -> primary, once: it loaded
+# the program and forks on request (pid), or it cannot fork safely here (why).
+ZYGOTE_READY = "zygoteReady"
+ZYGOTE_UNABLE = "zygoteUnable"
+# primary -> zygote: request with one fd, the new worker's channel end, and its id and slot;
+# the reply carries the worker's pid, or errno and error
+ZYGOTE_FORK = "fork"
 
 T = TypeVar("T")
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
@@ -17,12 +19,14 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
 from ._adopt import start_server
-from ._config import ClusterConfig
+from ._appspec import NotImported
+from ._config import ClusterConfig, default_start
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
 from ._operations import Operations
 from ._primary import Cluster
-from ._worker import is_worker, link, listen
+from ._worker import become_worker, is_primary, is_worker, link, listen
+from ._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -70,6 +74,8 @@ async def serve(
     address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
     slot). See docs/policies.md.
     """
+    if is_zygote():
+        refuse("aiocluster.serve() was awaited in the program's own event loop")
     if config is None:
         config = ClusterConfig.build(**options)
     if is_worker():
@@ -96,6 +102,8 @@ async def supervise(
     :func:`until_stopped`). SIGINT/SIGTERM drain the workers; a second one stops at once.
     ``options`` are those of :meth:`ClusterConfig.build` when no ``config`` is given.
     """
+    if is_zygote():
+        refuse("aiocluster.supervise() was reached in the zygote")
     if is_worker():
         raise AioclusterError("supervise() runs the primary; this process is a worker")
     if config is None:
@@ -316,19 +324,58 @@ def run(
     app: AppTarget,
     *,
     use_uvloop: bool = True,
+    protocol: bool = False,
+    on_primary: PrimaryHook | None = None,
+    access_log: bool = False,
+    config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
     """Run :func:`serve` to completion in a new event loop, like ``aiohttp.web.run_app``.
 
     Uses uvloop when it is installed and ``use_uvloop`` is true. Exits the process with status 1
     and a one-line error if the cluster cannot run.
+
+    Workers start by ``config.start``: on Linux by default ``fork``, from a zygote forked here,
+    before any event loop runs, that loads the application once; workers are forked from it
+    and go on from this call as workers. ``start="spawn"`` starts each as a new interpreter.
     """
     ensure_logging()
     try:
-        _run_loop(serve(app, **options), use_uvloop=use_uvloop)
+        if config is None:
+            config = ClusterConfig.build(**options)
+        if is_zygote():
+            app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+        elif is_primary():
+            if config.start is None:
+                config = dataclasses.replace(config, start=default_start())
+            if config.start == "fork" and prefork_zygote():
+                app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+        cluster = serve(
+            app, protocol=protocol, on_primary=on_primary, access_log=access_log, config=config
+        )
+        _run_loop(cluster, use_uvloop=use_uvloop)
     except AioclusterError as err:
         log.error("%s", err)
         sys.exit(1)
+
+
+def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
+    """In the zygote: load what workers run, then fork them; returns in each forked worker."""
+    try:
+        if isinstance(app, NotImported):
+            app = app.load()
+        # Loaded once here, shared by every worker's pages.
+        if use_uvloop:
+            with contextlib.suppress(ImportError):
+                import uvloop  # noqa: F401
+        if not protocol:
+            from . import _drain, web  # noqa: F401
+    except BaseException:
+        log.exception("the zygote could not load the program")
+        sys.stderr.flush()
+        os._exit(1)
+    become_worker(*serve_forks())
+    return app
 
 
 def _run_loop(coro: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:

@@ -29,11 +29,13 @@ from ._channel import Channel, close_fds
 from ._codec import Frame
 from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from ._handles import format_sockname, open_listener
+from ._zygote import is_zygote, refuse
 
 __all__ = [
     "Adopter",
     "Grant",
     "WorkerLink",
+    "become_worker",
     "is_primary",
     "is_worker",
     "link",
@@ -86,14 +88,31 @@ def _close_inherited(keep: int) -> None:
 _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT = _read_env()
 
 
+def become_worker(worker_id: int, slot: int, channel_fd: int) -> None:
+    """In a process the zygote just forked: take on the identity a spawned worker reads at import.
+
+    The variables are set for the program's own use (``AIOCLUSTER_WORKER_ID``, as Node's
+    ``NODE_UNIQUE_ID``); the channel descriptor, as under spawn, is not in the environment.
+    """
+    global _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT
+    os.environ[proto.ENV_WORKER_ID] = str(worker_id)
+    os.environ[proto.ENV_WORKER_SLOT] = str(slot)
+    _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT = worker_id, channel_fd, slot
+
+
 def is_worker() -> bool:
-    """True in a worker process started by an aiocluster primary."""
-    return _WORKER_ID is not None
+    """True in a worker process started by an aiocluster primary.
+
+    Also True in the zygote (start method ``fork``): what the program does there at import,
+    it does for every worker forked from it. :func:`worker_id` is None there.
+    """
+    return _WORKER_ID is not None or is_zygote()
 
 
 def is_primary() -> bool:
-    """True in any process that is not a worker: it becomes the primary when it serves."""
-    return _WORKER_ID is None
+    """True in any process that is not a worker (nor the zygote): it becomes the primary when it
+    serves."""
+    return not is_worker()
 
 
 def worker_id() -> int | None:
@@ -416,6 +435,8 @@ _link: WorkerLink | None = None
 def link() -> WorkerLink:
     """This worker's link to the primary, created on first use in the running loop."""
     global _link
+    if is_zygote():
+        refuse("the program reached a worker API before aiocluster.run()")
     if _CHANNEL_FD is None:
         raise NotInCluster(
             "not a cluster worker: this process was not started by an aiocluster primary"

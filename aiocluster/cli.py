@@ -8,6 +8,7 @@ an option on the command line wins over the environment.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -16,15 +17,23 @@ from collections.abc import Sequence
 from typing import Any
 
 from . import __version__
-from ._appspec import NotImported, check_kind, check_module, load_app, split_spec
-from ._config import DEFAULT_POLICY, ClusterConfig, default_workers
-from ._control import ControlError, call, control_path
+from . import _protocol as proto
+from ._appspec import NotImported, check_module, split_spec
+from ._config import (
+    DEFAULT_POLICY,
+    START_METHODS,
+    ClusterConfig,
+    default_start,
+    default_workers,
+)
 from ._errors import ConfigError
 from ._logging import ensure_logging
 from ._policy import BALANCES, POLICIES
-from ._serve import run
-from ._status import format_status, wait_for_exit
-from ._worker import is_worker
+from ._zygote import is_zygote, prefork_zygote
+
+# Only what parsing the command line needs is imported up here: ``run`` forks its zygote as
+# soon as the arguments are checked, and loads the rest of aiocluster while the zygote loads
+# the application.
 
 __all__ = ["main"]
 
@@ -216,6 +225,15 @@ def _parser() -> argparse.ArgumentParser:
         "(Linux; 0 disables; default: 0)",
     )
     supervision.add_argument(
+        "--start",
+        choices=START_METHODS,
+        default=None,
+        help="how workers start: 'fork' them from a zygote process that loaded APP once (fast, "
+        "shares memory; Linux), or 'spawn' a fresh interpreter for each (default: fork on "
+        "Linux, spawn elsewhere; fork falls back to spawn, with a warning, where APP started "
+        "threads at import)",
+    )
+    supervision.add_argument(
         "--reload-batch",
         type=_positive_int,
         default=1,
@@ -335,14 +353,13 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         if args.factory and args.protocol:  # possible through the environment only
             raise ConfigError("--factory and --protocol exclude each other (check AIOCLUSTER_*)")
         module, _ = split_spec(args.app)
-        if is_worker():
-            target = check_kind(
-                load_app(args.app), args.app, factory=args.factory, protocol=args.protocol
-            )
+        target: Any = NotImported(args.app, factory=args.factory, protocol=args.protocol)
+        primary = proto.ENV_WORKER_ID not in os.environ and not is_zygote()
+        if not primary:
+            target = target.load()
         else:
-            # The primary never imports the application: workers do, each afresh.
+            # The primary never imports the application: the zygote or the workers do.
             check_module(module)
-            target = NotImported(args.app)
         config = ClusterConfig.build(
             workers=args.workers,
             bind=args.bind,
@@ -359,10 +376,17 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             policy=args.policy,
             balance=args.balance,
             sticky=args.sticky,
+            start=args.start,
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")
     ensure_logging(getattr(logging, args.log_level.upper()))
+    if primary:
+        config = dataclasses.replace(config, start=config.start or default_start())
+        if config.start == "fork":
+            prefork_zygote()  # in the zygote, run() below loads the application and forks
+    from ._serve import run
+
     run(
         target,
         use_uvloop=not args.no_uvloop,
@@ -373,6 +397,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from ._control import ControlError, call, control_path
+    from ._status import format_status, wait_for_exit
+
     try:
         path = control_path(args.name, args.control)
         if args.command == "status":

@@ -135,20 +135,37 @@ async def test_two_reloads_under_keepalive_load_fail_no_request(
     assert await c.stop() == 0
 
 
+@pytest.mark.parametrize(
+    ("start", "stopped"),
+    [
+        # The new zygote cannot load the program: no worker is touched.
+        ("fork", "reload stopped: the program failed to load; the old workers keep serving"),
+        # The first new worker fails to start; the old ones stay.
+        ("spawn", "reload stopped: a new worker could not start; the old ones keep serving"),
+    ],
+)
 async def test_a_reload_into_broken_code_keeps_the_old_workers(
-    start_cluster: StartCluster, tmp_path: Path
+    start_cluster: StartCluster, tmp_path: Path, start: str, stopped: str
 ) -> None:
     write_app(tmp_path, "v1")
     c = await start_cluster(
-        *cli("run", "versioned:app", "-w", "2", "-b", "127.0.0.1:0"), cwd=tmp_path
+        *cli("run", "versioned:app", "-w", "2", "-b", "127.0.0.1:0", "--start", start),
+        cwd=tmp_path,
     )
     write_app(tmp_path, "v2", broken=True)
     c.signal(signal.SIGHUP)
     await c.wait_for("RuntimeError: version v2 is broken")
-    await c.wait_for("reload stopped: a new worker could not start; the old ones keep serving")
+    await c.wait_for(stopped)
     assert await version_of(c.url) == "v1"
     assert c.proc is not None
     assert c.proc.returncode is None
+    if start == "fork":
+        # A crash now is restarted from the zygote that still holds v1.
+        victim = min(c.worker_pids)
+        os.kill(c.worker_pids[victim], signal.SIGKILL)
+        await c.wait_for(rf"worker {victim} \(pid \d+\) was killed by SIGKILL")
+        await c.wait_for(r"worker 3 \(pid \d+\) listening on")
+        assert {await version_of(c.url) for _ in range(4)} == {"v1"}
     write_app(tmp_path, "v3")
     mark = len(c.lines)
     c.signal(signal.SIGHUP)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import sys
 import time
 import typing
@@ -13,6 +14,8 @@ from aiohttp import web
 
 import aiocluster
 
+#: The process that imported this module: the worker itself (spawn) or the zygote (fork).
+IMPORTED_IN = os.getpid()
 LAST_MESSAGE: web.AppKey[asyncio.Queue[object]] = web.AppKey("last_message", asyncio.Queue)
 
 
@@ -28,6 +31,29 @@ def say(line: str) -> None:
 
 async def whoami(request: web.Request) -> web.Response:
     return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id()})
+
+
+async def probe(request: web.Request) -> web.Response:
+    """How this worker came to be: its parent, session, environment, and a fresh random draw."""
+    return web.json_response(
+        {
+            "pid": os.getpid(),
+            "ppid": os.getppid(),
+            "sid": os.getsid(0),
+            "worker": aiocluster.worker_id(),
+            "env_worker": os.environ.get("AIOCLUSTER_WORKER_ID"),
+            "random": random.getrandbits(64),
+            "imported_in": IMPORTED_IN,
+        }
+    )
+
+
+async def orphan(request: web.Request) -> web.Response:
+    """Start a process that outlives this worker (the test kills both)."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", "import signal; signal.pause()"
+    )
+    return web.json_response({"pid": os.getpid(), "child": child.pid})
 
 
 async def block(request: web.Request) -> web.Response:
@@ -87,6 +113,8 @@ def make_app() -> web.Application:
     app.cleanup_ctx.append(_context)
     app[LAST_MESSAGE] = asyncio.Queue()
     app.router.add_get("/", whoami)
+    app.router.add_get("/probe", probe)
+    app.router.add_get("/orphan", orphan)
     app.router.add_get("/block", block)
     app.router.add_get("/slow", slow)
     app.router.add_get("/send", send_to_primary)

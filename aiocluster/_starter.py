@@ -1,0 +1,361 @@
+"""How the primary starts a worker process: a fresh interpreter, or a fork of the zygote.
+
+``spawn`` runs the program again (``sys.executable`` and the same arguments) for every worker:
+each one imports everything itself. ``fork`` starts one zygote (:mod:`aiocluster._zygote`) that
+loads the program once, and asks it to fork each worker: workers start in a few milliseconds
+and share the zygote's pages. Where the zygote cannot fork safely (threads started at import,
+``serve()`` awaited in the program's own loop) or fails to load the program, workers are
+spawned instead, and the log says why.
+
+A rolling reload starts a new zygote first, so that new workers run the new code; if it cannot
+load the program, the reload stops before any worker is touched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
+
+from . import _protocol as proto
+from ._channel import Channel, channel_pair
+from ._codec import Frame
+from ._config import StartMethod
+from ._errors import ChannelClosed
+from ._zygote import ENV_ZYGOTE_FD, take_preforked
+
+__all__ = [
+    "ProcessHandle",
+    "Starter",
+    "spawn",
+    "worker_argv",
+]
+
+log = logging.getLogger("aiocluster.primary")
+
+
+class ProcessHandle(Protocol):
+    """What the primary needs of a worker process, however it was started."""
+
+    @property
+    def pid(self) -> int:
+        """The process id."""
+
+    async def wait(self) -> int:
+        """Wait for the exit; the status code, or minus the signal number that killed it."""
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig``; raise ProcessLookupError once the process is gone."""
+
+
+class ForkedProcess:
+    """A worker forked by the zygote and re-parented to the primary, watched through a pidfd."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        # A pidfd names this very process: a signal can never reach a recycled pid.
+        self._pidfd = os.pidfd_open(pid)
+
+    async def wait(self) -> int:
+        """Wait for the exit (the pidfd becomes readable), then reap the process."""
+        if self.returncode is None:
+            loop = asyncio.get_running_loop()
+            exited: asyncio.Future[None] = loop.create_future()
+
+            def readable() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            loop.add_reader(self._pidfd, readable)
+            try:
+                await exited
+            finally:
+                loop.remove_reader(self._pidfd)
+            self.returncode = self._reap()
+        return self.returncode
+
+    def _reap(self) -> int:
+        try:
+            # The pidfd is readable: the process has exited, and this returns at once.
+            _, status = os.waitpid(self.pid, 0)
+            returncode = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            # Not re-parented to us (no subreaper support): it is gone, status unknown.
+            log.warning("worker pid %d exited; its status is unknown", self.pid)
+            returncode = 255
+        os.close(self._pidfd)
+        return returncode
+
+    def send_signal(self, sig: int) -> None:
+        """Send ``sig`` through the pidfd."""
+        if self.returncode is not None:
+            raise ProcessLookupError(self.pid)
+        signal.pidfd_send_signal(self._pidfd, sig)
+
+
+class ZygoteUnavailable(Exception):
+    """The zygote cannot fork workers: it refused (why), failed to load, or is gone."""
+
+    def __init__(self, why: str, *, loaded: bool) -> None:
+        super().__init__(why)
+        #: True when the program loaded but forking is unsafe there (use spawn, no error).
+        self.loaded = loaded
+
+
+class Zygote:
+    """The primary's handle on one zygote process and its channel."""
+
+    def __init__(self, process: ProcessHandle, sock: socket.socket) -> None:
+        self._process = process
+        self._answer: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._channel = Channel(sock, self._on_frame, name="zygote", max_fds=0)
+        self._channel.start()
+        self._exit: asyncio.Task[int] = asyncio.ensure_future(process.wait())
+
+    @classmethod
+    async def spawn(cls, argv: Sequence[str]) -> Zygote:
+        """A zygote running the program afresh (it then loads the program as it is now)."""
+        parent, child = channel_pair()
+        env = dict(os.environ)
+        env[ENV_ZYGOTE_FD] = str(child.fileno())
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                pass_fds=(child.fileno(),),
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        return cls(process, parent)
+
+    @property
+    def pid(self) -> int:
+        """The zygote's process id."""
+        return self._process.pid
+
+    @property
+    def alive(self) -> bool:
+        """True while the zygote can be asked to fork."""
+        return not self._channel.closed and not self._exit.done()
+
+    async def ready(self) -> None:
+        """Wait until the zygote has loaded the program and can fork.
+
+        Raises :class:`ZygoteUnavailable` if it refuses or exits first.
+        """
+        first: set[asyncio.Future[Any]] = {self._answer, self._exit}
+        await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
+        if not self._answer.done():
+            await self.aclose()
+            raise ZygoteUnavailable(
+                f"the zygote exited with status {self._exit.result()} while loading the program",
+                loaded=False,
+            )
+        msg = self._answer.result().msg
+        if msg.get("act") == proto.ZYGOTE_UNABLE:
+            await self.aclose()
+            raise ZygoteUnavailable(str(msg.get("why", "no reason given")), loaded=True)
+
+    def _on_frame(self, frame: Frame) -> None:
+        if not self._answer.done():
+            self._answer.set_result(frame)
+
+    async def fork(self, worker_id: int, slot: int, channel_end: socket.socket) -> ForkedProcess:
+        """Ask the zygote for a worker serving over ``channel_end``; raise OSError if it fails."""
+        if not self.alive:
+            raise ZygoteUnavailable("the zygote is gone", loaded=True)
+        msg = {"act": proto.ZYGOTE_FORK, "id": worker_id, "slot": slot}
+        try:
+            with _subreaper():
+                reply = await self._channel.request(msg, [channel_end.fileno()])
+        except ChannelClosed:
+            raise ZygoteUnavailable("the zygote is gone", loaded=True) from None
+        pid = reply.msg.get("pid")
+        if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+            code = reply.msg.get("errno")
+            raise OSError(
+                code if isinstance(code, int) else 0, f"fork failed: {reply.msg.get('error')}"
+            )
+        return ForkedProcess(pid)
+
+    async def aclose(self) -> None:
+        """Close the channel (the zygote exits when it sees that) and reap the zygote."""
+        self._channel.close()
+        try:
+            async with asyncio.timeout(5):
+                await asyncio.shield(self._exit)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                self._process.send_signal(signal.SIGKILL)
+            await self._exit
+
+
+def _take_preforked() -> Zygote | None:
+    taken = take_preforked()
+    return None if taken is None else Zygote(ForkedProcess(taken[0]), taken[1])
+
+
+class Starter:
+    """Starts the cluster's worker processes by the configured method."""
+
+    def __init__(self, method: StartMethod, argv: Sequence[str]) -> None:
+        #: The method in use: ``fork`` falls back to ``spawn`` where it cannot work.
+        self.method: StartMethod = method
+        self._argv = list(argv)
+        self._zygote: Zygote | None = None
+        self._starting: asyncio.Task[Zygote | None] | None = None
+        # The last zygote failed to load the program: spawn until a reload tries again.
+        self._failed = False
+
+    @property
+    def zygote_pid(self) -> int | None:
+        """The current zygote's pid (None: none running)."""
+        return self._zygote.pid if self._zygote is not None and self._zygote.alive else None
+
+    async def start(
+        self, worker_id: int, slot: int, env: dict[str, str], channel_end: socket.socket
+    ) -> ProcessHandle:
+        """Start worker ``worker_id`` for ``slot``, serving the channel's other end."""
+        if self.method == "fork" and not self._failed:
+            zygote = await self._current()
+            if zygote is not None:
+                try:
+                    return await zygote.fork(worker_id, slot, channel_end)
+                except ZygoteUnavailable:
+                    log.warning("the zygote is gone; starting a new one")
+                    self._zygote = None
+                    zygote = await self._current()
+                    if zygote is not None:
+                        return await zygote.fork(worker_id, slot, channel_end)
+        return await spawn(self._argv, env, channel_end)
+
+    async def _current(self) -> Zygote | None:
+        if self._zygote is not None and self._zygote.alive:
+            return self._zygote
+        if self._starting is None:
+            self._starting = asyncio.ensure_future(self._new_zygote())
+        starting = self._starting
+        try:
+            zygote = await asyncio.shield(starting)
+        finally:
+            if self._starting is starting and starting.done():
+                self._starting = None
+        if zygote is not None:
+            self._zygote = zygote
+        return zygote
+
+    async def _new_zygote(self) -> Zygote | None:
+        try:
+            zygote = _take_preforked() or await Zygote.spawn(self._argv)
+            await zygote.ready()
+        except ZygoteUnavailable as err:
+            if err.loaded:
+                log.warning("start method fork is not available (%s); spawning workers", err)
+                self.method = "spawn"
+            else:
+                log.error("%s; starting workers as fresh interpreters instead", err)
+                self._failed = True
+            return None
+        log.info("zygote (pid %s) loaded the program; forking workers from it", zygote.pid)
+        return zygote
+
+    async def renew(self) -> bool:
+        """Before a reload: a new zygote with the program as it is now. False if it fails."""
+        if self.method != "fork":
+            return True
+        try:
+            zygote = await Zygote.spawn(self._argv)
+            await zygote.ready()
+        except ZygoteUnavailable as err:
+            if err.loaded:
+                log.warning("start method fork is not available (%s); spawning workers", err)
+                self.method = "spawn"
+                return True
+            log.error("reload: %s", err)
+            return False
+        old, self._zygote, self._failed = self._zygote, zygote, False
+        log.info("zygote (pid %s) loaded the program; forking workers from it", zygote.pid)
+        if old is not None:
+            await old.aclose()
+        return True
+
+    async def aclose(self) -> None:
+        """Stop the zygote, if any."""
+        if self._starting is not None:
+            self._starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._starting
+            self._starting = None
+        if self._zygote is not None:
+            await self._zygote.aclose()
+            self._zygote = None
+
+
+async def spawn(
+    argv: Sequence[str], env: dict[str, str], channel_end: socket.socket
+) -> asyncio.subprocess.Process:
+    """A fresh interpreter running ``argv`` as a worker on ``channel_end`` (start method spawn)."""
+    env = dict(env)
+    env[proto.ENV_CHANNEL_FD] = str(channel_end.fileno())
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        pass_fds=(channel_end.fileno(),),
+        stdin=subprocess.DEVNULL,
+        # Own session: a terminal's Ctrl-C reaches only the primary, which then drains the
+        # workers in order instead of every process dying at once.
+        start_new_session=True,
+    )
+
+
+_PR_SET_CHILD_SUBREAPER = 36
+_PR_GET_CHILD_SUBREAPER = 37
+_subreaping = 0
+_was_subreaper: bool | None = None
+
+
+@contextlib.contextmanager
+def _subreaper() -> Iterator[None]:
+    """The primary is a child subreaper while a fork is in flight, and only then.
+
+    The worker's intermediate parent exits at once; the worker is then re-parented to the
+    nearest subreaper among its ancestors, which must be us. Off again afterwards, so that
+    processes orphaned by workers later go to init, as they would under spawn.
+    """
+    global _subreaping, _was_subreaper
+    libc = ctypes.CDLL(None, use_errno=True)
+    if _was_subreaper is None:
+        flag = ctypes.c_int(0)
+        libc.prctl(_PR_GET_CHILD_SUBREAPER, ctypes.byref(flag), 0, 0, 0)
+        _was_subreaper = bool(flag.value)
+    if _subreaping == 0 and not _was_subreaper:
+        libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    _subreaping += 1
+    try:
+        yield None
+    finally:
+        _subreaping -= 1
+        if _subreaping == 0 and not _was_subreaper:
+            libc.prctl(_PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def worker_argv() -> list[str]:
+    """The command line that runs this program again: the worker's (and the zygote's).
+
+    ``sys.orig_argv`` keeps interpreter options (``-m``, ``-X``...) that ``sys.argv`` loses.
+    """
+    return [sys.executable, *sys.orig_argv[1:]]

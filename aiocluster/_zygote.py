@@ -1,0 +1,262 @@
+"""The zygote: a fresh interpreter that loads the application once, then forks the workers.
+
+Under start method ``fork`` the primary starts one zygote: the same program, with
+``AIOCLUSTER_ZYGOTE_FD`` in its environment. It runs the program as a worker would, up to
+``aiocluster.run()`` (``aiocluster run APP`` imports APP first), so the application and
+everything it imports are loaded. There, before any event loop has run and while it has a
+single thread, it stops and serves the primary's ``fork`` requests. A worker forked from that
+state inherits no running loop, no thread and nothing of the primary, and shares the zygote's
+loaded pages copy-on-write instead of importing everything again.
+
+Each fork is double: the zygote forks a short-lived intermediate that forks the worker and
+exits at once, so the worker is re-parented to the primary (a child subreaper while a fork is
+in flight, see :mod:`aiocluster._starter`), which then waits for it like for any child. The
+zygote itself never has a child for longer than that.
+
+This module runs in the zygote without an event loop: plain blocking calls on one socket.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import gc
+import os
+import socket
+import sys
+import threading
+from typing import NoReturn
+
+from . import _protocol as proto
+from ._codec import Decoder, Frame, encode
+from ._errors import ProtocolError
+
+__all__ = [
+    "ENV_ZYGOTE_FD",
+    "become_zygote",
+    "fork_problem",
+    "is_zygote",
+    "prefork_zygote",
+    "refuse",
+    "serve_forks",
+    "take_preforked",
+]
+
+ENV_ZYGOTE_FD = "AIOCLUSTER_ZYGOTE_FD"
+_FD_SIZE = array.array("i").itemsize
+
+
+def _read_env() -> int | None:
+    try:
+        return int(os.environ.pop(ENV_ZYGOTE_FD))
+    except (KeyError, ValueError):
+        return None
+
+
+_FD = _read_env()
+
+
+def become_zygote(channel_fd: int) -> None:
+    """In a process just forked from the primary: be its zygote, on ``channel_fd``."""
+    global _FD
+    _FD = channel_fd
+
+
+def is_zygote() -> bool:
+    """True in the zygote process (it turns into a worker in each child it forks)."""
+    return _FD is not None
+
+
+def fork_problem() -> str | None:
+    """Why this process cannot safely fork workers now, or None if it can."""
+    if not sys.platform.startswith("linux"):
+        return "start method 'fork' needs Linux"
+    if _running_loop():
+        return "an event loop is running (aiocluster.serve() awaited in the program's own loop)"
+    threads = [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+    if threads:
+        return f"the program started threads before aiocluster.run(): {', '.join(threads)}"
+    return None
+
+
+def _running_loop() -> bool:
+    asyncio = sys.modules.get("asyncio")  # not loaded yet: then no loop runs either
+    return asyncio is not None and asyncio._get_running_loop() is not None
+
+
+def refuse(why: str) -> NoReturn:
+    """In the zygote: tell the primary that forking is not possible here, and exit."""
+    assert _FD is not None
+    sock = socket.socket(fileno=_FD)
+    sock.setblocking(True)
+    with contextlib.suppress(OSError):  # the primary is gone: it needs no answer
+        sock.sendall(encode({"act": proto.ZYGOTE_UNABLE, "why": why}))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def serve_forks() -> tuple[int, int, int]:
+    """In the zygote: fork a worker for each request; return only in a worker.
+
+    Returns ``(worker_id, slot, channel_fd)`` in the forked worker. The zygote itself exits
+    when the primary closes the channel (or dies).
+    """
+    global _FD
+    problem = fork_problem()
+    if problem is not None:
+        refuse(problem)
+    assert _FD is not None
+    sock = socket.socket(fileno=_FD)
+    sock.setblocking(True)
+    # Objects loaded so far stay out of the collector's reach: a collection in a worker would
+    # otherwise write to (and so copy) every page that holds one of them.
+    gc.freeze()
+    _send(sock, {"act": proto.ZYGOTE_READY, "pid": os.getpid()})
+    decoder = Decoder(max_fds=1)
+    ancsize = socket.CMSG_SPACE(4 * _FD_SIZE)
+    while True:
+        try:
+            data, ancdata, _flags, _ = sock.recvmsg(65536, ancsize, socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            continue
+        except OSError:
+            os._exit(0)
+        fds = [
+            fd
+            for level, kind, payload in ancdata
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
+            for fd in array.array("i", payload[: len(payload) - len(payload) % _FD_SIZE])
+        ]
+        if not data:
+            _close(fds)
+            os._exit(0)
+        try:
+            frames = decoder.feed(data, fds)
+        except ProtocolError:
+            os._exit(1)  # the primary never sends garbage: something else holds this socket
+        for i, frame in enumerate(frames):
+            became = _fork(sock, frame)
+            if became is not None:
+                # In the new worker: nothing of the zygote's may stay open here. Other
+                # workers' channel ends above all, or the primary would never see them close.
+                for later in frames[i + 1 :]:
+                    _close(later.fds)
+                _close(decoder.close())
+                sock.close()
+                _FD = None
+                return became
+
+
+def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
+    msg = frame.msg
+    worker_id, slot = msg.get("id"), msg.get("slot")
+    if (
+        msg.get("act") != proto.ZYGOTE_FORK
+        or len(frame.fds) != 1
+        or not isinstance(worker_id, int)
+        or not isinstance(slot, int)
+    ):
+        _close(frame.fds)
+        _reply(sock, frame, {"errno": 22, "error": "bad fork request"})
+        return None
+    fd = frame.fds[0]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        read_end, write_end = os.pipe()
+    except OSError as err:
+        _close([fd])
+        _reply(sock, frame, {"errno": err.errno or 0, "error": str(err)})
+        return None
+    try:
+        middle = os.fork()
+    except OSError as err:
+        _close([fd, read_end, write_end])
+        _reply(sock, frame, {"errno": err.errno or 0, "error": str(err)})
+        return None
+    if middle == 0:
+        try:
+            os.close(read_end)
+            worker = os.fork()
+            if worker == 0:
+                os.close(write_end)
+                os.setsid()  # as a spawned worker: a terminal's Ctrl-C reaches the primary only
+                return worker_id, slot, fd
+            os.write(write_end, str(worker).encode())
+        except BaseException:
+            os._exit(1)
+        os._exit(0)
+    os.close(write_end)
+    try:
+        answer = b""
+        while chunk := os.read(read_end, 32):
+            answer += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(middle, 0)
+        _close([fd])
+    if not answer.isdigit():
+        _reply(sock, frame, {"errno": 11, "error": "fork failed in the intermediate process"})
+        return None
+    _reply(sock, frame, {"pid": int(answer)})
+    return None
+
+
+def _reply(sock: socket.socket, request: Frame, msg: dict[str, object]) -> None:
+    _send(sock, {**msg, "act": request.msg.get("act", proto.ZYGOTE_FORK), "ack": _seq(request)})
+
+
+def _seq(frame: Frame) -> int:
+    seq = frame.msg.get("seq", 0)
+    return seq if isinstance(seq, int) else 0
+
+
+def _send(sock: socket.socket, msg: dict[str, object]) -> None:
+    try:
+        sock.sendall(encode(msg))
+    except OSError:
+        os._exit(0)  # the primary is gone; so is the reason to exist
+
+
+def _close(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+_preforked: tuple[int, socket.socket] | None = None
+
+
+def prefork_zygote() -> bool:
+    """In the primary, before its event loop runs: fork the zygote from this process.
+
+    Returns True in the zygote, False in the primary. The zygote forked here starts with what
+    the primary has loaded (the application too, when the program is a script) instead of a
+    new interpreter; the command line calls this before it loads the rest of aiocluster, so
+    the primary's own start-up and the zygote's loading of the application overlap. Nothing is
+    forked where forking is unsafe (see :func:`fork_problem`), or if a zygote was forked
+    already: the cluster then spawns one.
+    """
+    global _preforked
+    if _preforked is not None or fork_problem() is not None:
+        return False
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        parent.close()
+        os.setsid()  # as a spawned process: a terminal's Ctrl-C reaches the primary only
+        become_zygote(child.detach())
+        return True
+    child.close()
+    _preforked = (pid, parent)
+    return False
+
+
+def take_preforked() -> tuple[int, socket.socket] | None:
+    """The zygote :func:`prefork_zygote` forked (its pid and channel), once; else None."""
+    global _preforked
+    taken, _preforked = _preforked, None
+    return taken
