@@ -23,13 +23,13 @@ from ._appspec import NotImported
 from ._config import ClusterConfig, default_start
 from ._errors import AioclusterError, ConfigError
 from ._logging import ensure_logging
-from ._operations import Operations
-from ._primary import Cluster
 from ._worker import become_worker, is_primary, is_worker, link, listen
 from ._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 
 if TYPE_CHECKING:
     from aiohttp import web
+
+    from ._primary import Cluster
 
 __all__ = ["AppTarget", "create_server", "run", "serve", "supervise", "until_stopped"]
 
@@ -39,7 +39,7 @@ AppFactory: TypeAlias = Callable[[], "web.Application | Awaitable[web.Applicatio
 #: What ``serve`` accepts: an aiohttp Application, a factory returning one (sync or async),
 #: or, with ``protocol=True``, an asyncio protocol factory.
 AppTarget: TypeAlias = "web.Application | AppFactory | Callable[[], asyncio.BaseProtocol]"
-PrimaryHook: TypeAlias = Callable[[Cluster], Any]
+PrimaryHook: TypeAlias = "Callable[[Cluster], Any]"
 
 
 async def serve(
@@ -108,6 +108,10 @@ async def supervise(
         raise AioclusterError("supervise() runs the primary; this process is a worker")
     if config is None:
         config = ClusterConfig.build(**options)
+    # Here, not at import: workers and the zygote never load the primary's modules.
+    from ._operations import Operations
+    from ._primary import Cluster
+
     ensure_logging()
     cluster = Cluster(config)
     if on_primary is not None:
