@@ -9,6 +9,7 @@ restarts of its worker.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -17,6 +18,7 @@ import socket
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any, TypeAlias
 
 from ._address import Address
 
@@ -108,13 +110,62 @@ def _remove_stale_unix_socket(path: str) -> None:
     raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
 
 
+#: One ``getaddrinfo`` result: family, type, proto, canonical name, socket address.
+AddrInfo: TypeAlias = tuple[int, int, int, str, Any]
+
+
+def resolve(address: Address) -> AddrInfo:
+    """The first passive ``getaddrinfo`` answer for a TCP ``address`` (may block on DNS)."""
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as err:
+        raise unresolvable(address, err) from None
+    return infos[0]
+
+
+async def resolve_async(address: Address) -> AddrInfo:
+    """:func:`resolve` without blocking the event loop (the resolver runs in a thread)."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (socket.gaierror, UnicodeError) as err:
+        raise unresolvable(address, err) from None
+    return infos[0]
+
+
+def unresolvable(address: Address, err: Exception) -> OSError:
+    """The error a listen on a host name that does not resolve gets, as an ``OSError``.
+
+    UnicodeError: a host name the IDNA codec refuses (an empty or 64+ character label).
+    """
+    return OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {err}")
+
+
+def needs_resolver(address: Address) -> bool:
+    """True for a TCP address whose host is a name, not an IP literal: resolving may block."""
+    if address.kind != "tcp" or not address.host:
+        return False
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, address.host)
+        except OSError:
+            continue
+        return False
+    return True
+
+
 def open_listener(
-    address: Address, backlog: int, *, reuseport: bool = False
+    address: Address, backlog: int, *, reuseport: bool = False, resolved: AddrInfo | None = None
 ) -> tuple[socket.socket, tuple[str, int] | None]:
     """Create, bind and listen a socket for ``address``; raises ``OSError`` as ``bind`` does.
 
     With ``reuseport`` (TCP only) the socket has SO_REUSEPORT set, so that several sockets of
     this user can listen on the same port and the kernel spreads connections over them.
+    ``resolved`` is the address already resolved (see :func:`resolve_async`).
     """
     if address.kind == "unix":
         _remove_stale_unix_socket(address.path)
@@ -129,14 +180,7 @@ def open_listener(
         sock.setblocking(False)
         return sock, (address.path, inode)
 
-    try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except (socket.gaierror, UnicodeError) as err:
-        # UnicodeError: a host name the IDNA codec refuses (an empty or 64+ character label).
-        raise OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {err}") from None
-    family, kind, proto, _, sockaddr = infos[0]
+    family, kind, proto, _, sockaddr = resolved or resolve(address)
     sock = socket.socket(family, kind, proto)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -167,6 +211,15 @@ class HandleTable:
     def __len__(self) -> int:
         return len(self._handles)
 
+    @staticmethod
+    def _key(address: Address, index: int, slot: int | None) -> HandleKey:
+        reuseport = slot is not None and address.kind == "tcp"
+        return (address, index, slot if reuseport and slot is not None else 0)
+
+    def exists(self, address: Address, index: int, *, slot: int | None = None) -> bool:
+        """True if the listen ``(address, index)`` (for ``slot``) has its socket already."""
+        return self._key(address, index, slot) in self._handles
+
     def get_or_create(
         self,
         address: Address,
@@ -175,6 +228,7 @@ class HandleTable:
         *,
         slot: int | None = None,
         holder: int | None = None,
+        resolved: AddrInfo | None = None,
     ) -> tuple[Handle, bool]:
         """Return the handle for ``(address, index)`` and whether it was just created.
 
@@ -184,10 +238,10 @@ class HandleTable:
 
         ``holder`` (a worker id) now holds the handle, until :meth:`release`. Raises ``OSError``
         (EADDRINUSE, EACCES, ...) if the socket cannot be bound, and EMFILE past
-        :data:`MAX_HANDLES`.
+        :data:`MAX_HANDLES`. ``resolved``: ``address`` resolved already, if it names a host.
         """
-        reuseport = slot is not None and address.kind == "tcp"
-        key = (address, index, slot if reuseport and slot is not None else 0)
+        key = self._key(address, index, slot)
+        reuseport = key[2] != 0
         handle = self._handles.get(key)
         created = handle is None
         if handle is None:
@@ -199,8 +253,14 @@ class HandleTable:
             if reuseport and address.port == 0:
                 sibling = next((h for h in self._handles.values() if h.key[:2] == key[:2]), None)
                 if sibling is not None:
-                    bind_to = Address.tcp(address.host, sibling.sock.getsockname()[1])
-            sock, unix_inode = open_listener(bind_to, backlog, reuseport=reuseport)
+                    port = sibling.sock.getsockname()[1]
+                    bind_to = Address.tcp(address.host, port)
+                    if resolved is not None:  # the same host, on the port the siblings share
+                        sockaddr = resolved[4]
+                        resolved = (*resolved[:4], (sockaddr[0], port, *sockaddr[2:]))
+            sock, unix_inode = open_listener(
+                bind_to, backlog, reuseport=reuseport, resolved=resolved
+            )
             handle_id = self._ids.setdefault((address, index), len(self._ids) + 1)
             handle = Handle(key, sock, unix_inode, handle_id)
             self._handles[key] = handle

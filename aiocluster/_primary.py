@@ -26,7 +26,14 @@ from ._child import Worker
 from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from ._handles import MAX_HANDLES, Handle, HandleTable
+from ._handles import (
+    MAX_HANDLES,
+    AddrInfo,
+    Handle,
+    HandleTable,
+    needs_resolver,
+    resolve_async,
+)
 from ._starter import Starter, worker_argv
 from ._supervisor import (
     RestartPolicy,
@@ -582,27 +589,64 @@ class Cluster:
             raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r:.40}")
         # The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
         backlog = min(backlog, _MAX_BACKLOG)
-        assert worker._channel is not None
+        slot = self._reuseport_slot(worker)
+        if needs_resolver(address) and not self.handles.exists(address, index, slot=slot):
+            # A host name: resolving it may wait on DNS, which must not stall this loop (the
+            # heartbeats of every worker are read here).
+            assert self._tg is not None
+            self._tg.create_task(self._resolve_and_listen(worker, frame, address, index, backlog))
+            return
+        self._listen(worker, frame, address, index, backlog, None)
+
+    async def _resolve_and_listen(
+        self, worker: Worker, frame: Frame, address: Address, index: int, backlog: int
+    ) -> None:
+        try:
+            resolved = await resolve_async(address)
+        except OSError as err:
+            self._refuse_listen(worker, frame, address, err)
+            return
+        if worker.is_connected():
+            self._listen(worker, frame, address, index, backlog, resolved)
+
+    def _listen(
+        self,
+        worker: Worker,
+        frame: Frame,
+        address: Address,
+        index: int,
+        backlog: int,
+        resolved: AddrInfo | None,
+    ) -> None:
         try:
             handle, created = self.handles.get_or_create(
-                address, index, backlog, slot=self._reuseport_slot(worker), holder=worker.id
+                address,
+                index,
+                backlog,
+                slot=self._reuseport_slot(worker),
+                holder=worker.id,
+                resolved=resolved,
             )
         except OSError as err:
-            code = err.errno or 0
-            text = err.strerror or str(err)
-            worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
-            if self._ready.is_set():
-                # A listen asked for once the cluster serves (a worker's create_server, a
-                # reload's new code) fails only that worker's call, never the cluster.
-                log.warning(
-                    "%s cannot listen on %s: [Errno %d] %s", worker.describe(), address, code, text
-                )
-            else:
-                self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
+            self._refuse_listen(worker, frame, address, err)
             return
         if created:
             log.info("listening on %s", handle.describe())
         self._grant(worker, frame, handle)
+
+    def _refuse_listen(self, worker: Worker, frame: Frame, address: Address, err: OSError) -> None:
+        assert worker._channel is not None
+        code = err.errno or 0
+        text = err.strerror or str(err)
+        worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
+        if self._ready.is_set():
+            # A listen asked for once the cluster serves (a worker's create_server, a
+            # reload's new code) fails only that worker's call, never the cluster.
+            log.warning(
+                "%s cannot listen on %s: [Errno %d] %s", worker.describe(), address, code, text
+            )
+        else:
+            self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
 
     # -- scheduling policies -----------------------------------------------------------------
 

@@ -6,7 +6,12 @@ replace it, keep serving, and end up holding exactly the descriptors it held bef
 
 from __future__ import annotations
 
+import errno
+
 import pytest
+
+from aiocluster._address import Address
+from aiocluster._handles import needs_resolver
 
 from .actions import HOSTILE, expect_cut_off, get_ok, inject
 from .conftest import StartCluster
@@ -56,3 +61,29 @@ async def test_hostile_input_cuts_off_that_worker_only(
     assert fd_kinds(primary) == baseline
     assert "Traceback" not in c.output
     assert c.count("broke the channel protocol") == 1, c.output
+
+
+@pytest.mark.parametrize(
+    ("host", "by_name"),
+    [("127.0.0.1", False), ("::1", False), ("0.0.0.0", False), ("localhost", True), ("a.b", True)],
+)
+def test_only_host_names_go_to_the_resolver_thread(host: str, by_name: bool) -> None:
+    assert needs_resolver(Address.tcp(host, 80)) is by_name
+
+
+async def test_a_listen_on_a_host_name_resolves_or_fails_only_that_call(
+    start_cluster: StartCluster,
+) -> None:
+    """Host names are resolved in the resolver's thread (DNS may be slow; the primary's loop
+    must not wait on it); one that does not resolve fails only that worker's call, with the
+    resolver's reason, and the cluster serves on."""
+    c = await start_cluster(*HOSTILE)
+    ok = await get_ok(f"{c.url}/listen-host?host=localhost")
+    assert ok["errno"] == 0
+    assert isinstance(ok["sockname"], list) and ok["sockname"][1] > 0
+    bad = await get_ok(f"{c.url}/listen-host?host=no-such-host.invalid")
+    assert bad["errno"] == errno.EADDRNOTAVAIL
+    assert "cannot resolve 'no-such-host.invalid'" in str(bad["error"])
+    await c.wait_for(r"cannot listen on no-such-host\.invalid:0: \[Errno 99\] cannot resolve")
+    await get_ok(f"{c.url}/")
+    assert c.proc is not None and c.proc.returncode is None

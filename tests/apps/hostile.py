@@ -157,11 +157,24 @@ async def listen_cycle(request: web.Request) -> web.Response:
     return web.json_response({"worker": aiocluster.worker_id(), "pid": os.getpid()})
 
 
+async def listen_host(request: web.Request) -> web.Response:
+    """``create_server`` on ``host`` port 0: the real address, or the error the primary gave."""
+    try:
+        server = await aiocluster.create_server(asyncio.Protocol, request.query["host"], 0)
+    except OSError as err:
+        return web.json_response({"errno": err.errno, "error": str(err)})
+    sockname = server.sockets[0].getsockname()
+    server.close()
+    await server.wait_closed()
+    return web.json_response({"errno": 0, "sockname": list(sockname)})
+
+
 def make_app() -> web.Application:
     app = web.Application()
     app.router.add_get("/", whoami)
     app.router.add_get("/inject", inject)
     app.router.add_get("/listen-cycle", listen_cycle)
+    app.router.add_get("/listen-host", listen_host)
     return app
 
 
