@@ -245,7 +245,8 @@ class ConnectionTracker:
     def __init__(self) -> None:
         #: Connections accepted so far.
         self.accepted = 0
-        self.transports: set[asyncio.BaseTransport] = set()
+        #: Open connections: each transport and its protocol.
+        self.transports: dict[asyncio.BaseTransport, asyncio.BaseProtocol] = {}
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -262,7 +263,7 @@ class ConnectionTracker:
             def connection_made(transport: asyncio.BaseTransport) -> None:
                 box.append(transport)
                 self.accepted += 1
-                self.transports.add(transport)
+                self.transports[transport] = proto
                 self._idle.clear()
                 made(transport)
 
@@ -271,7 +272,7 @@ class ConnectionTracker:
                     lost(exc)
                 finally:
                     if box:
-                        self.transports.discard(box[0])
+                        self.transports.pop(box[0], None)
                     if not self.transports:
                         self._idle.set()
 
@@ -285,7 +286,20 @@ class ConnectionTracker:
         return tracked
 
     async def drain(self, timeout: float) -> None:
-        """Wait up to ``timeout`` for every connection to end, then abort the rest."""
+        """Ask each protocol to wrap up, wait up to ``timeout`` for every connection to end,
+        then abort the rest.
+
+        A protocol that defines ``drain()`` has it called once, first: the protocol knows how to
+        end its conversation well (an HTTP server answers with ``Connection: close``; a chat
+        server says goodbye). Without it the connection simply gets the time left to end.
+        """
+        for proto in list(self.transports.values()):
+            wrap_up = getattr(proto, "drain", None)
+            if callable(wrap_up):
+                try:
+                    wrap_up()
+                except Exception:
+                    log.exception("%r.drain() failed", proto)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()

@@ -221,6 +221,33 @@ async def test_protocol_factory(start_cluster: StartCluster) -> None:
     assert await c.stop() == 0
 
 
+@pytest.mark.parametrize("protocol", ["EchoProtocol", "PoliteEchoProtocol"])
+async def test_a_stopping_protocol_worker_calls_drain_then_waits(
+    start_cluster: StartCluster, protocol: str
+) -> None:
+    """A protocol's ``drain()`` lets it end its connections well; one without the hook keeps
+    its connection until it ends or the graceful timeout passes."""
+    c = await start_cluster(
+        *cli("run", f"webapp:{protocol}", "--protocol", "-w", "1", "-b", "127.0.0.1:0"),
+        *("--graceful-timeout", "30"),
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"worker ")
+        c.signal(signal.SIGTERM)
+        await c.wait_for("asked to disconnect; draining|SIGTERM received")
+        if protocol == "PoliteEchoProtocol":
+            assert await asyncio.wait_for(reader.read(), 10) == b"bye\n"
+            assert await c.wait(timeout=20) == 0
+        else:
+            await c.wait_for(r"stopping 1 workers")
+            writer.write(b"still here\n")
+            assert await asyncio.wait_for(reader.readline(), 10) == b"still here\n"
+    finally:
+        writer.close()
+    assert await c.wait(timeout=20) == 0
+
+
 async def test_dead_worker_is_replaced(start_cluster: StartCluster) -> None:
     c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
     first = c.worker_pids[1]

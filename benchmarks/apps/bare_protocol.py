@@ -5,6 +5,10 @@ Served with ``aiocluster run bare_protocol:HelloProtocol --protocol``, which lis
 so keep-alive and pipelining work, and closes after answering a request that carries
 ``Connection: close`` (which is how wrk's connection-per-request mode is driven). Requests with
 a body are not supported: this is the floor of what a Python server can cost, not a server.
+
+``drain()`` is aiocluster's hook for a worker that stops (reload, scale-down): the next answer
+says ``Connection: close`` and ends the connection, as aiohttp does under aiocluster; a
+connection that sends nothing for ``IDLE_GRACE`` seconds is closed.
 """
 
 from __future__ import annotations
@@ -25,12 +29,24 @@ RESPONSE_CLOSE = _HEAD + b"Connection: close\r\n\r\n" + _BODY
 _END = b"\r\n\r\n"
 
 
+IDLE_GRACE = 2.0
+
+
 class HelloProtocol(asyncio.Protocol):
     """One instance per connection."""
 
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.pending = b""
+        self.closing = False
+
+    def drain(self) -> None:
+        self.closing = True
+        asyncio.get_running_loop().call_later(IDLE_GRACE, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        if self.transport is not None and not self.pending:
+            self.transport.close()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
@@ -48,7 +64,7 @@ class HelloProtocol(asyncio.Protocol):
             return
         tail = data.rfind(_END) + len(_END)
         self.pending = data[tail:]
-        if b"lose\r\n" in data and b"onnection: close" in data.lower():
+        if self.closing or (b"lose\r\n" in data and b"onnection: close" in data.lower()):
             transport.write(RESPONSE * (count - 1) + RESPONSE_CLOSE)
             transport.close()
             return

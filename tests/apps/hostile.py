@@ -163,7 +163,8 @@ async def listen_host(request: web.Request) -> web.Response:
         server = await aiocluster.create_server(asyncio.Protocol, request.query["host"], 0)
     except OSError as err:
         return web.json_response({"errno": err.errno, "error": str(err)})
-    sockname = server.sockets[0].getsockname()
+    sockets: list[socket.socket] = list(getattr(server, "sockets", []))  # uvloop's Server too
+    sockname = sockets[0].getsockname()
     server.close()
     await server.wait_closed()
     return web.json_response({"errno": 0, "sockname": list(sockname)})

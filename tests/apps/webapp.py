@@ -146,6 +146,14 @@ class EchoProtocol(asyncio.Protocol):
         self.transport.write(data)
 
 
+class PoliteEchoProtocol(EchoProtocol):
+    """An echo that says goodbye when its worker drains (aiocluster calls ``drain()``)."""
+
+    def drain(self) -> None:
+        self.transport.write(b"bye\n")
+        self.transport.close()
+
+
 async def slow_factory() -> web.Application:
     """An application that starts only once the test writes to the FIFO named in $GATE."""
     say("factory-waiting")
