@@ -7,7 +7,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
 
 from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 from ._errors import ConfigError
@@ -213,6 +213,17 @@ def parse_size(value: int | str) -> int:
     return int(amount * _SIZE_UNITS[unit])
 
 
+_Choice = TypeVar("_Choice", bound=str)
+
+
+def _one_of(value: str, choices: tuple[_Choice, ...], source: str) -> _Choice:
+    """``value`` as the choice it equals (typed as such), or a ConfigError naming ``source``."""
+    for choice in choices:
+        if value == choice:
+            return choice
+    raise ConfigError(f"{source} must be one of {', '.join(choices)}, not {value!r}")
+
+
 def _check_start(start: str | None) -> StartMethod | None:
     source = "start"
     if start is None:
@@ -220,11 +231,7 @@ def _check_start(start: str | None) -> StartMethod | None:
         if start is None:
             return None
         source = f"{ENV_START} (from the environment)"
-    for method in START_METHODS:
-        if start == method:
-            break
-    else:
-        raise ConfigError(f"{source} must be one of {', '.join(START_METHODS)}, not {start!r}")
+    method = _one_of(start, START_METHODS, source)
     if method == "fork" and not sys.platform.startswith("linux"):
         raise ConfigError(
             f"{source} 'fork' needs Linux (forking without exec is unsafe on {sys.platform}); "
@@ -238,19 +245,10 @@ def _check_policy(policy: str | None, balance: str | None, sticky: bool) -> tupl
     if policy is None:
         policy = os.environ.get(ENV_POLICY) or DEFAULT_POLICY
         source = f"{ENV_POLICY} (from the environment)"
-    for choice in POLICIES:
-        if policy == choice:
-            break
-    else:
-        raise ConfigError(f"{source} must be one of {', '.join(POLICIES)}, not {policy!r}")
+    choice = _one_of(policy, POLICIES, source)
     checked_balance: Balance = "round-robin"
     if balance is not None:
-        for option in BALANCES:
-            if balance == option:
-                checked_balance = option
-                break
-        else:
-            raise ConfigError(f"balance must be one of {', '.join(BALANCES)}, not {balance!r}")
+        checked_balance = _one_of(balance, BALANCES, "balance")
     if choice != "rr" and (checked_balance != "round-robin" or sticky):
         what = "sticky" if sticky else f"balance {checked_balance!r}"
         raise ConfigError(
