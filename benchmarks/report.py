@@ -33,9 +33,12 @@ def _fmt_cpu(row: Row) -> str:
         data = row.get(mode)
         if data and data.get("cpu"):
             cpu = data["cpu"]
+            # Results from before steal was recorded counted it in "other": shown as "?".
+            steal = cpu.get("steal_cores")
             parts.append(
                 f"{cpu['server_cores']:.2f}/{cpu['wrk_cores']:.2f}/"
-                f"{cpu.get('irq_cores', 0):.2f}/{cpu['other_cores']:.2f}"
+                f"{cpu.get('irq_cores', 0):.2f}/{cpu['other_cores']:.2f}/"
+                + (f"{steal:.2f}" if steal is not None else "?")
             )
     return "; ".join(parts) if parts else "—"
 
@@ -111,7 +114,8 @@ def table(rows: list[Row]) -> str:
 def cpu_table(rows: list[Row]) -> str:
     """Where the CPU went during the measured runs: the noise check of a shared machine."""
     lines = [
-        "| server | req per server CPU-s (ka / close) | cores server/wrk/irq/other (ka; close) "
+        "| server | req per server CPU-s (ka / close) "
+        "| cores server/wrk/irq/other/steal (ka; close) "
         "| req/s of each round (ka; close) |",
         "|---|---:|---:|---:|",
     ]
@@ -285,7 +289,8 @@ def markdown(results: dict[str, Any]) -> str:
         table(results["servers"]),
         "\nCPU during the measured runs, in cores (server = primary + workers; irq = "
         "interrupts and softirqs, where loopback TCP partly runs; other = everything else on "
-        "the machine, which is near 0 only when nothing else runs):\n",
+        "the machine, which is near 0 only when nothing else runs; steal = time the hypervisor "
+        "gave this VM's CPUs to others, /proc/stat's steal column, a busy host):\n",
         cpu_table(results["servers"]),
         "\n## Targets\n",
         "Requests/s ratios, with the same ratio per server CPU-second beside them, and the "

@@ -577,16 +577,19 @@ def memory(running: Running) -> dict[str, Any]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy_s() -> tuple[float, float]:
-    """CPU seconds since boot, all CPUs: (not idle, of which in interrupts), from /proc/stat.
+def machine_busy_s() -> tuple[float, float, float]:
+    """CPU seconds since boot, all CPUs, from /proc/stat: (not idle, of which in interrupts,
+    of which stolen).
 
     Loopback TCP does much of its work in softirqs, which the kernel may account there rather
-    than to the sending or receiving process; they are reported apart from "other".
+    than to the sending or receiving process; they are reported apart from "other". Steal is
+    time the hypervisor gave this VM's CPUs to someone else while they had work: a busy host,
+    invisible from inside but for this column; it is reported apart from "other" too.
     """
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
     busy = (user + nice + system + irq + softirq + steal) / _CLK_TCK
-    return busy, (irq + softirq) / _CLK_TCK
+    return busy, (irq + softirq) / _CLK_TCK, steal / _CLK_TCK
 
 
 def children_cpu_s() -> float:
@@ -602,26 +605,30 @@ class CpuSample:
     wall: float
     busy: float
     irq: float
+    steal: float
     server: float
     children: float
 
     @classmethod
     def take(cls, running: Running) -> CpuSample:
-        busy, irq = machine_busy_s()
-        return cls(time.monotonic(), busy, irq, running.cpu_s(), children_cpu_s())
+        busy, irq, steal = machine_busy_s()
+        return cls(time.monotonic(), busy, irq, steal, running.cpu_s(), children_cpu_s())
 
     def until(self, end: CpuSample) -> dict[str, float]:
-        """Cores used over the window by the server, by wrk, and by everything else."""
+        """Cores used over the window by the server, by wrk, by interrupts, by everything else,
+        and stolen by the hypervisor."""
         wall = end.wall - self.wall
         server = (end.server - self.server) / wall
         wrk_cores = (end.children - self.children) / wall
         busy = (end.busy - self.busy) / wall
         irq = (end.irq - self.irq) / wall
+        steal = (end.steal - self.steal) / wall
         return {
             "server_cores": round(server, 3),
             "wrk_cores": round(wrk_cores, 3),
             "irq_cores": round(irq, 3),
-            "other_cores": round(max(0.0, busy - server - wrk_cores - irq), 3),
+            "other_cores": round(max(0.0, busy - server - wrk_cores - irq - steal), 3),
+            "steal_cores": round(steal, 3),
         }
 
 
@@ -635,14 +642,19 @@ def wait_quiet(settings: Settings) -> dict[str, float]:
     began = time.monotonic()
     busy = 0.0
     while True:
-        start_busy, _ = machine_busy_s()
+        start_busy, _, start_steal = machine_busy_s()
         start = time.monotonic()
         time.sleep(0.5)
-        end_busy, _ = machine_busy_s()
-        busy = (end_busy - start_busy) / (time.monotonic() - start)
+        end_busy, _, end_steal = machine_busy_s()
+        wall = time.monotonic() - start
+        busy = (end_busy - start_busy) / wall  # steal included: a busy host counts too
         waited = time.monotonic() - began
         if busy < settings.quiet_cores or waited >= settings.quiet_wait:
-            return {"idle_busy_cores": round(busy, 3), "waited_s": round(waited, 1)}
+            return {
+                "idle_busy_cores": round(busy, 3),
+                "idle_steal_cores": round((end_steal - start_steal) / wall, 3),
+                "waited_s": round(waited, 1),
+            }
 
 
 def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
@@ -745,7 +757,8 @@ def bench_server(
                         f"errors {measured['socket_errors']}+{measured['non_2xx']}  "
                         f"shares {row[mode]['balance']['shares']}  cores: server "
                         f"{cpu['server_cores']:.2f} wrk {cpu['wrk_cores']:.2f} "
-                        f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f}"
+                        f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f} "
+                        f"steal {cpu['steal_cores']:.2f}"
                     )
                 row["memory"] = memory(running)
                 if settings.reloads and first_round:
