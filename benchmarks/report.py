@@ -75,8 +75,12 @@ def _fmt_mem(row: Row) -> str:
     if not mem or mem.get("worker_pss_avg_kib") is None:
         return "—"
     primary = mem.get("primary_pss_kib")
+    zygote = mem.get("zygote_pss_kib")
     worker = f"{mem['worker_pss_avg_kib'] / 1024:.1f}"
-    return f"{worker} ({primary / 1024:.1f})" if primary is not None else worker
+    if primary is None:
+        return worker
+    beside = f"{primary / 1024:.1f}" + (f" + {zygote / 1024:.1f}" if zygote is not None else "")
+    return f"{worker} ({beside})"
 
 
 def _fmt_reload(row: Row) -> str:
@@ -94,7 +98,7 @@ def table(rows: list[Row]) -> str:
     head = (
         "| server | keep-alive req/s | p50 / p99 ms | conn-per-request req/s | p50 / p99 ms "
         "| failed (ka / close) | balance % (ka; close) | first answer ms "
-        "| PSS MiB/worker (primary) | failed in reload / requests |\n"
+        "| PSS MiB/worker (primary + zygote) | failed in reload / requests |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
@@ -284,7 +288,8 @@ def markdown(results: dict[str, Any]) -> str:
         "server. Balance: each worker's share of answers during the warmup runs (with "
         "connection-per-request, its share of connections). First answer: median of "
         f"{s['starts']} start(s), process start to first HTTP 200. PSS: average per worker, "
-        "primary/master in brackets. Reload: keep-alive load for "
+        "primary/master in brackets, + aiocluster's zygote where it has one (fork start "
+        "method; not counted as a worker). Reload: keep-alive load for "
         f"{s['reload_duration']:g} s with the reload signal a third of the way in.\n",
         table(results["servers"]),
         "\nCPU during the measured runs, in cores (server = primary + workers; irq = "

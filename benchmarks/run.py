@@ -121,15 +121,20 @@ AIOCLUSTER_RELOAD: signal.Signals | None = signal.SIGHUP
 AIOCLUSTER_RELOAD_NOTE = ""
 
 
-def aiocluster_policies() -> tuple[list[str], str]:
-    """The ``--policy`` choices ``aiocluster run --help`` lists (besides the default), or a note."""
+def aiocluster_help() -> tuple[str, str]:
+    """What ``aiocluster run --help`` prints, or "" and why it could not be run."""
     exe = VENV / "bin" / "aiocluster"
     try:
         text = subprocess.run(
             [str(exe), "run", "--help"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as err:
-        return [], f"policy rows skipped: cannot run `aiocluster run --help` ({err})"
+        return "", f"cannot run `aiocluster run --help` ({err})"
+    return text, ""
+
+
+def aiocluster_policies(text: str) -> tuple[list[str], str]:
+    """The ``--policy`` choices ``aiocluster run --help`` lists (besides the default), or a note."""
     if "--policy" not in text:
         return [], "policy rows skipped: `aiocluster run --help` lists no --policy yet"
     found = re.search(r"--policy\s+\{([^}]*)\}", text)
@@ -139,6 +144,14 @@ def aiocluster_policies() -> tuple[list[str], str]:
     if default and default.group(1) in choices:
         choices.remove(default.group(1))  # the rows without --policy already measure it
     return choices, ""
+
+
+def aiocluster_start_methods(text: str) -> tuple[list[str], str]:
+    """The ``--start`` methods ``aiocluster run --help`` lists, or a note on why none."""
+    if not re.search(r"--start\b", text):
+        return [], "start-method rows skipped: `aiocluster run --help` lists no --start yet"
+    found = re.search(r"--start\s+\{([^}]*)\}", text)
+    return ([c.strip() for c in found.group(1).split(",")] if found else ["spawn"]), ""
 
 
 def node_row(name: str, sched: str, how: str) -> Server:
@@ -154,8 +167,14 @@ def node_row(name: str, sched: str, how: str) -> Server:
     )
 
 
-def aiocluster_row(name: str, spec: str, *flags: str, policy: str | None = None) -> Server:
-    extra = [*flags, *(["--policy", policy] if policy else [])]
+def aiocluster_row(
+    name: str, spec: str, *flags: str, policy: str | None = None, start: str | None = None
+) -> Server:
+    extra = [
+        *flags,
+        *(["--policy", policy] if policy else []),
+        *(["--start", start] if start else []),
+    ]
     what = "aiohttp hello app" if "--protocol" not in flags else "bare asyncio protocol"
     return Server(
         name=name,
@@ -191,9 +210,19 @@ def build_servers() -> tuple[list[Server], list[str]]:
         aiocluster_row("aiocluster-aiohttp", "hello_aiohttp:app"),
         aiocluster_row("aiocluster-protocol", "bare_protocol:HelloProtocol", "--protocol"),
     ]
-    policies, note = aiocluster_policies()
+    help_text, why = aiocluster_help()
+    if why:
+        notes.append(f"policy and start-method rows skipped: {why}")
+    policies, note = aiocluster_policies(help_text) if help_text else ([], "")
     if note:
         notes.append(note)
+    # The fork start method (a zygote forks the workers) is to become the default: this row keeps
+    # the fresh-interpreter start measured beside it, once `aiocluster run` has --start.
+    methods, note = aiocluster_start_methods(help_text) if help_text else ([], "")
+    if note:
+        notes.append(note)
+    if "spawn" in methods:
+        rows.append(aiocluster_row("aiocluster-aiohttp-spawn", "hello_aiohttp:app", start="spawn"))
     for policy in policies:
         rows.append(
             aiocluster_row(f"aiocluster-aiohttp-{policy}", "hello_aiohttp:app", policy=policy)
@@ -367,6 +396,8 @@ class Running:
         )
         self.ps = psutil.Process(self.proc.pid)
         self.seen: dict[int, Any] = {}  # every descendant ever seen, to be sure they end
+        self._log_read = 0  # how much of the log zygote_pids_logged() has read
+        self._zygotes_logged: set[int] = set()
 
     def descendants(self) -> list[Any]:
         import psutil
@@ -379,11 +410,36 @@ class Running:
             self.seen.setdefault(proc.pid, proc)
         return found
 
-    def workers(self) -> list[Any]:
-        """The serving processes: the primary's children, less multiprocessing helpers."""
+    def zygote_pids_logged(self) -> set[int]:
+        """Zygote pids the aiocluster primary named in its log (``zygote (pid N) loaded ...``)."""
+        if self.server.family != "aiocluster":
+            return set()
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_read)
+                text = log.read()
+        except OSError:
+            return self._zygotes_logged
+        complete = text.rfind(b"\n") + 1  # a line being written is read again next time
+        self._log_read += complete
+        for match in re.finditer(rb"zygote \(pid (\d+)\)", text[:complete]):
+            self._zygotes_logged.add(int(match.group(1)))
+        return self._zygotes_logged
+
+    def split_children(self) -> tuple[list[Any], list[Any]]:
+        """The primary's children less multiprocessing helpers, split into (workers, zygotes).
+
+        aiocluster's fork start method keeps a zygote, a child of the primary that forks the
+        workers and serves nothing (normally one; two for a moment when it is replaced). A
+        zygote the primary spawned has AIOCLUSTER_ZYGOTE_FD in its environment; the workers it
+        forks are re-parented to the primary and inherit that environment block (which
+        /proc/PID/environ shows as it was at exec), so of several children marked so the oldest
+        is the zygote. A zygote the primary forked from itself is not marked at all: the
+        primary's log names it. Workers still under a zygote count as workers too.
+        """
         import psutil
 
-        result = []
+        children, marked = [], []
         for proc in self.descendants():
             try:
                 if proc.ppid() != self.proc.pid:
@@ -393,8 +449,25 @@ class Running:
                 continue
             if "resource_tracker" in cmdline or "semaphore_tracker" in cmdline:
                 continue
-            result.append(proc)
-        return result
+            children.append(proc)
+            if _is_zygote(proc.pid):
+                marked.append(proc)
+        named = self.zygote_pids_logged()
+        oldest = min(marked, key=_create_time).pid if marked else None
+        zygotes = [p for p in children if p.pid in named or p.pid == oldest]
+        workers = [p for p in children if p not in zygotes]
+        for zygote in zygotes:
+            with contextlib.suppress(psutil.Error):
+                workers += zygote.children()
+        return workers, zygotes
+
+    def workers(self) -> list[Any]:
+        """The serving processes: the primary's children, less helpers and zygotes."""
+        return self.split_children()[0]
+
+    def zygotes(self) -> list[Any]:
+        """aiocluster's zygote (fork start method), if the primary has one."""
+        return self.split_children()[1]
 
     def cpu_s(self) -> float:
         """CPU seconds used so far by the primary and every live descendant."""
@@ -470,6 +543,27 @@ class Running:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+
+ZYGOTE_MARK = b"AIOCLUSTER_ZYGOTE"  # AIOCLUSTER_ZYGOTE_FD=N today; any such name counts
+
+
+def _is_zygote(pid: int) -> bool:
+    """Whether the process's environment (as at its exec) has an AIOCLUSTER_ZYGOTE* variable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return any(entry.startswith(ZYGOTE_MARK) for entry in environ.split(b"\0"))
+
+
+def _create_time(proc: Any) -> float:
+    import psutil
+
+    try:
+        return float(proc.create_time())
+    except psutil.Error:
+        return float("inf")
 
 
 def _running(proc: Any) -> bool:
@@ -563,11 +657,15 @@ def balance(pids: dict[str, int]) -> dict[str, Any]:
 
 
 def memory(running: Running) -> dict[str, Any]:
-    workers = running.workers()
+    """PSS of the workers (their average is the figure), of the primary, and of a zygote."""
+    workers, zygotes = running.split_children()
     worker_pss = [k for k in (pss_kib(p.pid) for p in workers) if k is not None]
     primary = pss_kib(running.proc.pid)
+    zygote_pss = [k for k in (pss_kib(p.pid) for p in zygotes) if k is not None]
     return {
         "primary_pss_kib": primary,
+        "zygote_pss_kib": sum(zygote_pss) if zygote_pss else None,
+        "zygotes_found": len(zygotes),
         "worker_pss_kib": worker_pss,
         "worker_pss_avg_kib": round(statistics.mean(worker_pss)) if worker_pss else None,
         "workers_found": len(workers),
