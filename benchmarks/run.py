@@ -579,7 +579,9 @@ RUNNING: list[Running] = []
 
 
 @contextlib.contextmanager
-def started(server: Server, ctx: Context, log_path: Path) -> Iterator[Running]:
+def started(
+    server: Server, ctx: Context, log_path: Path, *, stop_timeout: float = 15.0
+) -> Iterator[Running]:
     if server.prepare is not None:
         server.prepare(ctx)
     running = Running(server, ctx, log_path)
@@ -587,7 +589,7 @@ def started(server: Server, ctx: Context, log_path: Path) -> Iterator[Running]:
     try:
         yield running
     finally:
-        running.stop()
+        running.stop(stop_timeout)
         RUNNING.remove(running)
 
 
@@ -730,11 +732,14 @@ class CpuSample:
         }
 
 
+QUIET_WINDOW = 0.3  # seconds: 60 ticks of 2 cores at 100 Hz, enough to see 0.2 busy cores
+
+
 def wait_quiet(settings: Settings) -> dict[str, float]:
     """Wait (up to settings.quiet_wait) until the machine is idle besides us, before a run.
 
     This machine may be shared (other sessions run test suites on it): a load run measured
-    while something else takes a core says little. Samples busy cores over 0.5 s windows,
+    while something else takes a core says little. Samples busy cores over 0.3 s windows,
     with the server idle, until they drop under settings.quiet_cores; returns what was seen.
     """
     began = time.monotonic()
@@ -742,7 +747,7 @@ def wait_quiet(settings: Settings) -> dict[str, float]:
     while True:
         start_busy, _, start_steal = machine_busy_s()
         start = time.monotonic()
-        time.sleep(0.5)
+        time.sleep(QUIET_WINDOW)
         end_busy, _, end_steal = machine_busy_s()
         wall = time.monotonic() - start
         busy = (end_busy - start_busy) / wall  # steal included: a busy host counts too
@@ -812,20 +817,74 @@ def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
 # -- one server ---------------------------------------------------------------------------------
 
 
+START_SETTLE = 0.2  # seconds between a timed start's first answer and its stop
+START_STOP_TIMEOUT = 5.0  # granian, stopped while a worker boots, may ignore SIGTERM
+
+
+def time_start(server: Server, settings: Settings, logs: Path, tag: str) -> float:
+    """Start ``server``, time it from Popen to its first HTTP 200, and stop it.
+
+    Before the stop, the runner waits for the workers (aiocluster: its ready line) and a
+    moment more: a server stopped while its workers still boot may hang in its shutdown.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
+        ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
+        log_path = logs / f"{server.name}.{tag}.log"
+        with started(server, ctx, log_path, stop_timeout=START_STOP_TIMEOUT) as running:
+            seconds = running.wait_first_answer(time.monotonic() + 60)
+            running.wait_workers(time.monotonic() + 30)
+            time.sleep(START_SETTLE)
+    return seconds
+
+
+def time_starts(servers: list[Server], settings: Settings, logs: Path) -> dict[str, dict[str, Any]]:
+    """First answer of each server: one warm-up start, then ``settings.starts`` timed ones.
+
+    Each pass starts every server once, in the run order, reversed every other pass, so that
+    the k-th starts of two servers are seconds apart and their ratio can be taken pair by pair.
+    The warm-up pass (its time is kept but not counted) pays for a cold page cache: the first
+    start of a program after a while reads its files from disk, the later ones do not.
+    """
+    found: dict[str, dict[str, Any]] = {
+        s.name: {"warmup_start_s": None, "first_answer_by_pass": []} for s in servers
+    }
+    for number in range(settings.starts + 1):
+        order = servers if number % 2 == 0 else servers[::-1]
+        what = "warm-up start (not counted)" if number == 0 else f"timed start {number}"
+        said = []
+        for server in order:
+            entry = found[server.name]
+            seconds: float | None = None
+            if "start_error" not in entry:
+                try:
+                    seconds = time_start(server, settings, logs, f"start{number}")
+                    said.append(f"{server.name} {seconds * 1000:.0f}")
+                except Exception as err:
+                    entry["start_error"] = f"{err}"
+                    said.append(f"{server.name} failed: {err}")
+            if number == 0:
+                entry["warmup_start_s"] = seconds
+            else:
+                entry["first_answer_by_pass"].append(seconds)
+        _say(f"{what}, ms: " + ", ".join(said))
+    return found
+
+
 def bench_server(
-    server: Server, settings: Settings, logs: Path, *, first_round: bool = True
+    server: Server, settings: Settings, logs: Path, *, number: int, position: int
 ) -> dict[str, Any]:
-    """One round for one server; reloads and extra timed starts happen in the first round."""
+    """One round for one server: load in both modes, memory; the reload in the first round."""
     row: dict[str, Any] = {"name": server.name, "family": server.family}
     row["describe"] = server.describe
-    starts: list[float] = []
+    row["round"] = number + 1
+    row["position"] = position
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
         ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
         row["argv"] = server.argv(ctx)
-        log_path = logs / f"{server.name}.log"
+        log_path = logs / f"{server.name}.round{number + 1}.log"
         with started(server, ctx, log_path) as running:
             try:
-                starts.append(running.wait_first_answer(time.monotonic() + 60))
+                row["first_answer_in_round_s"] = running.wait_first_answer(time.monotonic() + 60)
                 row["workers_found"] = running.wait_workers(time.monotonic() + 30)
                 for mode in MODES:
                     quiet = wait_quiet(settings)
@@ -859,42 +918,104 @@ def bench_server(
                         f"steal {cpu['steal_cores']:.2f}"
                     )
                 row["memory"] = memory(running)
-                if settings.reloads and first_round:
+                if settings.reloads and number == 0:
                     row["reload"] = measure_reload(running, settings)
             except Exception as err:
                 row["error"] = f"{err}"
                 row["log_tail"] = running.log_tail()
                 _say(f"  error: {err}\n{row['log_tail']}")
-        for _ in range(settings.starts - 1 if first_round else 0):
-            if "error" in row:
-                break
-            ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
-            with started(server, ctx, logs / f"{server.name}.start.log") as running:
-                starts.append(running.wait_first_answer(time.monotonic() + 60))
-    row["first_answer_s"] = starts
-    row["first_answer_median_s"] = statistics.median(starts) if starts else None
     return row
 
 
-def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from several rounds: per mode, the round with the median requests/s."""
-    row = dict(rounds[0])
+#: What each round keeps of a mode, for the ratios taken within a round (report.py).
+ROUND_FIELDS = ("rps", "requests_per_server_cpu_s")
+ROUND_CPU_FIELDS = ("server_cores", "other_cores", "steal_cores")
+
+
+def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, Any]:
+    """One row from several rounds: per mode, the round with the median requests/s.
+
+    ``per_round`` keeps each round's own figures in round order, so that report.py can take
+    a ratio between two servers within each round; ``first_answer_by_pass`` keeps each timed
+    start in pass order (None where it failed), for the same pairing of starts.
+    """
+    row = {k: v for k, v in rounds[0].items() if k not in ("round", "position")}
+    row.pop("first_answer_in_round_s", None)
     row["rounds"] = len(rounds)
     for mode in MODES:
         runs = [r[mode] for r in rounds if r.get(mode)]
         if runs:
             runs.sort(key=lambda run: run["rps"])
             row[mode] = {**runs[len(runs) // 2], "rps_all": [run["rps"] for run in runs]}
-    starts = [s for r in rounds for s in r.get("first_answer_s", [])]
-    row["first_answer_s"] = starts
-    row["first_answer_median_s"] = statistics.median(starts) if starts else None
+    per_round = []
+    for r in rounds:
+        entry: dict[str, Any] = {"round": r["round"], "position": r["position"]}
+        if r.get("first_answer_in_round_s") is not None:
+            entry["first_answer_s"] = round(r["first_answer_in_round_s"], 4)
+        for mode in MODES:
+            if r.get(mode):
+                data = {k: r[mode][k] for k in ROUND_FIELDS}
+                data.update({k: r[mode]["cpu"][k] for k in ROUND_CPU_FIELDS})
+                entry[mode] = data
+        if r.get("error"):
+            entry["error"] = r["error"]
+        per_round.append(entry)
+    row["per_round"] = per_round
+    by_pass = starts.get("first_answer_by_pass", [])
+    timed = [s for s in by_pass if s is not None]
+    row["first_answer_s"] = timed
+    row["first_answer_median_s"] = statistics.median(timed) if timed else None
+    row["first_answer_by_pass"] = by_pass
+    row["warmup_start_s"] = starts.get("warmup_start_s")
+    if starts.get("start_error"):
+        row["start_error"] = starts["start_error"]
     memories = [r["memory"] for r in rounds if r.get("memory")]
     if memories:
         row["memory"] = memories[-1]
+    reloads = [r["reload"] for r in rounds if r.get("reload")]
+    if reloads:
+        row["reload"] = reloads[0]
     errors = [r["error"] for r in rounds if r.get("error")]
     if errors:
         row["error"] = "; ".join(errors)
     return row
+
+
+#: The order servers run in within a round (reversed every other round): each aiocluster row
+#: beside the peer its target ratio compares it with, so that the two run close together.
+#: Exact names first, then globs; rows matching nothing run last, in table order.
+RUN_ORDER = (
+    "uvicorn-asgi",
+    "aiocluster-aiohttp",
+    "aiocluster-aiohttp-spawn",
+    "gunicorn-aiohttp",
+    "aiocluster-aiohttp-reuseport",
+    "aiocluster-aiohttp-*",
+    "aiocluster-aiohttp-rr",
+    "node-cluster-rr",
+    "aiocluster-protocol-rr",
+    "node-cluster",
+    "aiocluster-protocol",
+    "nginx",
+    "aiocluster-protocol-reuseport",
+    "aiocluster-protocol-*",
+    "granian-asgi",
+)
+
+
+def run_order(servers: list[Server]) -> list[Server]:
+    """``servers`` in RUN_ORDER (see there)."""
+
+    def key(item: tuple[int, Server]) -> tuple[int, int]:
+        index, server = item
+        if server.name in RUN_ORDER:
+            return RUN_ORDER.index(server.name), index
+        for place, pattern in enumerate(RUN_ORDER):
+            if fnmatch.fnmatch(server.name, pattern):
+                return place, index
+        return len(RUN_ORDER), index
+
+    return [server for _, server in sorted(enumerate(servers), key=key)]
 
 
 # -- machine ------------------------------------------------------------------------------------
@@ -983,7 +1104,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 2, 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--starts", type=int, help="starts timed per server (quick 1, 3)")
+    parser.add_argument(
+        "--starts", type=int, help="timed starts per server, after one warm-up start (quick 1, 3)"
+    )
     parser.add_argument("--reload-duration", type=float, help="seconds of load around a reload")
     parser.add_argument("--rounds", type=int, help="rounds over all servers (quick 1, 3)")
     parser.add_argument(
@@ -1073,6 +1196,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     interrupted = False
     rounds: dict[str, list[dict[str, Any]]] = {}
+    starts: dict[str, dict[str, Any]] = {}
     runnable = []
     for server in servers:
         why = server.missing()
@@ -1081,23 +1205,31 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{server.name}: skipped ({why})")
         else:
             runnable.append(server)
+    ordered = run_order(runnable)
+    results["run_order"] = [s.name for s in ordered]
+    phases: dict[str, float] = {}
+    results["phases_s"] = phases
     try:
+        starts = time_starts(ordered, settings, logs)
+        phases["starts"] = round(time.monotonic() - began, 1)
         for number in range(settings.rounds):
-            # Alternate the order so that drift in the machine's state spreads evenly.
-            order = runnable if number % 2 == 0 else runnable[::-1]
-            for server in order:
+            # Reversed every other round: no server always runs first, and a drift of the
+            # machine's speed over a round weighs on both sides of a ratio alike.
+            order = ordered if number % 2 == 0 else ordered[::-1]
+            for position, server in enumerate(order):
                 _say(f"{server.name} (round {number + 1}/{settings.rounds}): {server.describe}")
-                row = bench_server(server, settings, logs, first_round=number == 0)
+                row = bench_server(server, settings, logs, number=number, position=position)
                 rounds.setdefault(server.name, []).append(row)
-                if row.get("first_answer_median_s") is not None:
-                    _say(f"  first answer {row['first_answer_median_s'] * 1000:.0f} ms")
+        phases["rounds"] = round(time.monotonic() - began - phases["starts"], 1)
     except KeyboardInterrupt:
         interrupted = True
         _say("interrupted: stopping servers")
     finally:
         for running in list(RUNNING):
             running.stop()
-    results["servers"] = [merge_rounds(rounds[s.name]) for s in runnable if s.name in rounds]
+    results["servers"] = [
+        merge_rounds(rounds[s.name], starts.get(s.name, {})) for s in runnable if s.name in rounds
+    ]
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["interrupted"] = interrupted
     path = settings.out / f"{label}.json"
