@@ -49,6 +49,8 @@ NODE = shutil.which("node") or "/usr/bin/node"
 MODES = ("keepalive", "close")
 LUA = {"keepalive": HERE / "keepalive.lua", "close": HERE / "close.lua"}
 POLICY_DEFAULTS = ("rr", "reuseport")
+#: --quick's measured seconds per mode and round: 3 rounds of (1 s warmup + this) per mode.
+QUICK_DURATION = 2.0
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -878,6 +880,7 @@ def bench_server(
     row["describe"] = server.describe
     row["round"] = number + 1
     row["position"] = position
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
         ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
         row["argv"] = server.argv(ctx)
@@ -924,6 +927,7 @@ def bench_server(
                 row["error"] = f"{err}"
                 row["log_tail"] = running.log_tail()
                 _say(f"  error: {err}\n{row['log_tail']}")
+    row["elapsed_s"] = round(time.monotonic() - began, 2)
     return row
 
 
@@ -939,7 +943,7 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
     a ratio between two servers within each round; ``first_answer_by_pass`` keeps each timed
     start in pass order (None where it failed), for the same pairing of starts.
     """
-    row = {k: v for k, v in rounds[0].items() if k not in ("round", "position")}
+    row = {k: v for k, v in rounds[0].items() if k not in ("round", "position", "elapsed_s")}
     row.pop("first_answer_in_round_s", None)
     row["rounds"] = len(rounds)
     for mode in MODES:
@@ -949,7 +953,11 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
             row[mode] = {**runs[len(runs) // 2], "rps_all": [run["rps"] for run in runs]}
     per_round = []
     for r in rounds:
-        entry: dict[str, Any] = {"round": r["round"], "position": r["position"]}
+        entry: dict[str, Any] = {
+            "round": r["round"],
+            "position": r["position"],
+            "elapsed_s": r.get("elapsed_s"),
+        }
         if r.get("first_answer_in_round_s") is not None:
             entry["first_answer_s"] = round(r["first_answer_in_round_s"], 4)
         for mode in MODES:
@@ -1100,15 +1108,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--setup", action="store_true", help="make the venv, install wrk/nginx")
     parser.add_argument("--quick", action="store_true", help="short runs: a few minutes in all")
     parser.add_argument("--workers", type=int, default=2, help="workers for every server (2)")
-    parser.add_argument("--duration", type=float, help="seconds per measured run (quick 5, 10)")
-    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 2, 3)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds per measured run (quick {QUICK_DURATION:g}, 10; whole seconds for wrk)",
+    )
+    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 1, 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1)")
     parser.add_argument(
-        "--starts", type=int, help="timed starts per server, after one warm-up start (quick 1, 3)"
+        "--starts", type=int, help="timed starts per server, after one warm-up start (3)"
     )
-    parser.add_argument("--reload-duration", type=float, help="seconds of load around a reload")
-    parser.add_argument("--rounds", type=int, help="rounds over all servers (quick 1, 3)")
+    parser.add_argument(
+        "--reload-duration", type=float, help="seconds of load around a reload (quick 3, 12)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds over all servers (3)")
     parser.add_argument(
         "--quiet-cores",
         type=float,
@@ -1133,14 +1147,14 @@ def main(argv: list[str] | None = None) -> int:
     quick = bool(args.quick)
     settings = Settings(
         workers=args.workers,
-        duration=args.duration or (5.0 if quick else 10.0),
-        warmup=args.warmup or (2.0 if quick else 3.0),
+        duration=args.duration or (QUICK_DURATION if quick else 10.0),
+        warmup=args.warmup or (1.0 if quick else 3.0),
         connections=args.connections,
         wrk_threads=args.wrk_threads,
-        starts=args.starts or (1 if quick else 3),
-        reload_duration=args.reload_duration or (6.0 if quick else 12.0),
+        starts=args.starts or 3,
+        reload_duration=args.reload_duration or (3.0 if quick else 12.0),
         reloads=not args.no_reloads,
-        rounds=args.rounds or (1 if quick else 3),
+        rounds=args.rounds or 3,
         quiet_cores=args.quiet_cores,
         quiet_wait=args.quiet_wait if args.quiet_wait is not None else (10.0 if quick else 30.0),
         quick=quick,
