@@ -294,13 +294,12 @@ def _fmt_ratio(ratio: Ratio, target: Target) -> str:
     value = ratio.value
     if value is None:
         return f"— | — | {target.target} | not measured | | |"
-    if ratio.paired and len(ratio.pairs) > 1:
-        spread = f"{min(ratio.pairs):.2f}-{max(ratio.pairs):.2f}"
-        met = "yes" if target.passes(value) else "no"
+    met = "yes" if target.passes(value) else "no"
+    spread = "—"
+    if ratio.paired:  # how many rounds met it, out of the rounds where both sides ran
         met += f" ({sum(target.passes(r) for r in ratio.pairs)}/{len(ratio.pairs)})"
-    else:
-        spread = "—"
-        met = "yes" if target.passes(value) else "no"
+        if len(ratio.pairs) > 1:
+            spread = f"{min(ratio.pairs):.2f}-{max(ratio.pairs):.2f}"
     per_cpu = f"{statistics.median(ratio.per_cpu):.2f}" if ratio.per_cpu else ""
     other = "" if ratio.other is None else f"{ratio.other:.2f}"
     if ratio.steal is not None:
