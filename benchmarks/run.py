@@ -5,11 +5,15 @@
     python benchmarks/run.py                # the full run
     python benchmarks/run.py --list         # the server table, and what would be skipped
 
-Each server in SERVERS is started on a free loopback port, timed to its first answer, warmed
-up (that warmup also tallies which worker answered, for the balance figures), measured with
-keep-alive and with connection-per-request, its memory read, optionally reloaded under load,
-then stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, and
-``report.py`` turns them into a Markdown table and a PNG chart.
+First every server is started once untimed (a warm-up start: the page cache), then started
+and timed to its first answer in a few passes over all servers. Then come rounds over all
+servers, in an order that puts each aiocluster row beside the peer it is compared with,
+reversed every other round: each server is started on a free loopback port, warmed up (that
+warmup also tallies which worker answered, for the balance figures), measured with keep-alive
+and with connection-per-request, its memory read, reloaded under load in the first round,
+then stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, with
+each round's figures kept, and ``report.py`` turns them into a Markdown table and a PNG chart;
+it takes each target ratio within a round, where the machine's drift weighs on both sides.
 
 Only 127.0.0.1 is ever used. Every load run is bounded by ``wrk -d``, and every server started
 is stopped and reaped, on errors and Ctrl-C too.
@@ -480,7 +484,7 @@ class Running:
         return self.split_children()[0]
 
     def zygotes(self) -> list[Any]:
-        """aiocluster's zygote (fork start method), if the primary has one."""
+        """aiocluster's zygote (fork start method): normally one, none under spawn."""
         return self.split_children()[1]
 
     def cpu_s(self) -> float:
@@ -972,6 +976,9 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
         }
         if r.get("first_answer_in_round_s") is not None:
             entry["first_answer_s"] = round(r["first_answer_in_round_s"], 4)
+        waited = [r[mode]["before"]["waited_s"] for mode in MODES if r.get(mode)]
+        if waited:
+            entry["quiet_waited_s"] = round(sum(waited), 1)
         for mode in MODES:
             if r.get(mode):
                 data = {k: r[mode][k] for k in ROUND_FIELDS}
