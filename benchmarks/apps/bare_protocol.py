@@ -14,30 +14,15 @@ import os
 from typing import cast
 
 _BODY = b"Hello, World!"
+_HEAD = (
+    b"HTTP/1.1 200 OK\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n"
+    b"Content-Length: %d\r\n"
+    b"X-Worker-Pid: %d\r\n" % (len(_BODY), os.getpid())
+)
+RESPONSE = _HEAD + b"\r\n" + _BODY
+RESPONSE_CLOSE = _HEAD + b"Connection: close\r\n\r\n" + _BODY
 _END = b"\r\n\r\n"
-
-
-def _responses() -> tuple[bytes, bytes]:
-    """The keep-alive and the closing response, naming this process's pid."""
-    head = (
-        b"HTTP/1.1 200 OK\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"Content-Length: %d\r\n"
-        b"X-Worker-Pid: %d\r\n" % (len(_BODY), os.getpid())
-    )
-    return head + b"\r\n" + _BODY, head + b"Connection: close\r\n\r\n" + _BODY
-
-
-RESPONSE, RESPONSE_CLOSE = _responses()
-
-
-def _after_fork() -> None:
-    # A worker forked after this import (aiocluster's fork start method) answers with its pid.
-    global RESPONSE, RESPONSE_CLOSE
-    RESPONSE, RESPONSE_CLOSE = _responses()
-
-
-os.register_at_fork(after_in_child=_after_fork)
 
 
 class HelloProtocol(asyncio.Protocol):
@@ -71,3 +56,21 @@ class HelloProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+
+
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    """In a worker forked after this import (aiocluster's fork start method forks its workers
+    from a zygote that imported it): answer with this process's pid, not its parent's."""
+    global _PID, RESPONSE, RESPONSE_CLOSE
+    old, _PID = _PID, os.getpid()
+    before, after = (b"X-Worker-Pid: %d\r\n" % pid for pid in (old, _PID))
+    RESPONSE, RESPONSE_CLOSE = (
+        RESPONSE.replace(before, after),
+        RESPONSE_CLOSE.replace(before, after),
+    )
+
+
+os.register_at_fork(after_in_child=_after_fork)
