@@ -55,10 +55,6 @@ LUA = {"keepalive": HERE / "keepalive.lua", "close": HERE / "close.lua"}
 POLICY_DEFAULTS = ("rr", "reuseport")
 #: --quick's measured seconds per mode and round: 3 rounds of (1 s warmup + this) per mode.
 QUICK_DURATION = 2.0
-#: --quick's aiocluster --graceful-timeout. A bare-protocol worker draining in a reload keeps
-#: wrk's keep-alive connections (nothing tells a raw protocol's client to go) until this
-#: timeout closes them: the same failures after 5 s instead of aiocluster's default 30 s.
-QUICK_GRACEFUL_TIMEOUT = 5.0
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -75,7 +71,6 @@ class Settings:
     reload_duration: float
     reloads: bool
     rounds: int
-    graceful_timeout: float | None
     quiet_cores: float
     quiet_wait: float
     quick: bool
@@ -89,8 +84,6 @@ class Context:
     port: int
     workers: int
     tmp: Path
-    #: aiocluster's --graceful-timeout, if not its default.
-    graceful_timeout: float | None = None
 
     def bin(self, name: str) -> str:
         return str(VENV / "bin" / name)
@@ -202,11 +195,6 @@ def aiocluster_row(
             str(ctx.workers),
             "-b",
             f"{HOST}:{ctx.port}",
-            *(
-                ["--graceful-timeout", f"{ctx.graceful_timeout:g}"]
-                if ctx.graceful_timeout is not None
-                else []
-            ),
         ],
         missing=_need_venv("aiocluster"),
         reload_signal=AIOCLUSTER_RELOAD,
@@ -846,7 +834,7 @@ def time_start(server: Server, settings: Settings, logs: Path, tag: str) -> floa
     moment more: a server stopped while its workers still boot may hang in its shutdown.
     """
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
-        ctx = Context(free_port(), settings.workers, Path(tmp), settings.graceful_timeout)
+        ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
         log_path = logs / f"{server.name}.{tag}.log"
         with started(server, ctx, log_path, stop_timeout=START_STOP_TIMEOUT) as running:
             seconds = running.wait_first_answer(time.monotonic() + 60)
@@ -898,7 +886,7 @@ def bench_server(
     row["position"] = position
     began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
-        ctx = Context(free_port(), settings.workers, Path(tmp), settings.graceful_timeout)
+        ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
         row["argv"] = server.argv(ctx)
         log_path = logs / f"{server.name}.round{number + 1}.log"
         with started(server, ctx, log_path) as running:
@@ -1151,11 +1139,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--quiet-wait", type=float, help="longest wait for that, seconds (quick 10, 30)"
     )
-    parser.add_argument(
-        "--graceful-timeout",
-        type=float,
-        help="aiocluster rows: --graceful-timeout (quick 5; else aiocluster's default)",
-    )
     parser.add_argument("--no-reloads", action="store_true", help="skip the reload runs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (globs allowed)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
@@ -1179,7 +1162,6 @@ def main(argv: list[str] | None = None) -> int:
         reload_duration=args.reload_duration or (3.0 if quick else 12.0),
         reloads=not args.no_reloads,
         rounds=args.rounds or 3,
-        graceful_timeout=args.graceful_timeout or (QUICK_GRACEFUL_TIMEOUT if quick else None),
         quiet_cores=args.quiet_cores,
         quiet_wait=args.quiet_wait if args.quiet_wait is not None else (10.0 if quick else 30.0),
         quick=quick,
