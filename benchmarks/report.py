@@ -8,7 +8,9 @@ same moment, same load generator); absolute requests/s say more about the machin
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import statistics
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -33,9 +35,12 @@ def _fmt_cpu(row: Row) -> str:
         data = row.get(mode)
         if data and data.get("cpu"):
             cpu = data["cpu"]
+            # Results from before steal was recorded counted it in "other": shown as "?".
+            steal = cpu.get("steal_cores")
             parts.append(
                 f"{cpu['server_cores']:.2f}/{cpu['wrk_cores']:.2f}/"
-                f"{cpu.get('irq_cores', 0):.2f}/{cpu['other_cores']:.2f}"
+                f"{cpu.get('irq_cores', 0):.2f}/{cpu['other_cores']:.2f}/"
+                + (f"{steal:.2f}" if steal is not None else "?")
             )
     return "; ".join(parts) if parts else "—"
 
@@ -72,8 +77,12 @@ def _fmt_mem(row: Row) -> str:
     if not mem or mem.get("worker_pss_avg_kib") is None:
         return "—"
     primary = mem.get("primary_pss_kib")
+    zygote = mem.get("zygote_pss_kib")
     worker = f"{mem['worker_pss_avg_kib'] / 1024:.1f}"
-    return f"{worker} ({primary / 1024:.1f})" if primary is not None else worker
+    if primary is None:
+        return worker
+    beside = f"{primary / 1024:.1f}" + (f" + {zygote / 1024:.1f}" if zygote is not None else "")
+    return f"{worker} ({beside})"
 
 
 def _fmt_reload(row: Row) -> str:
@@ -91,7 +100,7 @@ def table(rows: list[Row]) -> str:
     head = (
         "| server | keep-alive req/s | p50 / p99 ms | conn-per-request req/s | p50 / p99 ms "
         "| failed (ka / close) | balance % (ka; close) | first answer ms "
-        "| PSS MiB/worker (primary) | failed in reload / requests |\n"
+        "| PSS MiB/worker (primary + zygote) | failed in reload / requests |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
@@ -108,18 +117,26 @@ def table(rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+def _rps_by_round(row: Row, mode: str) -> list[float]:
+    """Requests/s of each round, in round order (older results: sorted, as they kept them)."""
+    if row.get("per_round"):
+        return [r[mode]["rps"] for r in row["per_round"] if r.get(mode)]
+    return list(row[mode].get("rps_all", [row[mode]["rps"]]))
+
+
 def cpu_table(rows: list[Row]) -> str:
     """Where the CPU went during the measured runs: the noise check of a shared machine."""
     lines = [
-        "| server | req per server CPU-s (ka / close) | cores server/wrk/irq/other (ka; close) "
-        "| req/s of each round (ka; close) |",
+        "| server | req per server CPU-s (ka / close) "
+        "| cores server/wrk/irq/other/steal (ka; close) "
+        "| req/s of each round, in order (ka; close) |",
         "|---|---:|---:|---:|",
     ]
     for row in rows:
         if not row.get("keepalive"):
             continue
         rounds = "; ".join(
-            ", ".join(f"{v:,.0f}" for v in row[mode].get("rps_all", [row[mode]["rps"]]))
+            ", ".join(f"{v:,.0f}" for v in _rps_by_round(row, mode))
             for mode in ("keepalive", "close")
             if row.get(mode)
         )
@@ -144,52 +161,109 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a is not None and b else None
 
 
-Check = tuple[str, float | None, str, Callable[[float], bool]]
+def _at_least(limit: float) -> Callable[[float], bool]:
+    return lambda value: value >= limit
 
 
-def _per_cpu(rows: dict[str, Row], name: str, mode: str) -> float | None:
-    row = rows.get(name)
-    value = row.get(mode, {}).get("requests_per_server_cpu_s") if row else None
-    return float(value) if value else None
+def _at_most(limit: float) -> Callable[[float], bool]:
+    return lambda value: value <= limit
 
 
-def _other(rows: dict[str, Row], name: str, mode: str) -> float | None:
-    row = rows.get(name)
-    cpu = row.get(mode, {}).get("cpu") if row else None
-    return float(cpu["other_cores"]) if cpu else None
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One ratio the issue sets a target for: left / right, in a load mode or at start."""
+
+    left: str
+    right: str
+    mode: str  # "keepalive", "close", or "start" (first answer)
+    target: str
+    passes: Callable[[float], bool]
+    label: str = ""  # what to call the pair, if not "left / right"
+
+    @property
+    def what(self) -> str:
+        pair = self.label or f"{self.left} / {self.right}"
+        return f"first answer {pair}" if self.mode == "start" else f"{pair}, {self.mode}"
 
 
-def context(rows: dict[str, Row], what: str) -> str:
-    """For a throughput ratio 'A / B, mode': A/B per server CPU-s, and the busiest neighbour."""
-    try:
-        pair, mode = what.rsplit(", ", 1)
-        left, right = (part.split(" ")[0] for part in pair.split(" / "))
-    except ValueError:
-        return ""
-    if mode not in ("keepalive", "close") or left not in rows or right not in rows:
-        return ""
-    per_cpu = _ratio(_per_cpu(rows, left, mode), _per_cpu(rows, right, mode))
-    others = [o for o in (_other(rows, left, mode), _other(rows, right, mode)) if o is not None]
-    text = f"{per_cpu:.2f}" if per_cpu is not None else "—"
-    if others:
-        text += f" | {max(others):.2f}"
-    return text
+@dataclasses.dataclass(frozen=True)
+class Ratio:
+    """A target's ratio: the median of the pairs, their range, and the context of the runs."""
+
+    pairs: list[float]
+    paired: bool  # False: one ratio of two per-server medians (results from before pairing)
+    per_cpu: list[float] = dataclasses.field(default_factory=list)
+    other: float | None = None  # most cores that something else took, in any run used
+    steal: float | None = None  # most cores the hypervisor stole, in any run used
+
+    @property
+    def value(self) -> float | None:
+        return statistics.median(self.pairs) if self.pairs else None
 
 
-def checks(rows: dict[str, Row]) -> list[Check]:
-    """(what, ratio, target text, passes) for every target the issue sets."""
-    out: list[Check] = []
-    at_least = lambda x: lambda r: r >= x  # noqa: E731
+def _round_data(row: Row, mode: str) -> dict[int, dict[str, Any]]:
+    return {r["round"]: r[mode] for r in row.get("per_round", []) if r.get(mode)}
+
+
+def evaluate(rows: dict[str, Row], target: Target) -> Ratio:
+    """The ratio of ``target`` taken within each round (each pass of starts), where the results
+    have rounds; else, for older results, between the two servers' medians."""
+    left, right = rows.get(target.left), rows.get(target.right)
+    if left is None or right is None:
+        return Ratio([], paired=False)
+    if target.mode == "start":
+        mine, theirs = left.get("first_answer_by_pass"), right.get("first_answer_by_pass")
+        if mine is None or theirs is None:
+            single = _ratio(left.get("first_answer_median_s"), right.get("first_answer_median_s"))
+            return Ratio([single] if single is not None else [], paired=False)
+        starts = [a / b for a, b in zip(mine, theirs, strict=False) if a is not None and b]
+        return Ratio(starts, paired=True)
+    mine_by_round, theirs_by_round = _round_data(left, target.mode), _round_data(right, target.mode)
+    if not mine_by_round or not theirs_by_round:
+        single = _ratio(_rps(rows, target.left, target.mode), _rps(rows, target.right, target.mode))
+        if single is None:
+            return Ratio([], paired=False)
+        both = [left[target.mode], right[target.mode]]
+        cpu_single = _ratio(
+            both[0].get("requests_per_server_cpu_s"), both[1].get("requests_per_server_cpu_s")
+        )
+        others = [run["cpu"]["other_cores"] for run in both if run.get("cpu")]
+        return Ratio(
+            [single],
+            paired=False,
+            per_cpu=[cpu_single] if cpu_single is not None else [],
+            other=max(others) if others else None,
+        )
+    pairs: list[float] = []
+    per_cpu: list[float] = []
+    runs: list[dict[str, Any]] = []
+    for number in sorted(set(mine_by_round) & set(theirs_by_round)):
+        a, b = mine_by_round[number], theirs_by_round[number]
+        ratio = _ratio(a["rps"], b["rps"])
+        if ratio is None:
+            continue
+        pairs.append(ratio)
+        runs += [a, b]
+        cpu_ratio = _ratio(a.get("requests_per_server_cpu_s"), b.get("requests_per_server_cpu_s"))
+        if cpu_ratio is not None:
+            per_cpu.append(cpu_ratio)
+    others = [run["other_cores"] for run in runs if run.get("other_cores") is not None]
+    steals = [run["steal_cores"] for run in runs if run.get("steal_cores") is not None]
+    return Ratio(
+        pairs,
+        paired=True,
+        per_cpu=per_cpu,
+        other=max(others) if others else None,
+        steal=max(steals) if steals else None,
+    )
+
+
+def checks(rows: dict[str, Row]) -> list[Target]:
+    """Every target the issue sets, for the rows these results have."""
+    out: list[Target] = []
     for name in sorted(n for n in rows if n.startswith("aiocluster-aiohttp")):
         for mode in ("keepalive", "close"):
-            out.append(
-                (
-                    f"{name} / gunicorn-aiohttp, {mode}",
-                    _ratio(_rps(rows, name, mode), _rps(rows, "gunicorn-aiohttp", mode)),
-                    "≥ 1.05",
-                    at_least(1.05),
-                )
-            )
+            out.append(Target(name, "gunicorn-aiohttp", mode, "≥ 1.05", _at_least(1.05)))
     for name in sorted(n for n in rows if n.startswith("aiocluster-protocol")):
         for mode in ("keepalive", "close"):
             nodes = [
@@ -198,62 +272,57 @@ def checks(rows: dict[str, Row]) -> list[Check]:
                 if (v := _rps(rows, n, mode)) is not None
             ]
             if nodes:
-                best, value = max(nodes, key=lambda item: item[1])
-                out.append(
-                    (
-                        f"{name} / {best} (the faster Node), {mode}",
-                        _ratio(_rps(rows, name, mode), value),
-                        "≥ 1.3",
-                        at_least(1.3),
-                    )
-                )
-            out.append(
-                (
-                    f"{name} / nginx, {mode}",
-                    _ratio(_rps(rows, name, mode), _rps(rows, "nginx", mode)),
-                    "close to 1",
-                    at_least(0.9),
-                )
-            )
+                # The faster of the two by their medians; the ratio is then taken per round.
+                best, _ = max(nodes, key=lambda item: item[1])
+                label = f"{name} / {best} (the faster Node)"
+                out.append(Target(name, best, mode, "≥ 1.3", _at_least(1.3), label))
+            out.append(Target(name, "nginx", mode, "close to 1", _at_least(0.9)))
     rr_rows = sorted(n for n in rows if n.startswith("aiocluster-") and n.endswith("-rr"))
     for name in rr_rows:
-        out.append(
-            (
-                f"{name} / node-cluster-rr, close",
-                _ratio(_rps(rows, name, "close"), _rps(rows, "node-cluster-rr", "close")),
-                "≥ 1.5",
-                at_least(1.5),
-            )
-        )
+        out.append(Target(name, "node-cluster-rr", "close", "≥ 1.5", _at_least(1.5)))
     if not rr_rows:
-        out.append(("aiocluster rr / node-cluster-rr, close", None, "≥ 1.5", at_least(1.5)))
-    for name in ("aiocluster-aiohttp", "aiocluster-protocol"):
-        mine = rows.get(name, {}).get("first_answer_median_s")
-        theirs = rows.get("gunicorn-aiohttp", {}).get("first_answer_median_s")
-        out.append(
-            (
-                f"first answer {name} / gunicorn-aiohttp",
-                _ratio(mine, theirs),
-                "≤ 0.8",
-                lambda r: r <= 0.8,
-            )
-        )
+        out.append(Target("aiocluster rr", "node-cluster-rr", "close", "≥ 1.5", _at_least(1.5)))
+    starters = ["aiocluster-aiohttp", "aiocluster-protocol"]
+    starters += [n for n in sorted(rows) if n.startswith("aiocluster-aiohttp-spawn")]
+    for name in starters:
+        out.append(Target(name, "gunicorn-aiohttp", "start", "≤ 0.8", _at_most(0.8)))
     return out
 
 
-def targets_table(rows: dict[str, Row]) -> str:
+def _fmt_ratio(ratio: Ratio, target: Target) -> str:
+    """The cells after the name: median, range, target, met, per CPU-s, other / steal."""
+    value = ratio.value
+    if value is None:
+        return f"— | — | {target.target} | not measured | | |"
+    met = "yes" if target.passes(value) else "no"
+    spread = "—"
+    if ratio.paired:  # how many rounds met it, out of the rounds where both sides ran
+        met += f" ({sum(target.passes(r) for r in ratio.pairs)}/{len(ratio.pairs)})"
+        if len(ratio.pairs) > 1:
+            spread = f"{min(ratio.pairs):.2f}-{max(ratio.pairs):.2f}"
+    per_cpu = f"{statistics.median(ratio.per_cpu):.2f}" if ratio.per_cpu else ""
+    other = "" if ratio.other is None else f"{ratio.other:.2f}"
+    if ratio.steal is not None:
+        other += f" / {ratio.steal:.2f}"
+    return f"{value:.2f} | {spread} | {target.target} | {met} | {per_cpu} | {other} |"
+
+
+def targets_table(rows: dict[str, Row], pairs: bool = True) -> str:
+    """The targets; ``pairs``: the results keep rounds apart (else one ratio of medians)."""
+    value, met = ("median of rounds", "met (rounds)") if pairs else ("value", "met")
     lines = [
-        "| ratio (same run) | value | target | met | per server CPU-s | other cores (max) |",
-        "|---|---:|---:|:-:|---:|---:|",
+        f"| ratio (same run) | {value} | range | target | {met} | per server CPU-s "
+        "| other / steal cores (max) |",
+        "|---|---:|---:|---:|:-:|---:|---:|",
     ]
-    for what, value, target, passes in checks(rows):
-        extra = context(rows, what) or "|"
-        if value is None:
-            lines.append(f"| {what} | — | {target} | not measured | {extra} |")
-        else:
-            met = "yes" if passes(value) else "no"
-            lines.append(f"| {what} | {value:.2f} | {target} | {met} | {extra} |")
+    for target in checks(rows):
+        lines.append(f"| {target.what} | {_fmt_ratio(evaluate(rows, target), target)}")
     return "\n".join(lines) + "\n"
+
+
+def paired(results: dict[str, Any]) -> bool:
+    """Whether these results keep each round apart (and so ratios are taken per round)."""
+    return any("per_round" in row for row in results["servers"])
 
 
 def machine_line(results: dict[str, Any]) -> str:
@@ -271,27 +340,43 @@ def machine_line(results: dict[str, Any]) -> str:
 def markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     rows = {row["name"]: row for row in results["servers"]}
+    pairs = paired(results)
     parts = [
         f"# Benchmark results ({results['label']} run, {results['started']})\n",
         f"Machine: {machine_line(results)}.\n",
         f"Each server: {s['workers']} workers on 127.0.0.1; wrk -t{s['wrk_threads']} "
         f"-c{s['connections']}, {s['warmup']:g} s warmup + {s['duration']:g} s measured per "
-        f"mode; the load generator shares the {results['machine']['nproc']} cores with the "
-        "server. Balance: each worker's share of answers during the warmup runs (with "
-        "connection-per-request, its share of connections). First answer: median of "
-        f"{s['starts']} start(s), process start to first HTTP 200. PSS: average per worker, "
-        "primary/master in brackets. Reload: keep-alive load for "
+        f"mode, in each of {s['rounds']} round(s) over all servers (req/s and latency: the "
+        "round with the median req/s); the load generator shares the "
+        f"{results['machine']['nproc']} cores with the server. Balance: each worker's share "
+        "of answers during the warmup runs (with connection-per-request, its share of "
+        f"connections). First answer: median of {s['starts']} start(s), process start to "
+        "first HTTP 200"
+        + (", after one warm-up start of every server that is not counted" if pairs else "")
+        + ". PSS: average per worker, primary/master in brackets, + aiocluster's zygote where "
+        "it has one (fork start method; not counted as a worker). Reload: keep-alive load for "
         f"{s['reload_duration']:g} s with the reload signal a third of the way in.\n",
         table(results["servers"]),
         "\nCPU during the measured runs, in cores (server = primary + workers; irq = "
         "interrupts and softirqs, where loopback TCP partly runs; other = everything else on "
-        "the machine, which is near 0 only when nothing else runs):\n",
+        "the machine, which is near 0 only when nothing else runs; steal = time the hypervisor "
+        "gave this VM's CPUs to others, /proc/stat's steal column, a busy host):\n",
         cpu_table(results["servers"]),
         "\n## Targets\n",
-        "Requests/s ratios, with the same ratio per server CPU-second beside them, and the "
-        "most CPU that something else on the machine took during either run (over ~0.2 "
-        "cores, the ratio is noise-prone).\n",
-        targets_table(rows),
+        (
+            "Each ratio is taken within a round, between the two servers' runs of that round "
+            "(run close together: each aiocluster row runs beside its peer, and the order is "
+            "reversed every other round), and for first answers between the two servers' "
+            "starts of the same pass; the median over rounds is the value, the range shows "
+            "how far single rounds strayed, and met counts the rounds that meet the target. "
+            if pairs
+            else "Ratios between the two servers' medians (these results predate ratios "
+            "taken within each round). "
+        )
+        + "Beside them: the same ratio per server CPU-second, and the most CPU that something "
+        "else on the machine took (other), or the hypervisor stole (steal), during any of the "
+        "runs used (over ~0.2 cores, a ratio is noise-prone).\n",
+        targets_table(rows, pairs),
     ]
     if results.get("notes"):
         parts.append("\n## Notes\n")

@@ -5,11 +5,15 @@
     python benchmarks/run.py                # the full run
     python benchmarks/run.py --list         # the server table, and what would be skipped
 
-Each server in SERVERS is started on a free loopback port, timed to its first answer, warmed
-up (that warmup also tallies which worker answered, for the balance figures), measured with
-keep-alive and with connection-per-request, its memory read, optionally reloaded under load,
-then stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, and
-``report.py`` turns them into a Markdown table and a PNG chart.
+First every server is started once untimed (a warm-up start: the page cache), then started
+and timed to its first answer in a few passes over all servers. Then come rounds over all
+servers, in an order that puts each aiocluster row beside the peer it is compared with,
+reversed every other round: each server is started on a free loopback port, warmed up (that
+warmup also tallies which worker answered, for the balance figures), measured with keep-alive
+and with connection-per-request, its memory read, reloaded under load in the first round,
+then stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, with
+each round's figures kept, and ``report.py`` turns them into a Markdown table and a PNG chart;
+it takes each target ratio within a round, where the machine's drift weighs on both sides.
 
 Only 127.0.0.1 is ever used. Every load run is bounded by ``wrk -d``, and every server started
 is stopped and reaped, on errors and Ctrl-C too.
@@ -49,6 +53,8 @@ NODE = shutil.which("node") or "/usr/bin/node"
 MODES = ("keepalive", "close")
 LUA = {"keepalive": HERE / "keepalive.lua", "close": HERE / "close.lua"}
 POLICY_DEFAULTS = ("rr", "reuseport")
+#: --quick's measured seconds per mode and round: 3 rounds of (1 s warmup + this) per mode.
+QUICK_DURATION = 2.0
 
 
 # -- settings ---------------------------------------------------------------------------------
@@ -121,15 +127,20 @@ AIOCLUSTER_RELOAD: signal.Signals | None = signal.SIGHUP
 AIOCLUSTER_RELOAD_NOTE = ""
 
 
-def aiocluster_policies() -> tuple[list[str], str]:
-    """The ``--policy`` choices ``aiocluster run --help`` lists (besides the default), or a note."""
+def aiocluster_help() -> tuple[str, str]:
+    """What ``aiocluster run --help`` prints, or "" and why it could not be run."""
     exe = VENV / "bin" / "aiocluster"
     try:
         text = subprocess.run(
             [str(exe), "run", "--help"], capture_output=True, text=True, timeout=30, check=False
         ).stdout
     except (OSError, subprocess.TimeoutExpired) as err:
-        return [], f"policy rows skipped: cannot run `aiocluster run --help` ({err})"
+        return "", f"cannot run `aiocluster run --help` ({err})"
+    return text, ""
+
+
+def aiocluster_policies(text: str) -> tuple[list[str], str]:
+    """The ``--policy`` choices ``aiocluster run --help`` lists (besides the default), or a note."""
     if "--policy" not in text:
         return [], "policy rows skipped: `aiocluster run --help` lists no --policy yet"
     found = re.search(r"--policy\s+\{([^}]*)\}", text)
@@ -139,6 +150,14 @@ def aiocluster_policies() -> tuple[list[str], str]:
     if default and default.group(1) in choices:
         choices.remove(default.group(1))  # the rows without --policy already measure it
     return choices, ""
+
+
+def aiocluster_start_methods(text: str) -> tuple[list[str], str]:
+    """The ``--start`` methods ``aiocluster run --help`` lists, or a note on why none."""
+    if not re.search(r"--start\b", text):
+        return [], "start-method rows skipped: `aiocluster run --help` lists no --start yet"
+    found = re.search(r"--start\s+\{([^}]*)\}", text)
+    return ([c.strip() for c in found.group(1).split(",")] if found else ["spawn"]), ""
 
 
 def node_row(name: str, sched: str, how: str) -> Server:
@@ -154,8 +173,14 @@ def node_row(name: str, sched: str, how: str) -> Server:
     )
 
 
-def aiocluster_row(name: str, spec: str, *flags: str, policy: str | None = None) -> Server:
-    extra = [*flags, *(["--policy", policy] if policy else [])]
+def aiocluster_row(
+    name: str, spec: str, *flags: str, policy: str | None = None, start: str | None = None
+) -> Server:
+    extra = [
+        *flags,
+        *(["--policy", policy] if policy else []),
+        *(["--start", start] if start else []),
+    ]
     what = "aiohttp hello app" if "--protocol" not in flags else "bare asyncio protocol"
     return Server(
         name=name,
@@ -191,9 +216,19 @@ def build_servers() -> tuple[list[Server], list[str]]:
         aiocluster_row("aiocluster-aiohttp", "hello_aiohttp:app"),
         aiocluster_row("aiocluster-protocol", "bare_protocol:HelloProtocol", "--protocol"),
     ]
-    policies, note = aiocluster_policies()
+    help_text, why = aiocluster_help()
+    if why:
+        notes.append(f"policy and start-method rows skipped: {why}")
+    policies, note = aiocluster_policies(help_text) if help_text else ([], "")
     if note:
         notes.append(note)
+    # The fork start method (a zygote forks the workers) is to become the default: this row keeps
+    # the fresh-interpreter start measured beside it, once `aiocluster run` has --start.
+    methods, note = aiocluster_start_methods(help_text) if help_text else ([], "")
+    if note:
+        notes.append(note)
+    if "spawn" in methods:
+        rows.append(aiocluster_row("aiocluster-aiohttp-spawn", "hello_aiohttp:app", start="spawn"))
     for policy in policies:
         rows.append(
             aiocluster_row(f"aiocluster-aiohttp-{policy}", "hello_aiohttp:app", policy=policy)
@@ -367,6 +402,8 @@ class Running:
         )
         self.ps = psutil.Process(self.proc.pid)
         self.seen: dict[int, Any] = {}  # every descendant ever seen, to be sure they end
+        self._log_read = 0  # how much of the log zygote_pids_logged() has read
+        self._zygotes_logged: set[int] = set()
 
     def descendants(self) -> list[Any]:
         import psutil
@@ -379,11 +416,36 @@ class Running:
             self.seen.setdefault(proc.pid, proc)
         return found
 
-    def workers(self) -> list[Any]:
-        """The serving processes: the primary's children, less multiprocessing helpers."""
+    def zygote_pids_logged(self) -> set[int]:
+        """Zygote pids the aiocluster primary named in its log (``zygote (pid N) loaded ...``)."""
+        if self.server.family != "aiocluster":
+            return set()
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_read)
+                text = log.read()
+        except OSError:
+            return self._zygotes_logged
+        complete = text.rfind(b"\n") + 1  # a line being written is read again next time
+        self._log_read += complete
+        for match in re.finditer(rb"zygote \(pid (\d+)\)", text[:complete]):
+            self._zygotes_logged.add(int(match.group(1)))
+        return self._zygotes_logged
+
+    def split_children(self) -> tuple[list[Any], list[Any]]:
+        """The primary's children less multiprocessing helpers, split into (workers, zygotes).
+
+        aiocluster's fork start method keeps a zygote, a child of the primary that forks the
+        workers and serves nothing (normally one; two for a moment when it is replaced). A
+        zygote the primary spawned has AIOCLUSTER_ZYGOTE_FD in its environment; the workers it
+        forks are re-parented to the primary and inherit that environment block (which
+        /proc/PID/environ shows as it was at exec), so of several children marked so the oldest
+        is the zygote. A zygote the primary forked from itself is not marked at all: the
+        primary's log names it. Workers still under a zygote count as workers too.
+        """
         import psutil
 
-        result = []
+        children, marked = [], []
         for proc in self.descendants():
             try:
                 if proc.ppid() != self.proc.pid:
@@ -393,8 +455,25 @@ class Running:
                 continue
             if "resource_tracker" in cmdline or "semaphore_tracker" in cmdline:
                 continue
-            result.append(proc)
-        return result
+            children.append(proc)
+            if _is_zygote(proc.pid):
+                marked.append(proc)
+        named = self.zygote_pids_logged()
+        oldest = min(marked, key=_create_time).pid if marked else None
+        zygotes = [p for p in children if p.pid in named or p.pid == oldest]
+        workers = [p for p in children if p not in zygotes]
+        for zygote in zygotes:
+            with contextlib.suppress(psutil.Error):
+                workers += zygote.children()
+        return workers, zygotes
+
+    def workers(self) -> list[Any]:
+        """The serving processes: the primary's children, less helpers and zygotes."""
+        return self.split_children()[0]
+
+    def zygotes(self) -> list[Any]:
+        """aiocluster's zygote (fork start method): normally one, none under spawn."""
+        return self.split_children()[1]
 
     def cpu_s(self) -> float:
         """CPU seconds used so far by the primary and every live descendant."""
@@ -472,6 +551,27 @@ class Running:
         return "\n".join(text.splitlines()[-lines:])
 
 
+ZYGOTE_MARK = b"AIOCLUSTER_ZYGOTE"  # AIOCLUSTER_ZYGOTE_FD=N today; any such name counts
+
+
+def _is_zygote(pid: int) -> bool:
+    """Whether the process's environment (as at its exec) has an AIOCLUSTER_ZYGOTE* variable."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    return any(entry.startswith(ZYGOTE_MARK) for entry in environ.split(b"\0"))
+
+
+def _create_time(proc: Any) -> float:
+    import psutil
+
+    try:
+        return float(proc.create_time())
+    except psutil.Error:
+        return float("inf")
+
+
 def _running(proc: Any) -> bool:
     import psutil
 
@@ -485,7 +585,9 @@ RUNNING: list[Running] = []
 
 
 @contextlib.contextmanager
-def started(server: Server, ctx: Context, log_path: Path) -> Iterator[Running]:
+def started(
+    server: Server, ctx: Context, log_path: Path, *, stop_timeout: float = 15.0
+) -> Iterator[Running]:
     if server.prepare is not None:
         server.prepare(ctx)
     running = Running(server, ctx, log_path)
@@ -493,7 +595,7 @@ def started(server: Server, ctx: Context, log_path: Path) -> Iterator[Running]:
     try:
         yield running
     finally:
-        running.stop()
+        running.stop(stop_timeout)
         RUNNING.remove(running)
 
 
@@ -563,11 +665,15 @@ def balance(pids: dict[str, int]) -> dict[str, Any]:
 
 
 def memory(running: Running) -> dict[str, Any]:
-    workers = running.workers()
+    """PSS of the workers (their average is the figure), of the primary, and of a zygote."""
+    workers, zygotes = running.split_children()
     worker_pss = [k for k in (pss_kib(p.pid) for p in workers) if k is not None]
     primary = pss_kib(running.proc.pid)
+    zygote_pss = [k for k in (pss_kib(p.pid) for p in zygotes) if k is not None]
     return {
         "primary_pss_kib": primary,
+        "zygote_pss_kib": sum(zygote_pss) if zygote_pss else None,
+        "zygotes_found": len(zygotes),
         "worker_pss_kib": worker_pss,
         "worker_pss_avg_kib": round(statistics.mean(worker_pss)) if worker_pss else None,
         "workers_found": len(workers),
@@ -577,16 +683,19 @@ def memory(running: Running) -> dict[str, Any]:
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def machine_busy_s() -> tuple[float, float]:
-    """CPU seconds since boot, all CPUs: (not idle, of which in interrupts), from /proc/stat.
+def machine_busy_s() -> tuple[float, float, float]:
+    """CPU seconds since boot, all CPUs, from /proc/stat: (not idle, of which in interrupts,
+    of which stolen).
 
     Loopback TCP does much of its work in softirqs, which the kernel may account there rather
-    than to the sending or receiving process; they are reported apart from "other".
+    than to the sending or receiving process; they are reported apart from "other". Steal is
+    time the hypervisor gave this VM's CPUs to someone else while they had work: a busy host,
+    invisible from inside but for this column; it is reported apart from "other" too.
     """
     fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
     busy = (user + nice + system + irq + softirq + steal) / _CLK_TCK
-    return busy, (irq + softirq) / _CLK_TCK
+    return busy, (irq + softirq) / _CLK_TCK, steal / _CLK_TCK
 
 
 def children_cpu_s() -> float:
@@ -602,47 +711,59 @@ class CpuSample:
     wall: float
     busy: float
     irq: float
+    steal: float
     server: float
     children: float
 
     @classmethod
     def take(cls, running: Running) -> CpuSample:
-        busy, irq = machine_busy_s()
-        return cls(time.monotonic(), busy, irq, running.cpu_s(), children_cpu_s())
+        busy, irq, steal = machine_busy_s()
+        return cls(time.monotonic(), busy, irq, steal, running.cpu_s(), children_cpu_s())
 
     def until(self, end: CpuSample) -> dict[str, float]:
-        """Cores used over the window by the server, by wrk, and by everything else."""
+        """Cores used over the window by the server, by wrk, by interrupts, by everything else,
+        and stolen by the hypervisor."""
         wall = end.wall - self.wall
         server = (end.server - self.server) / wall
         wrk_cores = (end.children - self.children) / wall
         busy = (end.busy - self.busy) / wall
         irq = (end.irq - self.irq) / wall
+        steal = (end.steal - self.steal) / wall
         return {
             "server_cores": round(server, 3),
             "wrk_cores": round(wrk_cores, 3),
             "irq_cores": round(irq, 3),
-            "other_cores": round(max(0.0, busy - server - wrk_cores - irq), 3),
+            "other_cores": round(max(0.0, busy - server - wrk_cores - irq - steal), 3),
+            "steal_cores": round(steal, 3),
         }
+
+
+QUIET_WINDOW = 0.3  # seconds: 60 ticks of 2 cores at 100 Hz, enough to see 0.2 busy cores
 
 
 def wait_quiet(settings: Settings) -> dict[str, float]:
     """Wait (up to settings.quiet_wait) until the machine is idle besides us, before a run.
 
     This machine may be shared (other sessions run test suites on it): a load run measured
-    while something else takes a core says little. Samples busy cores over 0.5 s windows,
+    while something else takes a core says little. Samples busy cores over 0.3 s windows,
     with the server idle, until they drop under settings.quiet_cores; returns what was seen.
     """
     began = time.monotonic()
     busy = 0.0
     while True:
-        start_busy, _ = machine_busy_s()
+        start_busy, _, start_steal = machine_busy_s()
         start = time.monotonic()
-        time.sleep(0.5)
-        end_busy, _ = machine_busy_s()
-        busy = (end_busy - start_busy) / (time.monotonic() - start)
+        time.sleep(QUIET_WINDOW)
+        end_busy, _, end_steal = machine_busy_s()
+        wall = time.monotonic() - start
+        busy = (end_busy - start_busy) / wall  # steal included: a busy host counts too
         waited = time.monotonic() - began
         if busy < settings.quiet_cores or waited >= settings.quiet_wait:
-            return {"idle_busy_cores": round(busy, 3), "waited_s": round(waited, 1)}
+            return {
+                "idle_busy_cores": round(busy, 3),
+                "idle_steal_cores": round((end_steal - start_steal) / wall, 3),
+                "waited_s": round(waited, 1),
+            }
 
 
 def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
@@ -702,20 +823,75 @@ def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
 # -- one server ---------------------------------------------------------------------------------
 
 
+START_SETTLE = 0.2  # seconds between a timed start's first answer and its stop
+START_STOP_TIMEOUT = 5.0  # granian, stopped while a worker boots, may ignore SIGTERM
+
+
+def time_start(server: Server, settings: Settings, logs: Path, tag: str) -> float:
+    """Start ``server``, time it from Popen to its first HTTP 200, and stop it.
+
+    Before the stop, the runner waits for the workers (aiocluster: its ready line) and a
+    moment more: a server stopped while its workers still boot may hang in its shutdown.
+    """
+    with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
+        ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
+        log_path = logs / f"{server.name}.{tag}.log"
+        with started(server, ctx, log_path, stop_timeout=START_STOP_TIMEOUT) as running:
+            seconds = running.wait_first_answer(time.monotonic() + 60)
+            running.wait_workers(time.monotonic() + 30)
+            time.sleep(START_SETTLE)
+    return seconds
+
+
+def time_starts(servers: list[Server], settings: Settings, logs: Path) -> dict[str, dict[str, Any]]:
+    """First answer of each server: one warm-up start, then ``settings.starts`` timed ones.
+
+    Each pass starts every server once, in the run order, reversed every other pass, so that
+    the k-th starts of two servers are seconds apart and their ratio can be taken pair by pair.
+    The warm-up pass (its time is kept but not counted) pays for a cold page cache: the first
+    start of a program after a while reads its files from disk, the later ones do not.
+    """
+    found: dict[str, dict[str, Any]] = {
+        s.name: {"warmup_start_s": None, "first_answer_by_pass": []} for s in servers
+    }
+    for number in range(settings.starts + 1):
+        order = servers if number % 2 == 0 else servers[::-1]
+        what = "warm-up start (not counted)" if number == 0 else f"timed start {number}"
+        said = []
+        for server in order:
+            entry = found[server.name]
+            seconds: float | None = None
+            if "start_error" not in entry:
+                try:
+                    seconds = time_start(server, settings, logs, f"start{number}")
+                    said.append(f"{server.name} {seconds * 1000:.0f}")
+                except Exception as err:
+                    entry["start_error"] = f"{err}"
+                    said.append(f"{server.name} failed: {err}")
+            if number == 0:
+                entry["warmup_start_s"] = seconds
+            else:
+                entry["first_answer_by_pass"].append(seconds)
+        _say(f"{what}, ms: " + ", ".join(said))
+    return found
+
+
 def bench_server(
-    server: Server, settings: Settings, logs: Path, *, first_round: bool = True
+    server: Server, settings: Settings, logs: Path, *, number: int, position: int
 ) -> dict[str, Any]:
-    """One round for one server; reloads and extra timed starts happen in the first round."""
+    """One round for one server: load in both modes, memory; the reload in the first round."""
     row: dict[str, Any] = {"name": server.name, "family": server.family}
     row["describe"] = server.describe
-    starts: list[float] = []
+    row["round"] = number + 1
+    row["position"] = position
+    began = time.monotonic()
     with tempfile.TemporaryDirectory(prefix=f"bench-{server.name}-") as tmp:
         ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
         row["argv"] = server.argv(ctx)
-        log_path = logs / f"{server.name}.log"
+        log_path = logs / f"{server.name}.round{number + 1}.log"
         with started(server, ctx, log_path) as running:
             try:
-                starts.append(running.wait_first_answer(time.monotonic() + 60))
+                row["first_answer_in_round_s"] = running.wait_first_answer(time.monotonic() + 60)
                 row["workers_found"] = running.wait_workers(time.monotonic() + 30)
                 for mode in MODES:
                     quiet = wait_quiet(settings)
@@ -745,45 +921,116 @@ def bench_server(
                         f"errors {measured['socket_errors']}+{measured['non_2xx']}  "
                         f"shares {row[mode]['balance']['shares']}  cores: server "
                         f"{cpu['server_cores']:.2f} wrk {cpu['wrk_cores']:.2f} "
-                        f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f}"
+                        f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f} "
+                        f"steal {cpu['steal_cores']:.2f}"
                     )
                 row["memory"] = memory(running)
-                if settings.reloads and first_round:
+                if settings.reloads and number == 0:
                     row["reload"] = measure_reload(running, settings)
             except Exception as err:
                 row["error"] = f"{err}"
                 row["log_tail"] = running.log_tail()
                 _say(f"  error: {err}\n{row['log_tail']}")
-        for _ in range(settings.starts - 1 if first_round else 0):
-            if "error" in row:
-                break
-            ctx = Context(port=free_port(), workers=settings.workers, tmp=Path(tmp))
-            with started(server, ctx, logs / f"{server.name}.start.log") as running:
-                starts.append(running.wait_first_answer(time.monotonic() + 60))
-    row["first_answer_s"] = starts
-    row["first_answer_median_s"] = statistics.median(starts) if starts else None
+    row["elapsed_s"] = round(time.monotonic() - began, 2)
     return row
 
 
-def merge_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
-    """One row from several rounds: per mode, the round with the median requests/s."""
-    row = dict(rounds[0])
+#: What each round keeps of a mode, for the ratios taken within a round (report.py).
+ROUND_FIELDS = ("rps", "requests_per_server_cpu_s")
+ROUND_CPU_FIELDS = ("server_cores", "other_cores", "steal_cores")
+
+
+def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[str, Any]:
+    """One row from several rounds: per mode, the round with the median requests/s.
+
+    ``per_round`` keeps each round's own figures in round order, so that report.py can take
+    a ratio between two servers within each round; ``first_answer_by_pass`` keeps each timed
+    start in pass order (None where it failed), for the same pairing of starts.
+    """
+    row = {k: v for k, v in rounds[0].items() if k not in ("round", "position", "elapsed_s")}
+    row.pop("first_answer_in_round_s", None)
     row["rounds"] = len(rounds)
     for mode in MODES:
         runs = [r[mode] for r in rounds if r.get(mode)]
         if runs:
             runs.sort(key=lambda run: run["rps"])
             row[mode] = {**runs[len(runs) // 2], "rps_all": [run["rps"] for run in runs]}
-    starts = [s for r in rounds for s in r.get("first_answer_s", [])]
-    row["first_answer_s"] = starts
-    row["first_answer_median_s"] = statistics.median(starts) if starts else None
+    per_round = []
+    for r in rounds:
+        entry: dict[str, Any] = {
+            "round": r["round"],
+            "position": r["position"],
+            "elapsed_s": r.get("elapsed_s"),
+        }
+        if r.get("first_answer_in_round_s") is not None:
+            entry["first_answer_s"] = round(r["first_answer_in_round_s"], 4)
+        waited = [r[mode]["before"]["waited_s"] for mode in MODES if r.get(mode)]
+        if waited:
+            entry["quiet_waited_s"] = round(sum(waited), 1)
+        for mode in MODES:
+            if r.get(mode):
+                data = {k: r[mode][k] for k in ROUND_FIELDS}
+                data.update({k: r[mode]["cpu"][k] for k in ROUND_CPU_FIELDS})
+                entry[mode] = data
+        if r.get("error"):
+            entry["error"] = r["error"]
+        per_round.append(entry)
+    row["per_round"] = per_round
+    by_pass = starts.get("first_answer_by_pass", [])
+    timed = [s for s in by_pass if s is not None]
+    row["first_answer_s"] = timed
+    row["first_answer_median_s"] = statistics.median(timed) if timed else None
+    row["first_answer_by_pass"] = by_pass
+    row["warmup_start_s"] = starts.get("warmup_start_s")
+    if starts.get("start_error"):
+        row["start_error"] = starts["start_error"]
     memories = [r["memory"] for r in rounds if r.get("memory")]
     if memories:
         row["memory"] = memories[-1]
+    reloads = [r["reload"] for r in rounds if r.get("reload")]
+    if reloads:
+        row["reload"] = reloads[0]
     errors = [r["error"] for r in rounds if r.get("error")]
     if errors:
         row["error"] = "; ".join(errors)
     return row
+
+
+#: The order servers run in within a round (reversed every other round): each aiocluster row
+#: beside the peer its target ratio compares it with, so that the two run close together.
+#: Exact names first, then globs; rows matching nothing run last, in table order.
+RUN_ORDER = (
+    "uvicorn-asgi",
+    "aiocluster-aiohttp",
+    "aiocluster-aiohttp-spawn",
+    "gunicorn-aiohttp",
+    "aiocluster-aiohttp-reuseport",
+    "aiocluster-aiohttp-*",
+    "aiocluster-aiohttp-rr",
+    "node-cluster-rr",
+    "aiocluster-protocol-rr",
+    "node-cluster",
+    "aiocluster-protocol",
+    "nginx",
+    "aiocluster-protocol-reuseport",
+    "aiocluster-protocol-*",
+    "granian-asgi",
+)
+
+
+def run_order(servers: list[Server]) -> list[Server]:
+    """``servers`` in RUN_ORDER (see there)."""
+
+    def key(item: tuple[int, Server]) -> tuple[int, int]:
+        index, server = item
+        if server.name in RUN_ORDER:
+            return RUN_ORDER.index(server.name), index
+        for place, pattern in enumerate(RUN_ORDER):
+            if fnmatch.fnmatch(server.name, pattern):
+                return place, index
+        return len(RUN_ORDER), index
+
+    return [server for _, server in sorted(enumerate(servers), key=key)]
 
 
 # -- machine ------------------------------------------------------------------------------------
@@ -868,13 +1115,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--setup", action="store_true", help="make the venv, install wrk/nginx")
     parser.add_argument("--quick", action="store_true", help="short runs: a few minutes in all")
     parser.add_argument("--workers", type=int, default=2, help="workers for every server (2)")
-    parser.add_argument("--duration", type=float, help="seconds per measured run (quick 5, 10)")
-    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 2, 3)")
+    parser.add_argument(
+        "--duration",
+        type=float,
+        help=f"seconds per measured run (quick {QUICK_DURATION:g}, 10; whole seconds for wrk)",
+    )
+    parser.add_argument("--warmup", type=float, help="seconds of warmup per mode (quick 1, 3)")
     parser.add_argument("--connections", type=int, default=64, help="wrk connections (64)")
     parser.add_argument("--wrk-threads", type=int, default=1, help="wrk threads (1)")
-    parser.add_argument("--starts", type=int, help="starts timed per server (quick 1, 3)")
-    parser.add_argument("--reload-duration", type=float, help="seconds of load around a reload")
-    parser.add_argument("--rounds", type=int, help="rounds over all servers (quick 1, 3)")
+    parser.add_argument(
+        "--starts", type=int, help="timed starts per server, after one warm-up start (3)"
+    )
+    parser.add_argument(
+        "--reload-duration", type=float, help="seconds of load around a reload (quick 3, 12)"
+    )
+    parser.add_argument("--rounds", type=int, help="rounds over all servers (3)")
     parser.add_argument(
         "--quiet-cores",
         type=float,
@@ -899,14 +1154,14 @@ def main(argv: list[str] | None = None) -> int:
     quick = bool(args.quick)
     settings = Settings(
         workers=args.workers,
-        duration=args.duration or (5.0 if quick else 10.0),
-        warmup=args.warmup or (2.0 if quick else 3.0),
+        duration=args.duration or (QUICK_DURATION if quick else 10.0),
+        warmup=args.warmup or (1.0 if quick else 3.0),
         connections=args.connections,
         wrk_threads=args.wrk_threads,
-        starts=args.starts or (1 if quick else 3),
-        reload_duration=args.reload_duration or (6.0 if quick else 12.0),
+        starts=args.starts or 3,
+        reload_duration=args.reload_duration or (3.0 if quick else 12.0),
         reloads=not args.no_reloads,
-        rounds=args.rounds or (1 if quick else 3),
+        rounds=args.rounds or 3,
         quiet_cores=args.quiet_cores,
         quiet_wait=args.quiet_wait if args.quiet_wait is not None else (10.0 if quick else 30.0),
         quick=quick,
@@ -962,6 +1217,7 @@ def main(argv: list[str] | None = None) -> int:
     began = time.monotonic()
     interrupted = False
     rounds: dict[str, list[dict[str, Any]]] = {}
+    starts: dict[str, dict[str, Any]] = {}
     runnable = []
     for server in servers:
         why = server.missing()
@@ -970,23 +1226,31 @@ def main(argv: list[str] | None = None) -> int:
             _say(f"{server.name}: skipped ({why})")
         else:
             runnable.append(server)
+    ordered = run_order(runnable)
+    results["run_order"] = [s.name for s in ordered]
+    phases: dict[str, float] = {}
+    results["phases_s"] = phases
     try:
+        starts = time_starts(ordered, settings, logs)
+        phases["starts"] = round(time.monotonic() - began, 1)
         for number in range(settings.rounds):
-            # Alternate the order so that drift in the machine's state spreads evenly.
-            order = runnable if number % 2 == 0 else runnable[::-1]
-            for server in order:
+            # Reversed every other round: no server always runs first, and a drift of the
+            # machine's speed over a round weighs on both sides of a ratio alike.
+            order = ordered if number % 2 == 0 else ordered[::-1]
+            for position, server in enumerate(order):
                 _say(f"{server.name} (round {number + 1}/{settings.rounds}): {server.describe}")
-                row = bench_server(server, settings, logs, first_round=number == 0)
+                row = bench_server(server, settings, logs, number=number, position=position)
                 rounds.setdefault(server.name, []).append(row)
-                if row.get("first_answer_median_s") is not None:
-                    _say(f"  first answer {row['first_answer_median_s'] * 1000:.0f} ms")
+        phases["rounds"] = round(time.monotonic() - began - phases["starts"], 1)
     except KeyboardInterrupt:
         interrupted = True
         _say("interrupted: stopping servers")
     finally:
         for running in list(RUNNING):
             running.stop()
-    results["servers"] = [merge_rounds(rounds[s.name]) for s in runnable if s.name in rounds]
+    results["servers"] = [
+        merge_rounds(rounds[s.name], starts.get(s.name, {})) for s in runnable if s.name in rounds
+    ]
     results["elapsed_s"] = round(time.monotonic() - began, 1)
     results["interrupted"] = interrupted
     path = settings.out / f"{label}.json"

@@ -72,3 +72,21 @@ class HelloProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+
+
+_PID = os.getpid()
+
+
+def _after_fork() -> None:
+    """In a worker forked after this import (aiocluster's fork start method forks its workers
+    from a zygote that imported it): answer with this process's pid, not its parent's."""
+    global _PID, RESPONSE, RESPONSE_CLOSE
+    old, _PID = _PID, os.getpid()
+    before, after = (b"X-Worker-Pid: %d\r\n" % pid for pid in (old, _PID))
+    RESPONSE, RESPONSE_CLOSE = (
+        RESPONSE.replace(before, after),
+        RESPONSE_CLOSE.replace(before, after),
+    )
+
+
+os.register_at_fork(after_in_child=_after_fork)

@@ -11,6 +11,9 @@ import os
 from aiohttp import web
 
 _HEADERS = {"X-Worker-Pid": str(os.getpid())}
+# A worker forked after this import (aiocluster's fork start method forks its workers from a
+# zygote that imported the app) must not answer with its parent's pid.
+os.register_at_fork(after_in_child=lambda: _HEADERS.update({"X-Worker-Pid": str(os.getpid())}))
 
 
 async def hello(request: web.Request) -> web.Response:
@@ -23,6 +26,6 @@ def make_app() -> web.Application:
     return application
 
 
-# Built at import: aiocluster workers and gunicorn workers each import this module afresh, after
-# they start, so the pid above is the serving worker's own.
+# Built at import: gunicorn workers, and aiocluster workers started as fresh interpreters,
+# import this module after they start; forked ones update the pid above after the fork.
 app = make_app()

@@ -24,6 +24,14 @@ _START: Message = {
 _RESPONSE: Message = {"type": "http.response.body", "body": _BODY}
 
 
+def _after_fork() -> None:
+    # A worker forked after this import answers with its own pid, not its parent's.
+    _START["headers"][-1] = (b"x-worker-pid", str(os.getpid()).encode())
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 async def app(scope: Scope, receive: Receive, send: Send) -> None:
     if scope["type"] == "lifespan":
         while True:
