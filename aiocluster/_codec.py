@@ -24,6 +24,7 @@ __all__ = [
     "Decoder",
     "Frame",
     "Message",
+    "Prepared",
     "encode",
 ]
 
@@ -100,6 +101,36 @@ def encode(msg: Mapping[str, Any], nfds: int = 0, *, max_frame: int = MAX_FRAME)
     if len(payload) > limit:
         raise ValueError(f"message payload is {len(payload)} bytes, more than the {limit} allowed")
     return HEADER.pack(len(payload), nfds) + payload
+
+
+class Prepared:
+    """A message encoded once, for frames sent many times that differ only by ``seq``/``ack``.
+
+    The hot path of policy rr sends one ``newconn`` per batch of connections and gets one
+    answer back: JSON-encoding the same few fields for each of them is most of what a frame
+    costs to build. The message is checked and encoded here, once; :meth:`frame` then appends
+    the numbers, byte-for-byte what :func:`encode` makes of the message with them.
+    """
+
+    __slots__ = ("_head", "msg")
+
+    def __init__(self, msg: Mapping[str, Any]) -> None:
+        """Raises ValueError as :func:`encode` does, and if ``msg`` has its own seq or ack."""
+        if "seq" in msg or "ack" in msg:
+            raise ValueError("a prepared message gets its seq and ack when it is sent")
+        #: The message, as the receiver will decode it (less seq and ack).
+        self.msg: Message = dict(msg)
+        encoded = encode(self.msg)
+        # Without the closing brace; it always has "act", so the next field follows a comma.
+        self._head = encoded[_HEADER_SIZE:-1]
+
+    def frame(self, seq: int, nfds: int = 0, ack: int | None = None) -> bytes:
+        """The frame of this message with ``seq`` (and ``ack``), announcing ``nfds`` descriptors."""
+        if not 0 <= nfds <= MAX_FDS:
+            raise ValueError(f"nfds must be an integer in 0..{MAX_FDS}, got {nfds!r}")
+        tail = b',"seq":%d}' % seq if ack is None else b',"ack":%d,"seq":%d}' % (ack, seq)
+        payload = self._head + tail
+        return HEADER.pack(len(payload), nfds) + payload
 
 
 def _reject_constant(name: str) -> NoReturn:

@@ -14,7 +14,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiocluster._codec import HEADER, MAX_FDS, MAX_FRAME, Decoder, Frame, Message, encode
+from aiocluster._codec import (
+    HEADER,
+    MAX_FDS,
+    MAX_FRAME,
+    Decoder,
+    Frame,
+    Message,
+    Prepared,
+    encode,
+)
 from aiocluster._errors import ProtocolError
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -109,6 +118,38 @@ def test_decoder_rejects_bad_limits() -> None:
         Decoder(max_fds=-1)
     with pytest.raises(ValueError, match="max_fds"):
         Decoder(max_fds=256)
+
+
+# --- prepared messages --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seq", "nfds", "ack"), [(1, 0, None), (7, 3, None), (2**40, MAX_FDS, 5), (9, 0, 0)]
+)
+def test_prepared_frame_is_what_encode_makes(seq: int, nfds: int, ack: int | None) -> None:
+    msg = {"act": "newconn", "handle": 3, "accepted": True, "x": "é"}
+    full = {**msg, **({} if ack is None else {"ack": ack}), "seq": seq}
+    assert Prepared(msg).frame(seq, nfds, ack) == encode(full, nfds)
+    assert Decoder().feed(Prepared(msg).frame(seq, 0, ack)) == [Frame(full)]
+
+
+@pytest.mark.parametrize(
+    ("msg", "why"),
+    [
+        ({"act": "a", "seq": 1}, "gets its seq"),
+        ({"act": "a", "ack": 1}, "gets its seq"),
+        ({"x": 1}, "no string 'act'"),
+        ({"act": "a", "x": object()}, "not JSON-serialisable"),
+    ],
+)
+def test_prepared_rejects(msg: dict[str, Any], why: str) -> None:
+    with pytest.raises(ValueError, match=why):
+        Prepared(msg)
+
+
+def test_prepared_frame_checks_nfds() -> None:
+    with pytest.raises(ValueError, match="nfds"):
+        Prepared({"act": "a"}).frame(1, MAX_FDS + 1)
 
 
 # --- decoding without descriptors ---------------------------------------------------------------
