@@ -11,6 +11,7 @@ import array
 import asyncio
 import collections
 import contextlib
+import errno
 import itertools
 import logging
 import os
@@ -18,7 +19,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._codec import MAX_FDS, Decoder, Frame, encode
+from ._codec import MAX_FDS, Decoder, Frame, Prepared, encode
 from ._errors import ChannelClosed, ProtocolError
 
 __all__ = ["Channel", "PeerNotReading", "channel_pair", "close_fds"]
@@ -34,6 +35,8 @@ _READS_PER_WAKEUP = 16
 _CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Handler = Callable[[Frame], None]
+#: Gets the reply to a request sent with :meth:`Channel.ask`, or None: the channel closed first.
+OnReply = Callable[[Frame | None], None]
 
 
 class PeerNotReading(ChannelClosed):
@@ -91,6 +94,7 @@ class Channel:
         self._seq = itertools.count(1)
         self._last_seq = 0
         self._pending: dict[int, asyncio.Future[Frame]] = {}
+        self._asked: dict[int, OnReply] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._close_reason: BaseException | None = None
@@ -149,6 +153,13 @@ class Channel:
                 # Nobody may be awaiting this request any more; don't warn about it.
                 fut.exception()
         self._pending.clear()
+        asked, self._asked = self._asked, {}
+        for on_reply in asked.values():
+            # From the loop, not from here: close() may run inside the sender's own call.
+            if self._loop is not None and not self._loop.is_closed():
+                self._loop.call_soon(on_reply, None)
+            else:
+                on_reply(None)
         self._closed_event.set()
         if self._on_close is not None:
             try:
@@ -158,19 +169,131 @@ class Channel:
 
     # -- sending -----------------------------------------------------------------------------
 
-    def send(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> int:
-        """Queue ``msg`` (and copies of ``fds``) for the peer without blocking; return its seq.
+    def send(self, msg: Mapping[str, Any] | Prepared, fds: Sequence[int] = ()) -> int:
+        """Send ``msg`` (and ``fds``) to the peer without blocking; return its seq.
 
-        The caller keeps ownership of ``fds``: the channel sends duplicates and closes those.
-        Raises :class:`ChannelClosed` if the channel is closed.
+        The caller keeps ownership of ``fds``: what cannot go out at once is queued with
+        duplicates, which the channel closes once sent. Raises :class:`ChannelClosed` if the
+        channel is closed, or closes because the peer stopped reading.
         """
+        seq = self._next_seq()
+        self._put(_encode(msg, seq, len(fds)), fds)
+        return seq
+
+    def reply(
+        self, request: Frame, msg: Mapping[str, Any] | Prepared, fds: Sequence[int] = ()
+    ) -> None:
+        """Send ``msg`` as the answer to ``request``; a closed channel drops it silently.
+
+        A :class:`Prepared` answer carries its own ``act`` (the request's, by convention).
+        """
+        if self._closed:
+            return
+        ack = request.msg.get("seq", 0)
+        seq = self._next_seq()
+        if isinstance(msg, Prepared):
+            data = msg.frame(seq, len(fds), ack)
+        else:
+            out = {**msg, "act": request.msg["act"], "ack": ack, "seq": seq}
+            data = encode(out, len(fds))
+        with contextlib.suppress(ChannelClosed):
+            self._put(data, fds)
+
+    def call(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> asyncio.Future[Frame]:
+        """Send ``msg`` and return the future of the peer's reply, without waiting for it.
+
+        The future fails with :class:`ChannelClosed` if the channel closes before the reply
+        arrives; the caller must not cancel it (a reply then arriving is dropped, its
+        descriptors closed).
+        """
+        return self._call(msg, fds)[1]
+
+    def ask(self, msg: Mapping[str, Any] | Prepared, fds: Sequence[int], on_reply: OnReply) -> int:
+        """Send ``msg``; ``on_reply`` gets the peer's reply, or None if the channel closes first.
+
+        For many requests in flight at once, each without a future or a task: the reply is
+        passed on as it is read, with no extra turn of the loop. ``on_reply`` owns the reply's
+        descriptors. It is called exactly once, and never from within this call: a channel
+        that closes (even while sending this) calls it soon after, from the loop. Returns the
+        request's seq. Raises :class:`ChannelClosed` if the channel was closed already, and
+        ``OSError`` if ``fds`` holds a bad descriptor or could not be duplicated to queue it
+        (nothing was sent); then ``on_reply`` is never called.
+        """
+        seq = self._next_seq()
+        data = _encode(msg, seq, len(fds))
+        # Registered before the send: a send that fails closes the channel, which then owes
+        # this request its answer like any other in flight.
+        self._asked[seq] = on_reply
+        try:
+            self._put(data, fds)
+        except ChannelClosed:
+            pass  # this very frame overflowed a peer that stopped reading: on_reply gets None
+        except BaseException:
+            self._asked.pop(seq, None)
+            raise
+        return seq
+
+    def _call(
+        self, msg: Mapping[str, Any], fds: Sequence[int]
+    ) -> tuple[int, asyncio.Future[Frame]]:
+        loop = self._loop or asyncio.get_running_loop()
+        fut: asyncio.Future[Frame] = loop.create_future()
+        seq = self._next_seq()
+        data = _encode(msg, seq, len(fds))
+        # Registered before the send, for the same reason as in ask().
+        self._pending[seq] = fut
+        try:
+            self._put(data, fds)
+        except BaseException:
+            self._pending.pop(seq, None)
+            raise
+        return seq, fut
+
+    async def request(
+        self, msg: Mapping[str, Any], fds: Sequence[int] = (), timeout: float | None = None
+    ) -> Frame:
+        """Send ``msg`` and wait for the peer's reply (the frame whose ``ack`` is our seq)."""
+        seq, fut = self._call(msg, fds)
+        try:
+            async with asyncio.timeout(timeout):
+                return await fut
+        finally:
+            self._pending.pop(seq, None)
+
+    def _next_seq(self) -> int:
         if self._closed:
             raise ChannelClosed(f"channel {self.name} is closed")
         seq = next(self._seq)
         self._last_seq = seq
-        out = dict(msg)
-        out["seq"] = seq
-        data = encode(out, len(fds))
+        return seq
+
+    def _put(self, data: bytes, fds: Sequence[int]) -> None:
+        """Send ``data`` now, ``fds`` with its first byte; queue what the socket won't take.
+
+        Sent at once, the descriptors need no copy: the kernel holds its own references from
+        the ``sendmsg`` on. Only a frame that must wait (behind others, or for room in the
+        socket) is queued with duplicates, since the caller may close its own meanwhile.
+        A send error closes the channel (and does not raise), except a bad descriptor of the
+        caller's, which raises ``OSError`` as ``dup`` would have, with nothing sent.
+        """
+        if not self._outq:
+            try:
+                if fds:
+                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
+                    sent = self._sock.sendmsg([data], anc)
+                else:
+                    sent = self._sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as err:
+                if fds and err.errno == errno.EBADF:
+                    raise  # one of the caller's descriptors: nothing went out, the channel is fine
+                self.close(ChannelClosed(f"channel {self.name}: send failed: {err}"))
+                return
+            if sent == len(data):
+                return
+            if sent:
+                data, fds = data[sent:], ()  # the descriptors went with the first bytes
         dups: list[int] = []
         try:
             for fd in fds:
@@ -185,46 +308,9 @@ class Channel:
             queued = f"{self._outq_bytes} bytes and {self._outq_fds} descriptors queued"
             self.close(PeerNotReading(f"channel {self.name}: peer is not reading ({queued})"))
             raise ChannelClosed(f"channel {self.name} closed: peer is not reading")
-        if not self._writing:
-            self._flush()
-        return seq
-
-    def reply(self, request: Frame, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> None:
-        """Send ``msg`` as the answer to ``request``; a closed channel drops it silently."""
-        out = dict(msg)
-        out["act"] = request.msg["act"]
-        out["ack"] = request.msg.get("seq", 0)
-        with contextlib.suppress(ChannelClosed):
-            self.send(out, fds)
-
-    def call(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> asyncio.Future[Frame]:
-        """Send ``msg`` and return the future of the peer's reply, without waiting for it.
-
-        For many requests in flight at once, each without a task of its own. The future fails
-        with :class:`ChannelClosed` if the channel closes before the reply arrives; the caller
-        must not cancel it (a reply then arriving is dropped, its descriptors closed).
-        """
-        return self._call(msg, fds)[1]
-
-    def _call(
-        self, msg: Mapping[str, Any], fds: Sequence[int]
-    ) -> tuple[int, asyncio.Future[Frame]]:
-        loop = self._loop or asyncio.get_running_loop()
-        fut: asyncio.Future[Frame] = loop.create_future()
-        seq = self.send(msg, fds)
-        self._pending[seq] = fut
-        return seq, fut
-
-    async def request(
-        self, msg: Mapping[str, Any], fds: Sequence[int] = (), timeout: float | None = None
-    ) -> Frame:
-        """Send ``msg`` and wait for the peer's reply (the frame whose ``ack`` is our seq)."""
-        seq, fut = self._call(msg, fds)
-        try:
-            async with asyncio.timeout(timeout):
-                return await fut
-        finally:
-            self._pending.pop(seq, None)
+        if not self._writing and self._loop is not None:
+            self._loop.add_writer(self._fd, self._flush)
+            self._writing = True
 
     def _flush(self) -> None:
         while self._outq:
@@ -303,6 +389,10 @@ class Channel:
                 close_fds(frame.fds)
                 self._protocol_error(ProtocolError(f"reply to {ack}, a request never sent"))
                 return
+            on_reply = self._asked.pop(ack, None)
+            if on_reply is not None:
+                self._answer(on_reply, frame)
+                return
             fut = self._pending.pop(ack, None)
             if fut is None or fut.done():
                 # A reply nobody waits for any more (the request timed out): drop it cleanly.
@@ -319,9 +409,24 @@ class Channel:
             log.exception("%s: handler failed on %r", self.name, frame.msg.get("act"))
             self.close(err)
 
+    def _answer(self, on_reply: OnReply, frame: Frame) -> None:
+        try:
+            on_reply(frame)
+        except ProtocolError as err:  # the reply itself was malformed
+            self._protocol_error(err)
+        except Exception as err:
+            log.exception("%s: reply callback failed on %r", self.name, frame.msg.get("act"))
+            self.close(err)
+
     def _protocol_error(self, err: ProtocolError) -> None:
         log.error("%s: protocol error, closing the channel: %s", self.name, err)
         self.close(err)
+
+
+def _encode(msg: Mapping[str, Any] | Prepared, seq: int, nfds: int) -> bytes:
+    if isinstance(msg, Prepared):
+        return msg.frame(seq, nfds)
+    return encode({**msg, "seq": seq}, nfds)
 
 
 def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:

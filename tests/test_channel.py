@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from aiocluster._channel import Channel, close_fds
-from aiocluster._codec import HEADER, Frame, encode
+from aiocluster._codec import HEADER, Frame, Prepared, encode
 from aiocluster._errors import ChannelClosed, ProtocolError
 
 from .procfs import open_fds
@@ -71,6 +71,79 @@ async def test_request_and_reply(pair: Pair) -> None:
     assert reply.msg["sum"] == 6
     assert reply.msg["act"] == "add"
     assert reply.msg["ack"] == pair.inbox_b.frames[0].msg["seq"]
+
+
+class Replies:
+    """An ``on_reply`` for Channel.ask that can be awaited."""
+
+    def __init__(self) -> None:
+        self.got: list[Frame | None] = []
+        self.arrived = asyncio.Event()
+
+    def __call__(self, frame: Frame | None) -> None:
+        self.got.append(frame)
+        self.arrived.set()
+
+    async def wait(self) -> list[Frame | None]:
+        await asyncio.wait_for(self.arrived.wait(), 5)
+        return self.got
+
+
+async def test_ask_passes_the_reply_to_its_callback(pair: Pair) -> None:
+    replies = Replies()
+    seq = pair.a.ask({"act": "add", "numbers": [1, 2]}, [], replies)
+    assert replies.got == []  # never from within ask()
+    (frame,) = await pair.inbox_b.wait_for(1)
+    assert frame.msg["seq"] == seq
+    pair.b.reply(frame, Prepared({"act": "add", "sum": 3}))
+    (reply,) = await replies.wait()
+    assert reply is not None
+    assert (reply.msg["act"], reply.msg["sum"], reply.msg["ack"]) == ("add", 3, seq)
+
+
+async def test_ask_whose_send_fails_gets_none_soon_after(pair: Pair) -> None:
+    pair.b.close()  # a has not read the EOF yet: its next send fails (EPIPE)
+    replies = Replies()
+    pair.a.ask({"act": "first"}, [], replies)
+    assert pair.a.closed
+    assert replies.got == []  # not from within ask(), which the caller is still in
+    assert await replies.wait() == [None]
+    with pytest.raises(ChannelClosed):
+        pair.a.ask({"act": "again"}, [], replies)
+
+
+async def test_request_whose_send_fails_fails_rather_than_hangs(pair: Pair) -> None:
+    pair.b.close()  # a has not read the EOF yet: its next send fails (EPIPE)
+    fut = pair.a.call({"act": "first"})
+    assert pair.a.closed
+    with pytest.raises(ChannelClosed):
+        await asyncio.wait_for(fut, 5)
+
+
+async def test_descriptors_that_must_wait_are_copies_the_caller_may_close() -> None:
+    """Sent at once, descriptors need no copy; queued behind a full socket, they do."""
+    sa, sb = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    sa.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    writer = Channel(sa, Inbox(), name="w")
+    writer.start()
+    inbox = Inbox()
+    reader = Channel(sb, inbox, name="r")
+    r, w = os.pipe()
+    try:
+        writer.send({"act": "big", "pad": "x" * 500_000})  # more than the socket holds
+        writer.send({"act": "fd"}, [r])  # so this one waits in the queue
+        os.close(r)  # ours: the queued copy must not depend on it
+        reader.start()
+        big, with_fd = await inbox.wait_for(2)
+        assert (big.msg["act"], with_fd.msg["act"]) == ("big", "fd")
+        (received,) = with_fd.fds
+        os.write(w, b"!")
+        assert os.read(received, 1) == b"!"
+        os.close(received)
+    finally:
+        writer.close()
+        reader.close()
+        os.close(w)
 
 
 async def test_a_listening_socket_crosses_with_scm_rights(pair: Pair) -> None:
