@@ -1,12 +1,13 @@
 """The primary's connection handoff: accept loops for policy ``rr``, slot drains, counters.
 
-Under ``rr`` only the primary accepts. Each connection goes to one worker in a ``newconn``
-frame carrying its descriptor, and the primary keeps its own copy until the worker answers
-``accepted: true``: a connection the worker refuses, or that was in flight when the worker
-died, goes to another worker instead of being lost. A worker has at most ``max_unacked``
-connections unanswered, so one whose event loop is stuck gets no more. Connections that no
-worker can take yet wait in the primary, at most ``max_queued`` per listen; past that the
-primary stops accepting and the kernel's backlog holds the rest.
+Under ``rr`` only the primary accepts. Each connection goes to one worker, chosen for it alone
+by the scheduler; what one wake-up accepted goes out as one ``newconn`` frame per worker,
+carrying the descriptors of that worker's share, answered once. The primary keeps its own copy
+of each connection until the worker says it took it: a connection the worker refuses, or that
+was in flight when the worker died, goes to another worker instead of being lost. A worker
+has at most ``max_unacked`` connections unanswered, so one whose event loop is stuck gets no
+more. Connections that no worker can take yet wait in the primary, at most ``max_queued`` per
+listen; past that the primary stops accepting and the kernel's backlog holds the rest.
 
 The same handoff serves a scale-down under ``reuseport``: the primary accepts what the kernel
 queued on a retired slot's socket and hands it to the remaining workers (:meth:`drain`).
@@ -16,17 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import errno
 import functools
 import logging
+import os
 import socket
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 from . import _protocol as proto
 from ._channel import Channel, close_fds
-from ._codec import Frame
-from ._errors import ChannelClosed
+from ._codec import MAX_FDS, Frame, Prepared
+from ._errors import ChannelClosed, ProtocolError
 from ._handles import Handle
 from ._policy import Balance, Scheduler
 
@@ -45,6 +48,25 @@ _RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 _CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 
 
+def _accepter(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
+    """``sock.accept()``, returning the bare descriptor rather than a socket object.
+
+    The primary only holds a connection and passes it on: a socket object for each one (its
+    ``__init__``, the enum conversions of its family and type, its ``close``) was a good share
+    of what the primary spent per connection. ``_accept`` is the primitive under
+    ``socket.accept()`` (CPython, PyPy): the descriptor is close-on-exec like any other.
+    """
+    raw = getattr(sock, "_accept", None)
+    if callable(raw):
+        return cast(Callable[[], tuple[int, Any]], raw)
+
+    def accept() -> tuple[int, Any]:
+        conn, address = sock.accept()
+        return conn.detach(), address
+
+    return accept
+
+
 def client_key(family: int, address: Any) -> str | None:
     """The client's host address for sticky hashing; None where there is none (Unix sockets)."""
     if family in (socket.AF_INET, socket.AF_INET6) and isinstance(address, tuple):
@@ -53,14 +75,32 @@ def client_key(family: int, address: Any) -> str | None:
 
 
 class _Conn:
-    """An accepted connection the primary holds until a worker has acknowledged it."""
+    """An accepted connection the primary holds until a worker has acknowledged it.
 
-    __slots__ = ("client", "group", "sock")
+    A bare descriptor, not a socket object: the primary never reads or writes it.
+    """
 
-    def __init__(self, sock: socket.socket, client: str | None, group: _Group) -> None:
-        self.sock = sock
+    __slots__ = ("client", "fd")
+
+    def __init__(self, fd: int, client: str | None) -> None:
+        self.fd = fd
         self.client = client
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+class _Batch:
+    """Connections of one listen handed to one worker in one ``newconn`` frame."""
+
+    __slots__ = ("conns", "group", "sent", "seq")
+
+    def __init__(self, group: _Group, conns: list[_Conn], sent: float) -> None:
         self.group = group
+        self.conns = conns
+        self.sent = sent
+        self.seq = 0
 
 
 class Peer:
@@ -69,6 +109,7 @@ class Peer:
     __slots__ = (
         "acked",
         "adopted_reported",
+        "batches",
         "channel",
         "groups",
         "id",
@@ -91,8 +132,10 @@ class Peer:
         self.max_unacked = max_unacked
         #: The listens (handle ids) this worker serves.
         self.groups: set[int] = set()
-        #: Handed and not yet answered, oldest first: the reply's future -> (connection, when).
-        self.unacked: dict[asyncio.Future[Frame], tuple[_Conn, float]] = {}
+        #: Handed and not yet answered, by the request's seq, oldest first.
+        self.batches: dict[int, _Batch] = {}
+        #: Connections in those batches, and those being put in one (so choosing sees them).
+        self.unacked = 0
         self.acked = 0
         self.open_reported = 0
         self.adopted_reported = 0
@@ -103,22 +146,33 @@ class Peer:
     def load(self) -> int:
         """Open connections as last reported, plus those handed since (answered or not)."""
         since_report = max(0, self.acked - self.adopted_reported)
-        return self.open_reported + since_report + len(self.unacked)
+        return self.open_reported + since_report + self.unacked
 
     @property
     def has_room(self) -> bool:
         """True while the worker may be handed another connection."""
-        return len(self.unacked) < self.max_unacked and not self.channel.closed
+        return self.unacked < self.max_unacked and not self.channel.closed
 
 
 class _Group:
     """One listen (a handle id): its scheduler, its waiting connections, its accept loop."""
 
-    __slots__ = ("backoff", "closed", "handle", "id", "queue", "reading", "scheduler", "timer")
+    __slots__ = (
+        "backoff",
+        "closed",
+        "handle",
+        "id",
+        "newconn",
+        "queue",
+        "reading",
+        "scheduler",
+        "timer",
+    )
 
     def __init__(self, group_id: int, scheduler: Scheduler) -> None:
         self.id = group_id
         self.scheduler = scheduler
+        #: Accepted, not handed yet (or handed back), oldest first.
         self.queue: collections.deque[_Conn] = collections.deque()
         #: The socket the primary accepts on (policy rr); None when it only drains.
         self.handle: Handle | None = None
@@ -126,6 +180,8 @@ class _Group:
         self.closed = False
         self.backoff = 0.0
         self.timer: asyncio.TimerHandle | None = None
+        #: The newconn request for this listen, encoded once: only its seq changes.
+        self.newconn = Prepared({"act": proto.NEWCONN, "handle": group_id})
 
 
 class Balancer:
@@ -207,9 +263,10 @@ class Balancer:
         handed = 0
         for handle in handles:
             group = self._group(handle.id)
+            accept, family = _accepter(handle.sock), handle.sock.family
             while True:
                 try:
-                    sock, address = handle.sock.accept()
+                    fd, address = accept()
                 except (BlockingIOError, InterruptedError):
                     break
                 except OSError as err:
@@ -218,7 +275,8 @@ class Balancer:
                     log.warning("draining %s: accept failed: %s", handle.describe(), err)
                     break
                 handed += 1
-                self._take(group, sock, address)
+                group.queue.append(self._conn(fd, address, family))
+            self._pump(group)
             log.info("closing %s: %d queued connection(s) handed over", handle.describe(), handed)
             handle.close()
         return handed
@@ -231,9 +289,11 @@ class Balancer:
         for group in self._groups.values():
             self._close_group(group)
         for peer in self._peers.values():
-            for conn, _ in peer.unacked.values():
-                conn.sock.close()
-            peer.unacked.clear()
+            for batch in peer.batches.values():
+                for conn in batch.conns:
+                    conn.close()
+            peer.batches.clear()
+            peer.unacked = 0
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -250,34 +310,40 @@ class Balancer:
             group = self._groups[group_id] = _Group(group_id, scheduler)
         return group
 
+    def _conn(self, fd: int, address: Any, family: int) -> _Conn:
+        # The client's address matters only to sticky: don't compute it for nothing.
+        return _Conn(fd, client_key(family, address) if self._sticky else None)
+
     def _on_readable(self, group: _Group) -> None:
+        """Accept what is there (up to a batch), then hand it all out: one frame per worker."""
         handle = group.handle
         if handle is None or group.closed:
             return
+        accept, family = _accepter(handle.sock), handle.sock.family
+        queue = group.queue
+        failed: OSError | None = None
         for _ in range(_ACCEPT_BATCH):
-            if len(group.queue) >= self._max_queued:
-                self._pause(group)  # the kernel's backlog holds the rest
-                return
+            if len(queue) >= self._max_queued:
+                self._hand_out(group)
+                if len(queue) >= self._max_queued:
+                    self._pause(group)  # the kernel's backlog holds the rest
+                    return
             try:
-                sock, address = handle.sock.accept()
+                fd, address = accept()
             except (BlockingIOError, InterruptedError):
-                return
+                break
             except OSError as err:
                 if err.errno in _CLIENT_ERRORS:
                     continue
-                self._back_off(group, err)
-                return
-            if group.backoff:
-                group.backoff = 0.0
-                log.info("accepting on %s again", handle.describe())
-            self._take(group, sock, address)
-
-    def _take(self, group: _Group, sock: socket.socket, address: Any) -> None:
-        conn = _Conn(sock, client_key(sock.family, address), group)
-        # FIFO unless sticky: then a connection for a worker with room must not wait behind
-        # one for a worker without.
-        if (group.queue and not self._sticky) or not self._hand(conn):
-            group.queue.append(conn)
+                failed = err
+                break
+            queue.append(self._conn(fd, address, family))
+        if group.backoff and failed is None:
+            group.backoff = 0.0
+            log.info("accepting on %s again", handle.describe())
+        self._hand_out(group)
+        if failed is not None:
+            self._back_off(group, failed)
 
     def _resume(self, group: _Group) -> None:
         if group.closed or group.handle is None or group.reading or group.timer is not None:
@@ -315,7 +381,6 @@ class Balancer:
     def _after_backoff(self, group: _Group) -> None:
         group.timer = None
         self._pump(group)
-        self._resume(group)
 
     def _close_group(self, group: _Group) -> None:
         self._pause(group)
@@ -327,104 +392,143 @@ class Balancer:
         if group.queue:
             log.info("closing %d connection(s) no worker took before the stop", len(group.queue))
         while group.queue:
-            group.queue.popleft().sock.close()
+            group.queue.popleft().close()
 
     # -- handing over ------------------------------------------------------------------------
 
-    def _hand(self, conn: _Conn) -> bool:
-        """Send ``conn`` to the worker the scheduler picks; False if none can take it now."""
-        group = conn.group
-        while True:
-            candidates = []
-            for peer in list(self._peers.values()):
-                if peer.channel.closed:
-                    if not peer.unacked:
-                        del self._peers[peer.id]  # a dead worker with nothing left to settle
-                elif group.id in peer.groups:
-                    candidates.append(peer)
-            if self._sticky:
-                # A worker whose loop is stuck is not live for its clients: they move to
-                # their next slot until it answers again, rather than wait and fill the queue.
-                candidates = [p for p in candidates if not p.stuck] or candidates
-            chosen = group.scheduler.choose(candidates, conn.client)
-            if chosen is None:
-                return False
-            try:
-                fut = chosen.channel.call(
-                    {"act": proto.NEWCONN, "handle": group.id}, [conn.sock.fileno()]
-                )
-            except ChannelClosed:
-                continue  # it just died: it is no candidate any more
-            except OSError as err:  # no descriptor left to duplicate it with
-                self._back_off(group, err)
-                return False
-            chosen.unacked[fut] = (conn, asyncio.get_running_loop().time())
-            fut.add_done_callback(functools.partial(self._answered, chosen))
-            self._arm_watchdog()
-            return True
+    def _candidates(self, group: _Group) -> list[Peer]:
+        candidates = []
+        for peer in list(self._peers.values()):
+            if peer.channel.closed:
+                if not peer.batches:
+                    del self._peers[peer.id]  # a dead worker with nothing left to settle
+            elif group.id in peer.groups:
+                candidates.append(peer)
+        if self._sticky:
+            # A worker whose loop is stuck is not live for its clients: they move to their
+            # next slot until it answers again, rather than wait and fill the queue.
+            candidates = [p for p in candidates if not p.stuck] or candidates
+        return candidates
 
-    def _answered(self, peer: Peer, fut: asyncio.Future[Frame]) -> None:
-        entry = peer.unacked.pop(fut, None)
-        if entry is None:
-            return  # the balancer closed: the connection is closed already
-        conn, _ = entry
-        group = conn.group
-        reply = None if fut.cancelled() or fut.exception() is not None else fut.result()
+    def _hand_out(self, group: _Group) -> None:
+        """Hand the connections waiting in ``group`` to the workers that can take them now.
+
+        The scheduler picks a worker for each connection in turn, exactly as if they came
+        one by one; then each worker gets its share in one frame (one ``sendmsg`` carrying
+        every descriptor) and answers it once.
+        """
+        while group.queue and group.timer is None:
+            candidates = self._candidates(group)
+            if not candidates:
+                return
+            shares: dict[Peer, list[_Conn]] = {}
+            queue, choose = group.queue, group.scheduler.choose
+            waiting: collections.deque[_Conn] = collections.deque()
+            while queue:
+                peer = choose(candidates, queue[0].client)
+                if peer is None:
+                    if not self._sticky:
+                        break  # FIFO: nobody has room
+                    # Sticky: this client waits for its worker; the ones behind it need not.
+                    waiting.append(queue.popleft())
+                    continue
+                peer.unacked += 1  # its room is taken now: the next choice must see it
+                shares.setdefault(peer, []).append(queue.popleft())
+            if waiting:
+                queue.extendleft(reversed(waiting))
+            if not shares:
+                return
+            resent = False
+            for peer, conns in shares.items():
+                for start in range(0, len(conns), MAX_FDS):
+                    resent |= not self._send(group, peer, conns[start : start + MAX_FDS])
+            if not resent:
+                return
+
+    def _send(self, group: _Group, peer: Peer, conns: list[_Conn]) -> bool:
+        """One newconn frame to ``peer``; False if it failed, the connections back in line."""
+        batch = _Batch(group, conns, asyncio.get_running_loop().time())
+        on_reply = functools.partial(self._answered, peer, batch)
+        try:
+            batch.seq = peer.channel.ask(group.newconn, [c.fd for c in conns], on_reply)
+        except (ChannelClosed, OSError) as err:
+            peer.unacked -= len(conns)
+            group.queue.extendleft(reversed(conns))
+            if not isinstance(err, ChannelClosed):
+                self._back_off(group, err)  # no descriptor left to duplicate them with
+            return False  # it just died: it is no candidate any more
+        peer.batches[batch.seq] = batch
+        self._arm_watchdog()
+        return True
+
+    def _answered(self, peer: Peer, batch: _Batch, reply: Frame | None) -> None:
         if reply is not None:
             close_fds(reply.fds)  # a reply never carries any; be sure
-        if reply is not None and reply.msg.get("accepted") is True:
-            conn.sock.close()  # the worker holds its own copy now
-            peer.acked += 1
-            if self._count_handoffs:
-                self.accepted[peer.id] = self.accepted.get(peer.id, 0) + 1
-        elif reply is not None:
-            if group.id in peer.groups:
-                peer.groups.discard(group.id)
-                log.info(
-                    "%s refused a connection (it is stopping); handing it to another worker",
-                    peer.name,
-                )
-            self._retry(conn)
-        else:
+        if peer.batches.pop(batch.seq, None) is None:
+            return  # the balancer closed: the connections are closed already
+        count = len(batch.conns)
+        peer.unacked -= count
+        group = batch.group
+        taken = _taken(reply, count)
+        malformed = len(taken) != count
+        if malformed:
+            taken = [False] * count  # settle them as refused, then cut the worker off
+        refused = []
+        for conn, ok in zip(batch.conns, taken, strict=True):
+            if ok:
+                conn.close()  # the worker holds its own copy now
+            else:
+                refused.append(conn)
+        took = count - len(refused)
+        peer.acked += took
+        if self._count_handoffs and took:
+            self.accepted[peer.id] = self.accepted.get(peer.id, 0) + took
+        if refused and reply is None:
             if not peer.lost:
                 peer.lost = True
                 log.warning(
                     "%s is gone with %d connection(s) it had not acknowledged; handing them "
                     "to other workers",
                     peer.name,
-                    len(peer.unacked) + 1,
+                    peer.unacked + count,
                 )
-            self._retry(conn)
-        if peer.stuck and not peer.unacked:
+        elif not took and not malformed and group.id in peer.groups:
+            peer.groups.discard(group.id)
+            log.info(
+                "%s refused %s (it is stopping); handing %s to another worker",
+                peer.name,
+                "a connection" if count == 1 else f"{count} connections",
+                "it" if count == 1 else "them",
+            )
+        if refused:
+            self._retry(group, refused)
+        if peer.stuck and not peer.batches:
             peer.stuck = False
             if not peer.channel.closed:
                 log.info("%s answers again", peer.name)
         for group_id in {group.id, *peer.groups}:
             self._pump(self._group(group_id))
+        if malformed:
+            assert reply is not None
+            accepted = reply.msg.get("accepted")
+            raise ProtocolError(f"newconn answer for {count} connection(s): {accepted!r:.80}")
 
-    def _retry(self, conn: _Conn) -> None:
-        """Give a connection back to its listen, ahead of the ones accepted after it."""
+    def _retry(self, group: _Group, conns: list[_Conn]) -> None:
+        """Give connections back to their listen, ahead of the ones accepted after them."""
         if self._closed:
-            conn.sock.close()
-        elif not self._hand(conn):
-            if conn.group.closed:
-                conn.sock.close()  # stopping, and every worker refused it
-            else:
-                conn.group.queue.appendleft(conn)
+            for conn in conns:
+                conn.close()
+            return
+        group.queue.extendleft(reversed(conns))
+        self._hand_out(group)
+        if group.closed:
+            # Stopping: what no worker took now is closed, as a closing listen would.
+            while group.queue:
+                group.queue.popleft().close()
 
     def _pump(self, group: _Group) -> None:
-        """Hand out the connections waiting in ``group`` that a worker can take now."""
-        if group.queue and group.timer is None:
-            if self._sticky:
-                waiting: collections.deque[_Conn] = collections.deque()
-                while group.queue:
-                    conn = group.queue.popleft()
-                    if not self._hand(conn):
-                        waiting.append(conn)
-                group.queue = waiting
-            else:
-                while group.queue and self._hand(group.queue[0]):
-                    group.queue.popleft()
+        """Hand out the connections waiting in ``group``, and accept again if there is room."""
+        self._hand_out(group)
         self._resume(group)
 
     # -- stuck workers -----------------------------------------------------------------------
@@ -440,10 +544,10 @@ class Balancer:
         now = asyncio.get_running_loop().time()
         waiting = newly_stuck = False
         for peer in self._peers.values():
-            if not peer.unacked or peer.channel.closed:
+            if not peer.batches or peer.channel.closed:
                 continue
             waiting = True
-            _, since = next(iter(peer.unacked.values()))
+            since = next(iter(peer.batches.values())).sent
             if not peer.stuck and now - since >= self._stuck_after:
                 peer.stuck = newly_stuck = True
                 log.warning(
@@ -451,10 +555,25 @@ class Balancer:
                     "event loop looks blocked; it gets no new connections until it answers",
                     peer.name,
                     now - since,
-                    len(peer.unacked),
+                    peer.unacked,
                 )
         if waiting:
             self._arm_watchdog()
         if newly_stuck and self._sticky:
             for group in self._groups.values():
                 self._pump(group)
+
+
+def _taken(reply: Frame | None, count: int) -> list[bool]:
+    """Which of ``count`` connections the worker took, from its answer (None: it is gone).
+
+    ``accepted`` is one bool for the whole frame, or one per descriptor. Anything else is
+    taken as a refusal, the safe reading: the connection is handed to another worker. A list
+    of the wrong length is returned as it is (the caller settles, then cuts the worker off).
+    """
+    accepted = None if reply is None else reply.msg.get("accepted")
+    if accepted is True:
+        return [True] * count
+    if isinstance(accepted, list):
+        return [ok is True for ok in accepted]
+    return [False] * count

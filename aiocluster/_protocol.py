@@ -44,8 +44,9 @@ HEARTBEAT = "heartbeat"  # from the worker's event loop: lag, requests, connecti
 MESSAGE = "message"
 # primary -> worker
 DISCONNECT = "disconnect"
-# request with one fd, a connection the primary accepted for the listen "handle"; the worker
-# replies {"accepted": true} once it owns it, or false (stopping, or no server for it)
+# request with 1..MAX_FDS fds, connections the primary accepted for the listen "handle" (a
+# worker's share of one burst). The worker replies once: {"accepted": true} once it owns them
+# all, false for none (stopping, or no server for them), or a list of bools, one per fd in order
 NEWCONN = "newconn"
 
 # The zygote's channel (start method fork, see _zygote.py). zygote -> primary, once: it loaded

@@ -26,7 +26,7 @@ from typing import Any, Protocol, TypeVar
 from . import _protocol as proto
 from ._address import Address
 from ._channel import Channel, close_fds
-from ._codec import Frame
+from ._codec import Frame, Prepared
 from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from ._handles import format_sockname, open_listener
 from ._zygote import is_zygote, refuse
@@ -354,26 +354,23 @@ class WorkerLink:
             self._reported = state
 
     def _on_newconn(self, frame: Frame) -> None:
-        if len(frame.fds) != 1:
-            close_fds(frame.fds)
-            raise ProtocolError(f"newconn with {len(frame.fds)} descriptors, not 1")
+        if not frame.fds:
+            raise ProtocolError("newconn with no descriptor")
         handle = frame.msg.get("handle")
         adopter = self._adopters.get(handle) if isinstance(handle, int) else None
-        accepted = False
-        if adopter is not None and not self.stopping.is_set():
-            try:
-                sock = socket.socket(fileno=frame.fds[0])
-            except OSError as err:
-                log.warning("a connection handed over by the primary is unusable: %s", err)
-                close_fds(frame.fds)
-            else:
-                accepted = adopter.adopt(sock)
-                if not accepted:
-                    sock.close()
-        else:
+        if adopter is None or self.stopping.is_set():
             close_fds(frame.fds)
-        # Our answer lets the primary close its copy (true) or hand it to another worker.
-        self.channel.reply(frame, {"accepted": accepted})
+            self.channel.reply(frame, _REFUSED)
+            return
+        taken = [_adopt(adopter, fd) for fd in frame.fds]
+        # One answer for the whole frame: the primary closes its copies of what we took and
+        # hands the rest to another worker.
+        if all(taken):
+            self.channel.reply(frame, _ACCEPTED)
+        elif not any(taken):
+            self.channel.reply(frame, _REFUSED)
+        else:
+            self.channel.reply(frame, {"accepted": taken})
 
     def _on_frame(self, frame: Frame) -> None:
         act = frame.msg["act"]
@@ -417,6 +414,24 @@ class WorkerLink:
 
 
 StatsSource = Callable[[], tuple[int, int]]
+
+# The answers to a newconn frame, encoded once (see Prepared): one per frame, not per connection.
+_ACCEPTED = Prepared({"act": proto.NEWCONN, "accepted": True})
+_REFUSED = Prepared({"act": proto.NEWCONN, "accepted": False})
+
+
+def _adopt(adopter: Adopter, fd: int) -> bool:
+    """Give the connection ``fd`` to ``adopter``; False (and ``fd`` closed) if it is not taken."""
+    try:
+        sock = socket.socket(fileno=fd)
+    except OSError as err:
+        log.warning("a connection handed over by the primary is unusable: %s", err)
+        close_fds([fd])
+        return False
+    if adopter.adopt(sock):
+        return True
+    sock.close()
+    return False
 
 
 def _rss_bytes() -> int:

@@ -21,13 +21,16 @@ import pytest
 from aiocluster._address import Address
 from aiocluster._balancer import Balancer
 from aiocluster._channel import Channel, close_fds
-from aiocluster._codec import Frame
+from aiocluster._codec import MAX_FDS, Frame
+from aiocluster._errors import ProtocolError
 from aiocluster._handles import Handle, HandleTable
 from aiocluster._policy import sticky_order
 
 pytestmark = pytest.mark.timeout(20)
 
-Mode = Literal["accept", "refuse", "hold"]
+# "partial": take every connection of a frame but its last (a frame of one: take it).
+# "malformed": answer with one verdict fewer than the frame had connections.
+Mode = Literal["accept", "refuse", "hold", "partial", "malformed"]
 
 
 class Peer:
@@ -38,6 +41,8 @@ class Peer:
         self.slot = wid if slot is None else slot
         self.mode: Mode = mode
         self.held: list[Frame] = []
+        #: How many connections each newconn frame carried, in order.
+        self.frames: list[int] = []
         self.got_frame = asyncio.Event()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.primary_end = Channel(parent, self._unexpected, name=f"worker {wid}", max_fds=0)
@@ -52,19 +57,32 @@ class Peer:
         if frame.msg["act"] == "ping":
             self.worker_end.reply(frame, {})
             return
-        assert frame.msg["act"] == "newconn" and len(frame.fds) == 1
+        assert frame.msg["act"] == "newconn" and 1 <= len(frame.fds) <= MAX_FDS
+        self.frames.append(len(frame.fds))
         self.got_frame.set()
         if self.mode == "hold":
             self.held.append(frame)
+        elif self.mode == "partial":
+            count = len(frame.fds)
+            self.answer(frame, [True] * (count - 1) + [False] if count > 1 else True)
+        elif self.mode == "malformed":
+            close_fds(frame.fds)
+            self.worker_end.reply(frame, {"accepted": [True] * (len(frame.fds) - 1)})
         else:
             self.answer(frame, self.mode == "accept")
 
-    def answer(self, frame: Frame, accepted: bool) -> None:
-        if accepted:
-            with socket.socket(fileno=frame.fds[0]) as conn:
-                conn.send(f"{self.id}\n".encode())
-        else:
-            close_fds(frame.fds)
+    @property
+    def held_conns(self) -> int:
+        return sum(len(frame.fds) for frame in self.held)
+
+    def answer(self, frame: Frame, accepted: bool | list[bool]) -> None:
+        verdicts = [accepted] * len(frame.fds) if isinstance(accepted, bool) else accepted
+        for fd, ok in zip(frame.fds, verdicts, strict=True):
+            if ok:
+                with socket.socket(fileno=fd) as conn:
+                    conn.send(f"{self.id}\n".encode())
+            else:
+                close_fds([fd])
         self.worker_end.reply(frame, {"accepted": accepted})
 
     def release(self) -> None:
@@ -230,7 +248,7 @@ async def test_a_stuck_worker_gets_no_more_than_its_share(setup: Setup, logs: Lo
     results = [asyncio.create_task(served_by(*c)) for c in clients]
     done = [await results[i] for i in (1, 3, 4, 5)]  # rotation: 1 2 1 2, then 1 is full
     assert done == [2, 2, 2, 2]
-    assert len(stuck.held) == 2
+    assert stuck.held_conns == 2
     await logs.wait_for(r"worker 1 has not answered for .* looks blocked")
     stuck.release()
     assert [await results[i] for i in (0, 2)] == [1, 1]
@@ -352,3 +370,87 @@ async def test_stop_closes_what_no_worker_took(setup: Setup, logs: LogWaiter) ->
         assert await reader.read() == b""  # closed, not leaked
     writer.close()
     await logs.wait_for(r"closing 1 connection\(s\) no worker took before the stop")
+
+
+async def test_a_burst_goes_out_in_one_frame_per_worker_in_strict_rotation(setup: Setup) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    peers = [setup.peer(balancer, handle, wid) for wid in (1, 2)]
+    # Queued in the kernel before the primary accepts: one wakeup accepts all six.
+    clients = [await connect(port_of(handle)) for _ in range(6)]
+    balancer.serve(handle)
+    assert [await served_by(*c) for c in clients] == [1, 2, 1, 2, 1, 2]
+    assert [peer.frames for peer in peers] == [[3], [3]]
+    for peer in peers:
+        await peer.sync()
+    assert balancer.accepted == {1: 3, 2: 3}
+
+
+async def test_a_batch_taken_in_part_hands_the_rest_on(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    partial = setup.peer(balancer, handle, 1, mode="partial")
+    setup.peer(balancer, handle, 2)
+    clients = [await connect(port_of(handle)) for _ in range(4)]
+    balancer.serve(handle)
+    # 1 gets the 1st and 3rd, takes the 1st only; the 3rd comes back first in line and,
+    # the rotation being at 1 again, goes to 1 alone, which takes a frame of one.
+    assert [await served_by(*c) for c in clients] == [1, 2, 1, 2]
+    assert partial.frames == [2, 1]
+    await partial.sync()
+    assert balancer.accepted == {1: 2, 2: 2}
+    assert not any("refused" in line for line in logs.lines)  # not stopping: still served
+
+
+async def test_a_worker_dying_with_a_batch_in_flight_loses_none(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    dying = setup.peer(balancer, handle, 1, mode="hold")
+    setup.peer(balancer, handle, 2)
+    clients = [await connect(port_of(handle)) for _ in range(4)]
+    balancer.serve(handle)
+    await dying.got_frame.wait()
+    assert dying.frames == [2]
+    dying.die()
+    assert sorted([await served_by(*c) for c in clients]) == [2, 2, 2, 2]
+    await logs.wait_for(r"worker 1 is gone with 2 connection\(s\) it had not acknowledged")
+
+
+async def test_a_malformed_answer_cuts_the_worker_off_and_loses_none(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    bad = setup.peer(balancer, handle, 1, mode="malformed")
+    setup.peer(balancer, handle, 2)
+    clients = [await connect(port_of(handle)) for _ in range(4)]
+    balancer.serve(handle)
+    assert sorted([await served_by(*c) for c in clients]) == [2, 2, 2, 2]
+    await asyncio.wait_for(bad.primary_end.wait_closed(), 5)
+    assert isinstance(bad.primary_end.close_reason, ProtocolError)
+    assert balancer.accepted == {1: 0, 2: 4}
+
+
+async def test_a_whole_batch_refused_moves_to_the_others(setup: Setup, logs: LogWaiter) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    setup.peer(balancer, handle, 1, mode="refuse")
+    setup.peer(balancer, handle, 2)
+    clients = [await connect(port_of(handle)) for _ in range(4)]
+    balancer.serve(handle)
+    assert [await served_by(*c) for c in clients] == [2, 2, 2, 2]
+    await logs.wait_for(r"worker 1 refused 2 connections \(it is stopping\)")
+
+
+async def test_sticky_holds_within_a_burst(setup: Setup) -> None:
+    balancer = setup.balancer(sticky=True, max_unacked=2)
+    handle = setup.listen()
+    for wid in (1, 2, 3):
+        setup.peer(balancer, handle, wid)
+    sources = [f"127.0.0.{i}" for i in range(2, 14)]
+    clients = [await connect(port_of(handle), src) for src in sources]
+    balancer.serve(handle)  # 12 at once, 2 unacked per worker at most: some wait their turn
+    served = [await served_by(*c) for c in clients]
+    assert served == [sticky_order(src, [1, 2, 3])[0] for src in sources]
