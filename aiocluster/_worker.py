@@ -423,7 +423,9 @@ _REFUSED = Prepared({"act": proto.NEWCONN, "accepted": False})
 def _adopt(adopter: Adopter, fd: int) -> bool:
     """Give the connection ``fd`` to ``adopter``; False (and ``fd`` closed) if it is not taken."""
     try:
-        sock = socket.socket(fileno=fd)
+        # Type and protocol given: a stream socket from accept(); only the family is asked
+        # of the kernel (getsockname, which also checks it is a socket at all).
+        sock = socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd)
     except OSError as err:
         log.warning("a connection handed over by the primary is unusable: %s", err)
         close_fds([fd])
