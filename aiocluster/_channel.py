@@ -31,6 +31,8 @@ _READ_SIZE = 256 * 1024
 # Reads per readiness callback: enough to drain a burst, bounded so one chatty peer cannot
 # starve the rest of the primary's loop.
 _READS_PER_WAKEUP = 16
+# A plain int: socket.MSG_CTRUNC is an IntFlag, whose & runs in Python on every read.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
 # recvmsg flag that makes received descriptors close-on-exec atomically (Linux, BSDs).
 _CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
@@ -359,7 +361,7 @@ class Channel:
                 self.close(ChannelClosed(f"channel {self.name}: receive failed: {err}"))
                 return
             fds = _fds_from_ancdata(ancdata)
-            if flags & socket.MSG_CTRUNC:
+            if flags & _MSG_CTRUNC:
                 close_fds(fds)
                 self._protocol_error(ProtocolError("descriptors truncated (MSG_CTRUNC)"))
                 return
@@ -381,6 +383,11 @@ class Channel:
                         close_fds(rest.fds)
                     return
                 self._dispatch(frame)
+            if len(data) < _READ_SIZE and not fds:
+                # Drained (a read stops short only at the end of what is there, or at a frame
+                # with descriptors): don't pay a recvmsg and an exception to hear EAGAIN. More
+                # bytes wake us again.
+                return
 
     def _dispatch(self, frame: Frame) -> None:
         ack = frame.msg.get("ack")

@@ -147,11 +147,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# One decoder for every frame: json.loads() with hooks builds a new one (and its scanner) per
+# call, which was a visible part of decoding the primary's many small frames.
+_JSON = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+
+
 def _parse(payload: bytes) -> Message:
     try:
-        value = json.loads(
-            payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float
-        )
+        value = _JSON.decode(payload.decode("utf-8"))
     except (ValueError, RecursionError) as exc:
         # ValueError covers bad UTF-8, bad JSON and integers too long to convert.
         raise _Violation(f"frame payload is not valid JSON: {exc}") from exc
