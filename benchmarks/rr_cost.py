@@ -24,7 +24,9 @@ from ``/proc/PID/stat``) of the primary and of each worker are read; the figures
 - worker µs/conn: all the workers' CPU over the same count,
 - req/s as wrk reports it, and wrk's socket errors and non-2xx answers (should be 0).
 
-The medians per side are printed at the end, with B/A. This machine's speed drifts by 20-50 %
+``--node`` adds side N, Node's own cluster under SCHED_RR (``apps/node_cluster.js``, the
+classic hello world), measured the same way, for reference. The medians per side are printed
+at the end, with B/A (and B/N). This machine's speed drifts by 20-50 %
 from one minute to the next and other sessions share its cores: compare CPU per connection
 (which drifts much less) rather than req/s, and only between sides of one interleaved run.
 
@@ -40,6 +42,7 @@ import contextlib
 import dataclasses
 import os
 import re
+import shutil
 import signal
 import socket
 import statistics
@@ -54,6 +57,7 @@ from types import FrameType
 HERE = Path(__file__).resolve().parent
 APPS = HERE / "apps"
 HOST = "127.0.0.1"  # never anything else
+NODE = shutil.which("node") or "/usr/bin/node"
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -95,30 +99,38 @@ class Sample:
 class Server:
     """One side's cluster: started at once, stopped (and reaped) by :meth:`stop`."""
 
-    def __init__(self, label: str, checkout: Path, args: argparse.Namespace, tmp: Path) -> None:
+    def __init__(
+        self, label: str, checkout: Path | None, args: argparse.Namespace, tmp: Path
+    ) -> None:
+        """An aiocluster checkout, or with ``checkout`` None Node's cluster under SCHED_RR."""
         self.label = label
         self.port = free_port()
         self.log_path = tmp / f"{label}.log"
         self._log = self.log_path.open("wb")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(APPS)])
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        argv = [
-            args.python,
-            "-m",
-            "aiocluster",
-            "run",
-            *args.app.split(),
-            "-w",
-            str(args.workers),
-            "--policy",
-            "rr",
-            *args.server_args.split(),
-            "--bind",
-            f"{HOST}:{self.port}",
-            "--control",
-            "off",
-        ]
+        self.node = checkout is None
+        if checkout is None:
+            env.update(PORT=str(self.port), WORKERS=str(args.workers), BENCH_SCHED="rr")
+            argv = [NODE, str(APPS / "node_cluster.js")]
+        else:
+            env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(APPS)])
+            argv = [
+                args.python,
+                "-m",
+                "aiocluster",
+                "run",
+                *args.app.split(),
+                "-w",
+                str(args.workers),
+                "--policy",
+                "rr",
+                *args.server_args.split(),
+                "--bind",
+                f"{HOST}:{self.port}",
+                "--control",
+                "off",
+            ]
         self.proc = subprocess.Popen(
             argv,
             cwd=APPS,
@@ -137,10 +149,21 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.label} exited ({self.proc.returncode}):\n{self.tail()}")
             self.workers = children(self.proc.pid)
-            if len(self.workers) >= workers and b"ready:" in self.log_path.read_bytes():
+            if len(self.workers) >= workers and self._answers():
                 return
             time.sleep(0.05)
         raise RuntimeError(f"{self.label} not ready after {timeout}s:\n{self.tail()}")
+
+    def _answers(self) -> bool:
+        if not self.node:
+            # The primary logs `ready: N workers listening` once every worker listens.
+            return b"ready:" in self.log_path.read_bytes()
+        try:
+            with socket.create_connection((HOST, self.port), timeout=2) as sock:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                return sock.recv(64).startswith(b"HTTP/1.1 200")
+        except OSError:
+            return False
 
     def cpu(self) -> tuple[float, float]:
         """CPU seconds of the primary, and of all the workers together."""
@@ -221,7 +244,9 @@ def measure(server: Server, args: argparse.Namespace) -> Sample:
 
 
 @contextlib.contextmanager
-def servers(sides: list[tuple[str, Path]], args: argparse.Namespace) -> Iterator[list[Server]]:
+def servers(
+    sides: list[tuple[str, Path | None]], args: argparse.Namespace
+) -> Iterator[list[Server]]:
     started: list[Server] = []
     with tempfile.TemporaryDirectory(prefix="rr-cost-") as tmp:
         try:
@@ -252,14 +277,23 @@ def main() -> int:
         "--app", default="bare_protocol:HelloProtocol --protocol", help="app spec and flags"
     )
     parser.add_argument("--server-args", default="", help="more `aiocluster run` options")
+    parser.add_argument(
+        "--node", action="store_true", help="also side N: Node's cluster, SCHED_RR (reference)"
+    )
     args = parser.parse_args()
-    sides = [("B", args.tree.resolve())]
+    sides: list[tuple[str, Path | None]] = [("B", args.tree.resolve())]
     if args.baseline is not None:
         sides.insert(0, ("A", args.baseline.resolve()))
-    for label, path in sides:
+    for label, path in list(sides):
+        assert path is not None
         if not (path / "aiocluster" / "__init__.py").exists():
             parser.error(f"{label}: {path} holds no aiocluster package")
         print(f"{label}: {path}")
+    if args.node:
+        if not Path(NODE).exists():
+            parser.error(f"--node: {NODE} not found")
+        sides.append(("N", None))
+        print(f"N: {NODE} {APPS / 'node_cluster.js'} (BENCH_SCHED=rr)")
     signal.signal(signal.SIGTERM, _interrupt)
     results: dict[str, list[Sample]] = {label: [] for label, _ in sides}
     header = f"{'round':>5} {'side':>4} {'primary us/conn':>16} {'worker us/conn':>15}"
@@ -284,9 +318,11 @@ def main() -> int:
         )
         p, w, r = medians[label]
         print(f"{'':>5} {label:>4} {p:>16.1f} {w:>15.1f} {r:>9.0f}")
-    if len(medians) == 2:
-        (pa, wa, ra), (pb, wb, rb) = medians["A"], medians["B"]
-        print(f"{'':>5} {'B/A':>4} {pb / pa:>16.2f} {wb / wa:>15.2f} {rb / ra:>9.2f}")
+    for top, bottom in (("B", "A"), ("B", "N")):
+        if top in medians and bottom in medians:
+            (pt, wt, rt), (pb, wb, rb) = medians[top], medians[bottom]
+            ratio = f"{top}/{bottom}"
+            print(f"{'':>5} {ratio:>4} {pt / pb:>16.2f} {wt / wb:>15.2f} {rt / rb:>9.2f}")
     return 0
 
 
