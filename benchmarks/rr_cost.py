@@ -21,7 +21,8 @@ so every request is a new connection. Around each measured run the CPU seconds (
 from ``/proc/PID/stat``) of the primary and of each worker are read; the figures are
 
 - primary µs/conn: the primary's CPU over the requests wrk completed (one per connection),
-- worker µs/conn: all the workers' CPU over the same count,
+- worker µs/conn: all the workers' CPU over the same count (the primary's children: its
+  workers, and under start method fork the zygote, idle meanwhile),
 - req/s as wrk reports it, and wrk's socket errors and non-2xx answers (should be 0).
 
 ``--node`` adds side N, Node's own cluster under SCHED_RR (``apps/node_cluster.js``, the
