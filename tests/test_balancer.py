@@ -454,3 +454,13 @@ async def test_sticky_holds_within_a_burst(setup: Setup) -> None:
     balancer.serve(handle)  # 12 at once, 2 unacked per worker at most: some wait their turn
     served = [await served_by(*c) for c in clients]
     assert served == [sticky_order(src, [1, 2, 3])[0] for src in sources]
+
+
+async def test_a_share_larger_than_a_frame_takes_several(setup: Setup) -> None:
+    balancer = setup.balancer(max_unacked=MAX_FDS + 4)
+    handle = setup.listen()
+    peer = setup.peer(balancer, handle, 1)
+    clients = [await connect(port_of(handle)) for _ in range(MAX_FDS + 4)]
+    balancer.serve(handle)
+    assert [await served_by(*c) for c in clients] == [1] * (MAX_FDS + 4)
+    assert peer.frames == [MAX_FDS, 4]
