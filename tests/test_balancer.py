@@ -8,10 +8,12 @@ worker whose loop is stuck does), so every path of the balancer runs for real.
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import logging
 import os
 import re
 import resource
+import signal
 import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Literal
@@ -21,10 +23,13 @@ import pytest
 from aiocluster._address import Address
 from aiocluster._balancer import Balancer
 from aiocluster._channel import Channel, close_fds
-from aiocluster._codec import MAX_FDS, Frame
+from aiocluster._codec import MAX_FDS, Frame, Prepared
 from aiocluster._errors import ProtocolError
 from aiocluster._handles import Handle, HandleTable
 from aiocluster._policy import sticky_order
+from aiocluster._worker import WorkerLink
+
+from .procfs import open_fds
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -464,3 +469,66 @@ async def test_a_share_larger_than_a_frame_takes_several(setup: Setup) -> None:
     balancer.serve(handle)
     assert [await served_by(*c) for c in clients] == [1] * (MAX_FDS + 4)
     assert peer.frames == [MAX_FDS, 4]
+
+
+# -- the worker's side: WorkerLink answering the frames of a real channel --------------------
+
+
+class Picky:
+    """An adopter that takes every other connection it is offered, starting with the first."""
+
+    def __init__(self) -> None:
+        self.offered = 0
+        self.taken: list[socket.socket] = []
+
+    def adopt(self, sock: socket.socket) -> bool:
+        self.offered += 1
+        if self.offered % 2:
+            self.taken.append(sock)
+            return True
+        return False
+
+
+@pytest.fixture
+async def worker_link() -> AsyncIterator[tuple[WorkerLink, Channel]]:
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    link = WorkerLink(child.detach())
+    primary = Channel(parent, lambda frame: None, name="worker", max_fds=0)
+    primary.start()
+    yield link, primary
+    link.close()
+    primary.close()
+    faulthandler.unregister(signal.SIGUSR1)  # WorkerLink registered it, as in a worker
+
+
+async def ask_newconn(primary: Channel, handle: int, conns: list[socket.socket]) -> object:
+    answered: asyncio.Future[Frame | None] = asyncio.get_running_loop().create_future()
+    newconn = Prepared({"act": "newconn", "handle": handle})
+    primary.ask(newconn, [c.fileno() for c in conns], answered.set_result)
+    reply = await asyncio.wait_for(answered, 5)
+    assert reply is not None
+    return reply.msg["accepted"]
+
+
+async def test_the_worker_answers_a_batch_once_with_a_verdict_per_connection(
+    worker_link: tuple[WorkerLink, Channel],
+) -> None:
+    link, primary = worker_link
+    picky = Picky()
+    link.route(5, picky)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
+        conns = [listener.accept()[0] for _ in clients]
+    before = open_fds()
+    assert await ask_newconn(primary, 5, conns[:3]) == [True, False, True]
+    assert await ask_newconn(primary, 5, conns[3:4]) is False  # the 4th offered: refused
+    assert await ask_newconn(primary, 7, conns[4:]) is False  # no server for listen 7
+    # The worker keeps what it took, each the very connection it was handed, and closed the rest.
+    assert open_fds() - before == {s.fileno() for s in picky.taken}
+    for sock, conn in zip(picky.taken, (conns[0], conns[2]), strict=True):
+        assert sock.getpeername() == conn.getpeername()
+    fresh = Picky()
+    link.route(5, fresh)
+    assert await ask_newconn(primary, 5, conns[4:]) is True
+    for sock in [*picky.taken, *fresh.taken, *conns, *clients]:
+        sock.close()
