@@ -149,6 +149,10 @@ def needs_resolver(address: Address) -> bool:
     """True for a TCP address whose host is a name, not an IP literal: resolving may block."""
     if address.kind != "tcp" or not address.host:
         return False
+    try:
+        address.host.encode("idna")
+    except UnicodeError:
+        return False  # the resolver refuses it at once: no wait, no thread needed
     for family in (socket.AF_INET, socket.AF_INET6):
         try:
             socket.inet_pton(family, address.host)
