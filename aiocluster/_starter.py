@@ -125,16 +125,8 @@ class Zygote:
     async def spawn(cls, argv: Sequence[str]) -> Zygote:
         """A zygote running the program afresh (it then loads the program as it is now)."""
         parent, child = channel_pair()
-        env = dict(os.environ)
-        env[ENV_ZYGOTE_FD] = str(child.fileno())
         try:
-            process = await asyncio.create_subprocess_exec(
-                *argv,
-                env=env,
-                pass_fds=(child.fileno(),),
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            process = await spawn(argv, dict(os.environ), child, fd_variable=ENV_ZYGOTE_FD)
         except BaseException:
             parent.close()
             raise
@@ -306,18 +298,23 @@ class Starter:
 
 
 async def spawn(
-    argv: Sequence[str], env: dict[str, str], channel_end: socket.socket
+    argv: Sequence[str],
+    env: dict[str, str],
+    channel_end: socket.socket,
+    *,
+    fd_variable: str = proto.ENV_CHANNEL_FD,
 ) -> asyncio.subprocess.Process:
-    """A fresh interpreter running ``argv`` as a worker on ``channel_end`` (start method spawn)."""
+    """A fresh interpreter running ``argv`` on ``channel_end``, named by ``fd_variable``: a
+    worker (start method spawn), or with ``ENV_ZYGOTE_FD`` a zygote."""
     env = dict(env)
-    env[proto.ENV_CHANNEL_FD] = str(channel_end.fileno())
+    env[fd_variable] = str(channel_end.fileno())
     return await asyncio.create_subprocess_exec(
         *argv,
         env=env,
         pass_fds=(channel_end.fileno(),),
         stdin=subprocess.DEVNULL,
         # Own session: a terminal's Ctrl-C reaches only the primary, which then drains the
-        # workers in order instead of every process dying at once.
+        # workers in order instead of every process (and the zygote) dying at once.
         start_new_session=True,
     )
 
