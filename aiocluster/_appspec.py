@@ -51,13 +51,15 @@ def load_app(spec: str) -> Any:
 
 def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
     """Check that what ``spec`` names is what ``--factory``/``--protocol`` said it is."""
-    from aiohttp import web  # workers only: the primary never checks the kind
-
     if factory or protocol:
         if not callable(target):
             what = "protocol factory" if protocol else "factory"
             raise ConfigError(f"{spec} is a {type(target).__name__}, not a callable {what}")
-    elif not isinstance(target, web.Application):
+        return target
+    # Only here: a protocol server never loads aiohttp (~200 ms of its start).
+    from aiohttp import web
+
+    if not isinstance(target, web.Application):
         raise ConfigError(
             f"{spec} is a {type(target).__name__}, not an aiohttp Application; pass --factory "
             "if it builds one, or --protocol if it is an asyncio protocol factory"

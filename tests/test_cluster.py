@@ -221,6 +221,26 @@ async def test_protocol_factory(start_cluster: StartCluster) -> None:
     assert await c.stop() == 0
 
 
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+async def test_a_protocol_server_never_loads_aiohttp(
+    start_cluster: StartCluster, start: str
+) -> None:
+    """aiohttp's import is most of an aiohttp worker's start; a protocol server does not need it
+    (the zygote included: what it loads, every worker forked from it has)."""
+    if start == "fork" and sys.platform != "linux":
+        pytest.skip("start method fork is Linux-only")
+    c = await start_cluster(
+        *cli("run", "bare_proto:Loaded", "--protocol", "-w", "1", "-b", "127.0.0.1:0"),
+        *("--start", start),
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    try:
+        assert await asyncio.wait_for(reader.read(), 10) == b"aiohttp=False\n"
+    finally:
+        writer.close()
+    assert await c.stop() == 0
+
+
 @pytest.mark.parametrize("protocol", ["EchoProtocol", "PoliteEchoProtocol"])
 async def test_a_stopping_protocol_worker_calls_drain_then_waits(
     start_cluster: StartCluster, protocol: str
