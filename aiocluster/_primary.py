@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import inspect
 import itertools
 import logging
@@ -278,6 +279,8 @@ class Cluster:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 for slot in range(1, self._size + 1):
+                    if self.stopping:
+                        break  # stopped while the first workers started: start no more
                     await self._spawn(slot)
                 await self._stop.wait()
                 await self._shutdown()
@@ -618,6 +621,13 @@ class Cluster:
         backlog: int,
         resolved: AddrInfo | None,
     ) -> None:
+        if self.stopping:
+            # The listening sockets are closed or closing: a listen now would open the port
+            # again (or fail on a draining worker's copy) and hold it past the stop.
+            self._refuse_listen(
+                worker, frame, address, OSError(errno.ESHUTDOWN, "the cluster is stopping")
+            )
+            return
         try:
             handle, created = self.handles.get_or_create(
                 address,
@@ -639,7 +649,9 @@ class Cluster:
         code = err.errno or 0
         text = err.strerror or str(err)
         worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
-        if self._ready.is_set():
+        if self.stopping:
+            log.debug("%s cannot listen on %s: %s", worker.describe(), address, text)
+        elif self._ready.is_set():
             # A listen asked for once the cluster serves (a worker's create_server, a
             # reload's new code) fails only that worker's call, never the cluster.
             log.warning(

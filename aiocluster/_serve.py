@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import inspect
 import logging
 import os
@@ -157,8 +158,10 @@ async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_
     from .web import ClusterSite
 
     current = link()
-    with _stop_signals(current.stopping):
-        await current.ensure_online()
+    runner: web.AppRunner | None = None
+
+    async def start() -> None:
+        nonlocal runner
         app = await resolve_app(target)
         runner = web.AppRunner(
             app,
@@ -167,17 +170,22 @@ async def _serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_
             access_log=logging.getLogger("aiohttp.access") if access_log else None,
         )
         await runner.setup()
+        server = runner.server
+        assert server is not None
+        current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
+        for address in current.binds or config.binds:
+            await ClusterSite(runner, address=address, backlog=config.backlog).start()
+
+    with _stop_signals(current.stopping):
+        await current.ensure_online()
         try:
-            server = runner.server
-            assert server is not None
-            current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
-            for address in current.binds or config.binds:
-                site = ClusterSite(runner, address=address, backlog=config.backlog)
-                await site.start()
-            await current.stopping.wait()
-            await drain_app(runner, current.graceful_timeout)
+            if await _start_unless_stopped(current.stopping, start()):
+                await current.stopping.wait()
+                assert runner is not None
+                await drain_app(runner, current.graceful_timeout)
         finally:
-            await runner.cleanup()
+            if runner is not None:
+                await runner.cleanup()
     current.close()
 
 
@@ -190,21 +198,55 @@ async def _serve_protocol_worker(
     tracker = ConnectionTracker()
     current.add_stats_source(lambda: (tracker.accepted, len(tracker.transports)))
     servers: list[asyncio.AbstractServer] = []
+
+    async def start() -> None:
+        for address in current.binds or config.binds:
+            servers.append(
+                await create_server(tracker.wrap(factory), address=address, backlog=config.backlog)
+            )
+
     with _stop_signals(current.stopping):
         await current.ensure_online()
         try:
-            for address in current.binds or config.binds:
-                servers.append(
-                    await create_server(
-                        tracker.wrap(factory), address=address, backlog=config.backlog
-                    )
-                )
-            await current.stopping.wait()
+            if await _start_unless_stopped(current.stopping, start()):
+                await current.stopping.wait()
         finally:
             for server in servers:
                 server.close()
             await tracker.drain(current.graceful_timeout)
     current.close()
+
+
+async def _start_unless_stopped(stopping: asyncio.Event, start: Coroutine[Any, Any, None]) -> bool:
+    """Run a worker's start (the app's factory and on_startup hooks, its listens) unless the
+    worker is told to stop first; True if it started.
+
+    A stop asked for meanwhile (the cluster stops, the primary is gone) cancels the start:
+    the worker never serves, and exits cleanly instead of listening on a cluster that has
+    closed its sockets. A listen the primary refused because the cluster is stopping is not
+    an error either; any other failure is.
+    """
+    starting = asyncio.ensure_future(start)
+    stopped = asyncio.ensure_future(stopping.wait())
+    try:
+        await asyncio.wait({starting, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+        if not starting.done():
+            starting.cancel()
+    try:
+        await starting
+    except asyncio.CancelledError:
+        if not stopping.is_set():
+            raise
+        log.info("told to stop while starting: not serving")
+        return False
+    except OSError as err:
+        if not stopping.is_set() or err.errno != errno.ESHUTDOWN:
+            raise
+        log.info("told to stop while starting: not serving (%s)", err.strerror)
+        return False
+    return True
 
 
 async def until_stopped() -> None:

@@ -381,7 +381,8 @@ class WorkerLink:
             close_fds(frame.fds)
             raise ProtocolError(f"unexpected descriptors with {act!r}")
         if act == proto.DISCONNECT:
-            log.info("asked to disconnect; draining")
+            if not self.stopping.is_set():  # the primary may ask again (a stop after a reload)
+                log.info("asked to disconnect; draining")
             self.stopping.set()
         elif act == proto.MESSAGE:
             if self._inbox.full():

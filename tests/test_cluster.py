@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+
+from aiocluster._serve import _start_unless_stopped
 
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, cli, pid_alive, wait_pid_gone
@@ -77,9 +80,10 @@ async def test_bind_error_stops_the_cluster_with_the_error(start_cluster: StartC
     finally:
         taken.close()
     assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in c.output
-    # The worker sees the same OSError, and nobody respawns a worker into the same error.
+    # The worker sees the same OSError, and nobody respawns a worker into the same error (the
+    # second slot may not even start: the cluster is stopping by then).
     assert "OSError: [Errno 98]" in c.output
-    assert len(c.worker_pids) == 2
+    assert 1 <= len(c.worker_pids) <= 2
     for pid in c.worker_pids.values():
         assert not pid_alive(pid)
 
@@ -268,6 +272,52 @@ async def test_a_stopping_protocol_worker_calls_drain_then_waits(
     assert await c.wait(timeout=20) == 0
 
 
+async def test_a_stop_while_workers_start_ends_their_start_cleanly(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """SIGTERM while the workers are still in the application's start: they never serve and
+    exit 0, and so does the primary, long before the graceful timeout."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    c = await start_cluster(
+        *cli("run", "webapp:slow_factory", "--factory", "-w", "2", "-b", "127.0.0.1:0"),
+        *("--graceful-timeout", "60"),
+        env={"GATE": str(gate)},
+        ready=False,
+    )
+    await c.wait_count("TEST factory-waiting", 2)
+    c.signal(signal.SIGTERM)
+    assert await c.wait(timeout=20) == 0
+    assert c.count(r"told to stop while starting: not serving") == 2
+    assert c.count(r"worker \d \(pid \d+\) exited with code 0") == 2
+    assert "Traceback" not in c.output
+
+
+async def test_a_listen_asked_for_once_the_cluster_stops_is_refused(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """A worker that asks for its socket after the stop began (it started just before) is
+    refused: the primary opens no port again and does not call the stop a failure."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    port = free_port()
+    c = await start_cluster(
+        sys.executable, "gated_listen.py", str(port), env={"GATE": str(gate)}, ready=False
+    )
+    await c.wait_for("TEST gate-waiting")
+    c.signal(signal.SIGTERM)
+    await c.wait_for(r"stopping 1 workers")
+    stopping = len(c.lines)
+    writer = os.open(gate, os.O_RDWR)
+    try:
+        os.write(writer, b"!")
+        await c.wait_for(r"TEST listen refused: .*the cluster is stopping")
+    finally:
+        os.close(writer)
+    assert await c.wait(timeout=20) == 0
+    assert not any("listening on" in line for line in c.lines[stopping:]), c.output
+
+
 async def test_dead_worker_is_replaced(start_cluster: StartCluster) -> None:
     c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0"))
     first = c.worker_pids[1]
@@ -388,3 +438,42 @@ async def test_create_server_outside_a_cluster_binds_locally() -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         assert await asyncio.wait_for(reader.readline(), 5) == b"hi\n"
         writer.close()
+
+
+async def test_a_start_runs_to_its_end_unless_a_stop_comes_first() -> None:
+    """The worker's start against its stop, on a real loop: which wins, and what is raised."""
+    stopping = asyncio.Event()
+
+    async def start(gate: asyncio.Event, error: Exception | None = None) -> None:
+        await gate.wait()
+        if error is not None:
+            raise error
+
+    opened = asyncio.Event()
+    opened.set()
+    assert await _start_unless_stopped(stopping, start(opened)) is True
+    with pytest.raises(OSError, match="real"):
+        await _start_unless_stopped(stopping, start(opened, OSError("real")))
+
+    never = asyncio.Event()
+    cancelled = asyncio.get_running_loop().create_future()
+
+    async def stuck() -> None:
+        try:
+            await never.wait()
+        except asyncio.CancelledError:
+            cancelled.set_result(True)
+            raise
+
+    racing = asyncio.create_task(_start_unless_stopped(stopping, stuck()))
+    await asyncio.sleep(0)  # let the start begin before the stop
+    stopping.set()
+    assert await racing is False
+    assert cancelled.result() is True
+    # The primary refused the listen because the cluster is stopping: not the worker's error.
+    refused = OSError(errno.ESHUTDOWN, "the cluster is stopping")
+    assert await _start_unless_stopped(stopping, start(opened, refused)) is False
+    # Any other failure is, stopping or not (a bind error stops the cluster, then reaches here).
+    taken = OSError(errno.EADDRINUSE, "Address already in use")
+    with pytest.raises(OSError, match="in use"):
+        await _start_unless_stopped(stopping, start(opened, taken))

@@ -154,9 +154,8 @@ class PoliteEchoProtocol(EchoProtocol):
         self.transport.close()
 
 
-async def slow_factory() -> web.Application:
-    """An application that starts only once the test writes to the FIFO named in $GATE."""
-    say("factory-waiting")
+async def wait_for_gate() -> None:
+    """Wait until the test writes a byte to the FIFO named in $GATE."""
     # O_NONBLOCK: opening never blocks; the loop then waits for a byte (an event, not a timer),
     # and a worker told to stop meanwhile is not stuck in a thread.
     fd = os.open(os.environ["GATE"], os.O_RDONLY | os.O_NONBLOCK)
@@ -173,4 +172,10 @@ async def slow_factory() -> web.Application:
     finally:
         loop.remove_reader(fd)
         os.close(fd)
+
+
+async def slow_factory() -> web.Application:
+    """An application that starts only once the test writes to the FIFO named in $GATE."""
+    say("factory-waiting")
+    await wait_for_gate()
     return make_app()
