@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from . import _protocol as proto
-from ._channel import Channel, close_fds
+from ._channel import Channel
 from ._codec import MAX_FDS, Frame, Prepared
 from ._errors import ChannelClosed, ProtocolError
+from ._fds import close_fds
 from ._handles import Handle
 from ._policy import Balance, Scheduler
 

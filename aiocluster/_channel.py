@@ -7,7 +7,6 @@ descriptor attribution live in the pure :mod:`aiocluster._codec`; this module on
 
 from __future__ import annotations
 
-import array
 import asyncio
 import collections
 import contextlib
@@ -21,12 +20,12 @@ from typing import Any
 
 from ._codec import MAX_FDS, Decoder, Frame, Prepared, encode
 from ._errors import ChannelClosed, ProtocolError
+from ._fds import ancillary_space, close_fds, received_fds, rights
 
-__all__ = ["Channel", "PeerNotReading", "channel_pair", "close_fds"]
+__all__ = ["Channel", "PeerNotReading", "channel_pair"]
 
 log = logging.getLogger("aiocluster.channel")
 
-_FD_SIZE = array.array("i").itemsize
 _READ_SIZE = 256 * 1024
 # Reads per readiness callback: enough to drain a burst, bounded so one chatty peer cannot
 # starve the rest of the primary's loop.
@@ -43,13 +42,6 @@ OnReply = Callable[[Frame | None], None]
 
 class PeerNotReading(ChannelClosed):
     """Why a channel closed itself: the peer stopped reading and too much was queued for it."""
-
-
-def close_fds(fds: Sequence[int]) -> None:
-    """Close each descriptor, ignoring ones already closed."""
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 class Channel:
@@ -88,7 +80,7 @@ class Channel:
         self._max_buffer = max_buffer
         self._max_queued_fds = max_queued_fds
         self._decoder = Decoder(max_fds=max_fds)
-        self._ancbuf = socket.CMSG_SPACE(max(1, max_fds) * _FD_SIZE)
+        self._ancbuf = ancillary_space(max_fds)
         self._outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
         self._outq_bytes = 0
         self._outq_fds = 0
@@ -280,11 +272,7 @@ class Channel:
         """
         if not self._outq:
             try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = self._sock.sendmsg([data], anc)
-                else:
-                    sent = self._sock.send(data)
+                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as err:
@@ -318,11 +306,7 @@ class Channel:
         while self._outq:
             data, fds = self._outq[0]
             try:
-                if fds:
-                    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))]
-                    sent = self._sock.sendmsg([data], anc)
-                else:
-                    sent = self._sock.send(data)
+                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:
@@ -360,7 +344,7 @@ class Channel:
             except OSError as err:
                 self.close(ChannelClosed(f"channel {self.name}: receive failed: {err}"))
                 return
-            fds = _fds_from_ancdata(ancdata)
+            fds = received_fds(ancdata)
             if flags & _MSG_CTRUNC:
                 close_fds(fds)
                 self._protocol_error(ProtocolError("descriptors truncated (MSG_CTRUNC)"))
@@ -434,15 +418,6 @@ def _encode(msg: Mapping[str, Any] | Prepared, seq: int, nfds: int) -> bytes:
     if isinstance(msg, Prepared):
         return msg.frame(seq, nfds)
     return encode({**msg, "seq": seq}, nfds)
-
-
-def _fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(payload) - len(payload) % _FD_SIZE
-            fds.extend(array.array("i", payload[:usable]))
-    return fds
 
 
 def channel_pair() -> tuple[socket.socket, socket.socket]:

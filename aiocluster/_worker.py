@@ -25,9 +25,10 @@ from typing import Any, Protocol, TypeVar
 
 from . import _protocol as proto
 from ._address import Address
-from ._channel import Channel, close_fds
+from ._channel import Channel
 from ._codec import Frame, Prepared
 from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from ._fds import close_fds
 from ._handles import format_sockname, open_listener
 from ._zygote import is_zygote, refuse
 

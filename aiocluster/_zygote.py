@@ -18,7 +18,6 @@ This module runs in the zygote without an event loop: plain blocking calls on on
 
 from __future__ import annotations
 
-import array
 import contextlib
 import gc
 import os
@@ -30,6 +29,7 @@ from typing import NoReturn
 from . import _protocol as proto
 from ._codec import Decoder, Frame, encode
 from ._errors import ProtocolError
+from ._fds import ancillary_space, close_fds, received_fds
 
 __all__ = [
     "ENV_ZYGOTE_FD",
@@ -43,7 +43,6 @@ __all__ = [
 ]
 
 ENV_ZYGOTE_FD = "AIOCLUSTER_ZYGOTE_FD"
-_FD_SIZE = array.array("i").itemsize
 
 
 def _read_env() -> int | None:
@@ -114,7 +113,7 @@ def serve_forks() -> tuple[int, int, int]:
     gc.freeze()
     _send(sock, {"act": proto.ZYGOTE_READY, "pid": os.getpid()})
     decoder = Decoder(max_fds=1)
-    ancsize = socket.CMSG_SPACE(4 * _FD_SIZE)
+    ancsize = ancillary_space(4)
     while True:
         try:
             data, ancdata, _flags, _ = sock.recvmsg(65536, ancsize, socket.MSG_CMSG_CLOEXEC)
@@ -122,14 +121,9 @@ def serve_forks() -> tuple[int, int, int]:
             continue
         except OSError:
             os._exit(0)
-        fds = [
-            fd
-            for level, kind, payload in ancdata
-            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS
-            for fd in array.array("i", payload[: len(payload) - len(payload) % _FD_SIZE])
-        ]
+        fds = received_fds(ancdata)
         if not data:
-            _close(fds)
+            close_fds(fds)
             os._exit(0)
         try:
             frames = decoder.feed(data, fds)
@@ -141,8 +135,8 @@ def serve_forks() -> tuple[int, int, int]:
                 # In the new worker: nothing of the zygote's may stay open here. Other
                 # workers' channel ends above all, or the primary would never see them close.
                 for later in frames[i + 1 :]:
-                    _close(later.fds)
-                _close(decoder.close())
+                    close_fds(later.fds)
+                close_fds(decoder.close())
                 sock.close()
                 _FD = None
                 return became
@@ -157,7 +151,7 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
         or not isinstance(worker_id, int)
         or not isinstance(slot, int)
     ):
-        _close(frame.fds)
+        close_fds(frame.fds)
         _reply(sock, frame, {"errno": 22, "error": "bad fork request"})
         return None
     fd = frame.fds[0]
@@ -166,13 +160,13 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
     try:
         read_end, write_end = os.pipe()
     except OSError as err:
-        _close([fd])
+        close_fds([fd])
         _reply(sock, frame, {"errno": err.errno or 0, "error": str(err)})
         return None
     try:
         middle = os.fork()
     except OSError as err:
-        _close([fd, read_end, write_end])
+        close_fds([fd, read_end, write_end])
         _reply(sock, frame, {"errno": err.errno or 0, "error": str(err)})
         return None
     if middle == 0:
@@ -195,7 +189,7 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
     finally:
         os.close(read_end)
         os.waitpid(middle, 0)
-        _close([fd])
+        close_fds([fd])
     if not answer.isdigit():
         _reply(sock, frame, {"errno": 11, "error": "fork failed in the intermediate process"})
         return None
@@ -217,12 +211,6 @@ def _send(sock: socket.socket, msg: dict[str, object]) -> None:
         sock.sendall(encode(msg))
     except OSError:
         os._exit(0)  # the primary is gone; so is the reason to exist
-
-
-def _close(fds: list[int] | tuple[int, ...]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
 
 
 _preforked: tuple[int, socket.socket] | None = None

@@ -22,9 +22,10 @@ import pytest
 
 from aiocluster._address import Address
 from aiocluster._balancer import Balancer
-from aiocluster._channel import Channel, close_fds
+from aiocluster._channel import Channel
 from aiocluster._codec import MAX_FDS, Frame, Prepared
 from aiocluster._errors import ProtocolError
+from aiocluster._fds import close_fds
 from aiocluster._handles import Handle, HandleTable
 from aiocluster._policy import sticky_order
 from aiocluster._worker import WorkerLink

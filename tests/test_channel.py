@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from aiocluster._channel import Channel, close_fds
+from aiocluster._channel import Channel
 from aiocluster._codec import HEADER, Frame, Prepared, encode
 from aiocluster._errors import ChannelClosed, ProtocolError
+from aiocluster._fds import close_fds
 
 from .procfs import open_fds
 

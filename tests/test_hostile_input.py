@@ -24,10 +24,11 @@ from hypothesis import strategies as st
 from aiocluster import _child, _primary
 from aiocluster import _protocol as proto
 from aiocluster._address import Address
-from aiocluster._channel import Channel, PeerNotReading, close_fds
+from aiocluster._channel import Channel, PeerNotReading
 from aiocluster._codec import HEADER, MAX_FRAME, Decoder, Frame, encode
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import ChannelClosed, ProtocolError
+from aiocluster._fds import close_fds
 from aiocluster._handles import MAX_HANDLES, HandleTable
 
 from .procfs import open_fds
