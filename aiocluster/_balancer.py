@@ -266,19 +266,10 @@ class Balancer:
         handed = 0
         for handle in handles:
             group = self._group(handle.id)
-            accept, family = _accepter(handle.sock), handle.sock.family
-            while True:
-                try:
-                    fd, address = accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as err:
-                    if err.errno in _CLIENT_ERRORS:
-                        continue
-                    log.warning("draining %s: accept failed: %s", handle.describe(), err)
-                    break
-                handed += 1
-                group.queue.append(self._conn(fd, address, family))
+            count, failed = self._accept(group, handle, None)
+            if failed is not None:
+                log.warning("draining %s: accept failed: %s", handle.describe(), failed)
+            handed += count
             self._pump(group)
             log.info("closing %s: %d queued connection(s) handed over", handle.describe(), handed)
             handle.close()
@@ -322,15 +313,29 @@ class Balancer:
         handle = group.handle
         if handle is None or group.closed:
             return
+        room = self._max_queued - len(group.queue)
+        _count, failed = self._accept(group, handle, min(_ACCEPT_BATCH, room))
+        if group.backoff and failed is None:
+            group.backoff = 0.0
+            log.info("accepting on %s again", handle.describe())
+        self._hand_out(group)
+        if failed is not None:
+            self._back_off(group, failed)
+        elif len(group.queue) >= self._max_queued:
+            self._pause(group)  # the kernel's backlog holds the rest until workers take some
+
+    def _accept(
+        self, group: _Group, handle: Handle, limit: int | None
+    ) -> tuple[int, OSError | None]:
+        """Accept onto ``group``'s queue until none is waiting or ``limit`` (None: no limit).
+
+        Returns how many, and the error that stopped it (out of descriptors, say), if any. A
+        connection that failed on the client's side is skipped.
+        """
         accept, family = _accepter(handle.sock), handle.sock.family
         queue = group.queue
-        failed: OSError | None = None
-        for _ in range(_ACCEPT_BATCH):
-            if len(queue) >= self._max_queued:
-                self._hand_out(group)
-                if len(queue) >= self._max_queued:
-                    self._pause(group)  # the kernel's backlog holds the rest
-                    return
+        count = 0
+        while limit is None or count < limit:
             try:
                 fd, address = accept()
             except (BlockingIOError, InterruptedError):
@@ -338,15 +343,10 @@ class Balancer:
             except OSError as err:
                 if err.errno in _CLIENT_ERRORS:
                     continue
-                failed = err
-                break
+                return count, err
             queue.append(self._conn(fd, address, family))
-        if group.backoff and failed is None:
-            group.backoff = 0.0
-            log.info("accepting on %s again", handle.describe())
-        self._hand_out(group)
-        if failed is not None:
-            self._back_off(group, failed)
+            count += 1
+        return count, None
 
     def _resume(self, group: _Group) -> None:
         if group.closed or group.handle is None or group.reading or group.timer is not None:
