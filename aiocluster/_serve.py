@@ -291,6 +291,7 @@ class ConnectionTracker:
         self.transports: dict[asyncio.BaseTransport, asyncio.BaseProtocol] = {}
         self._idle = asyncio.Event()
         self._idle.set()
+        self._draining = False
 
     def wrap(
         self, factory: Callable[[], asyncio.BaseProtocol]
@@ -308,6 +309,11 @@ class ConnectionTracker:
                 self.transports[transport] = proto
                 self._idle.clear()
                 made(transport)
+                if self._draining:
+                    # Made after the drain began (under policy rr, a connection the primary
+                    # handed over just before this worker closed): wrap it up too, or it
+                    # would keep the worker for the whole graceful timeout, then be cut.
+                    self._wrap_up(proto)
 
             def connection_lost(exc: Exception | None) -> None:
                 try:
@@ -331,17 +337,14 @@ class ConnectionTracker:
         """Ask each protocol to wrap up, wait up to ``timeout`` for every connection to end,
         then abort the rest.
 
-        A protocol that defines ``drain()`` has it called once, first: the protocol knows how to
-        end its conversation well (an HTTP server answers with ``Connection: close``; a chat
-        server says goodbye). Without it the connection simply gets the time left to end.
+        A protocol that defines ``drain()`` has it called once, first (or as soon as its
+        connection is made, for one made meanwhile): the protocol knows how to end its
+        conversation well (an HTTP server answers with ``Connection: close``; a chat server says
+        goodbye). Without it the connection simply gets the time left to end.
         """
+        self._draining = True
         for proto in list(self.transports.values()):
-            wrap_up = getattr(proto, "drain", None)
-            if callable(wrap_up):
-                try:
-                    wrap_up()
-                except Exception:
-                    log.exception("%r.drain() failed", proto)
+            self._wrap_up(proto)
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
                 await self._idle.wait()
@@ -351,6 +354,15 @@ class ConnectionTracker:
                 abort()
             else:
                 transport.close()
+
+    @staticmethod
+    def _wrap_up(proto: asyncio.BaseProtocol) -> None:
+        wrap_up = getattr(proto, "drain", None)
+        if callable(wrap_up):
+            try:
+                wrap_up()
+            except Exception:
+                log.exception("%r.drain() failed", proto)
 
 
 async def create_server(
