@@ -1,8 +1,14 @@
-"""CPU per connection of policy rr: the primary's accept-and-hand-off, and the workers' adoption.
+"""CPU per request of a server: the primary's share and the workers', side by side.
 
-    python benchmarks/rr_cost.py                               # this checkout, 3 rounds
-    python benchmarks/rr_cost.py --baseline /tmp/main-copy     # A (baseline) vs B (this tree)
-    python benchmarks/rr_cost.py --baseline A --tree B --rounds 5 --duration 5
+Made for policy rr (the primary's accept-and-hand-off against the workers' adoption), and as
+the A/B of aiocluster against gunicorn with the same aiohttp app:
+
+    python benchmarks/cpu_cost.py                               # this checkout, 3 rounds
+    python benchmarks/cpu_cost.py --baseline /tmp/main-copy     # A (baseline) vs B (this tree)
+    python benchmarks/cpu_cost.py --baseline A --tree B --rounds 5 --duration 5
+    python benchmarks/cpu_cost.py --node                        # + N: Node's cluster, SCHED_RR
+    python benchmarks/cpu_cost.py --policy shared --app hello_aiohttp:app --gunicorn
+    python benchmarks/cpu_cost.py --policy shared --app hello_aiohttp:app --gunicorn --keepalive
 
 Each side is a checkout of aiocluster (a folder holding the ``aiocluster`` package). For each
 side one server is started,
@@ -10,26 +16,29 @@ side one server is started,
     python -m aiocluster run bare_protocol:HelloProtocol --protocol -w 2 --policy rr \\
         --bind 127.0.0.1:PORT --control off
 
-with ``PYTHONPATH`` = that checkout and ``benchmarks/apps`` (so the primary and the workers,
-which re-run the same command, import that side's package), and the same interpreter for both
-(``--python``, default: this one; it needs aiohttp and uvloop). Once both serve, the load runs
-interleaved, A B A B ..., ``--rounds`` times: a 1 s warmup, then
+(``--app`` and ``--policy`` change the app and the policy) with ``PYTHONPATH`` = that checkout
+and ``benchmarks/apps`` (so the primary and the workers import that side's package), and the
+same interpreter for both (``--python``, default: this one; it needs aiohttp and uvloop, and
+gunicorn for ``--gunicorn``). Once all serve, the load runs interleaved, A B A B ...,
+``--rounds`` times: a 1 s warmup, then
 
     wrk -t1 -c64 -dDURATIONs -H "Connection: close" http://127.0.0.1:PORT/
 
-so every request is a new connection. Around each measured run the CPU seconds (user + system,
-from ``/proc/PID/stat``) of the primary and of each worker are read; the figures are
+so every request is a new connection (``--keepalive`` drops the header: requests on 64 open
+connections). Around each measured run the CPU seconds (user + system, from
+``/proc/PID/stat``) of the primary and of each worker are read; the figures are
 
-- primary µs/conn: the primary's CPU over the requests wrk completed (one per connection),
-- worker µs/conn: all the workers' CPU over the same count (the primary's children: its
+- primary us/req: the primary's CPU over the requests wrk completed,
+- worker us/req: all the workers' CPU over the same count (the primary's children: its
   workers, and under start method fork the zygote, idle meanwhile),
 - req/s as wrk reports it, and wrk's socket errors and non-2xx answers (should be 0).
 
 ``--node`` adds side N, Node's own cluster under SCHED_RR (``apps/node_cluster.js``, the
-classic hello world), measured the same way, for reference. The medians per side are printed
-at the end, with B/A (and B/N). This machine's speed drifts by 20-50 %
-from one minute to the next and other sessions share its cores: compare CPU per connection
-(which drifts much less) rather than req/s, and only between sides of one interleaved run.
+classic hello world). ``--gunicorn`` adds side G: ``gunicorn -k
+aiohttp.GunicornUVLoopWebWorker`` serving the same ``--app`` (an aiohttp app); its master is
+the "primary". The medians per side are printed at the end, with B/A, B/N and B/G. This
+machine's speed drifts by 20-50 % from one minute to the next: compare CPU per request (which
+drifts much less) rather than req/s, and only between sides of one interleaved run.
 
 Only 127.0.0.1 is used. Every wrk run is bounded by ``-d`` (and a timeout on top). Every server
 is stopped (SIGTERM to the primary, which stops its workers; SIGKILL to whatever is left after
@@ -103,18 +112,33 @@ class Server:
     def __init__(
         self, label: str, checkout: Path | None, args: argparse.Namespace, tmp: Path
     ) -> None:
-        """An aiocluster checkout, or with ``checkout`` None Node's cluster under SCHED_RR."""
+        """An aiocluster checkout; with ``checkout`` None, the peer ``label`` names (N, G)."""
         self.label = label
         self.port = free_port()
         self.log_path = tmp / f"{label}.log"
         self._log = self.log_path.open("wb")
         env = dict(os.environ)
         env.pop("PYTHONDONTWRITEBYTECODE", None)
-        self.node = checkout is None
-        if checkout is None:
+        self.peer = checkout is None
+        if label == "N":
             env.update(PORT=str(self.port), WORKERS=str(args.workers), BENCH_SCHED="rr")
             argv = [NODE, str(APPS / "node_cluster.js")]
+        elif label == "G":
+            env["PYTHONPATH"] = str(APPS)
+            argv = [
+                args.python,
+                "-m",
+                "gunicorn",
+                "-k",
+                "aiohttp.GunicornUVLoopWebWorker",
+                "-w",
+                str(args.workers),
+                "-b",
+                f"{HOST}:{self.port}",
+                args.app.split()[0],
+            ]
         else:
+            assert checkout is not None
             env["PYTHONPATH"] = os.pathsep.join([str(checkout), str(APPS)])
             argv = [
                 args.python,
@@ -125,7 +149,7 @@ class Server:
                 "-w",
                 str(args.workers),
                 "--policy",
-                "rr",
+                args.policy,
                 *args.server_args.split(),
                 "--bind",
                 f"{HOST}:{self.port}",
@@ -156,7 +180,7 @@ class Server:
         raise RuntimeError(f"{self.label} not ready after {timeout}s:\n{self.tail()}")
 
     def _answers(self) -> bool:
-        if not self.node:
+        if not self.peer:
             # The primary logs `ready: N workers listening` once every worker listens.
             return b"ready:" in self.log_path.read_bytes()
         try:
@@ -207,8 +231,9 @@ def _is_zombie(pid: int) -> bool:
     return text[text.rindex(")") + 2] == "Z"
 
 
-def wrk(port: int, seconds: int, connections: int) -> tuple[float, int, int]:
+def wrk(port: int, seconds: int, connections: int, keepalive: bool) -> tuple[float, int, int]:
     """One bounded wrk run: (req/s, requests, socket errors + non-2xx)."""
+    close = [] if keepalive else ["-H", "Connection: close"]
     argv = [
         "wrk",
         "-t1",
@@ -216,8 +241,7 @@ def wrk(port: int, seconds: int, connections: int) -> tuple[float, int, int]:
         f"-d{seconds}s",
         "--timeout",
         "5s",
-        "-H",
-        "Connection: close",
+        *close,
         f"http://{HOST}:{port}/",
     ]
     out = subprocess.run(
@@ -234,9 +258,10 @@ def wrk(port: int, seconds: int, connections: int) -> tuple[float, int, int]:
 
 
 def measure(server: Server, args: argparse.Namespace) -> Sample:
-    wrk(server.port, 1, args.connections)  # warmup: new workers' first requests, caches
+    # Warmup: new workers' first requests, caches.
+    wrk(server.port, 1, args.connections, args.keepalive)
     primary0, workers0 = server.cpu()
-    rps, requests, errors = wrk(server.port, args.duration, args.connections)
+    rps, requests, errors = wrk(server.port, args.duration, args.connections, args.keepalive)
     primary1, workers1 = server.cpu()
     n = max(1, requests)
     return Sample(
@@ -277,7 +302,16 @@ def main() -> int:
     parser.add_argument(
         "--app", default="bare_protocol:HelloProtocol --protocol", help="app spec and flags"
     )
+    parser.add_argument("--policy", default="rr", help="aiocluster's policy (rr)")
     parser.add_argument("--server-args", default="", help="more `aiocluster run` options")
+    parser.add_argument(
+        "--keepalive", action="store_true", help="keep-alive load, not a connection per request"
+    )
+    parser.add_argument(
+        "--gunicorn",
+        action="store_true",
+        help="also side G: gunicorn with aiohttp's GunicornUVLoopWebWorker, the same --app",
+    )
     parser.add_argument(
         "--node", action="store_true", help="also side N: Node's cluster, SCHED_RR (reference)"
     )
@@ -295,9 +329,14 @@ def main() -> int:
             parser.error(f"--node: {NODE} not found")
         sides.append(("N", None))
         print(f"N: {NODE} {APPS / 'node_cluster.js'} (BENCH_SCHED=rr)")
+    if args.gunicorn:
+        if "--protocol" in args.app.split():
+            parser.error("--gunicorn serves an aiohttp app: give one with --app")
+        sides.append(("G", None))
+        print(f"G: gunicorn -k aiohttp.GunicornUVLoopWebWorker {args.app.split()[0]}")
     signal.signal(signal.SIGTERM, _interrupt)
     results: dict[str, list[Sample]] = {label: [] for label, _ in sides}
-    header = f"{'round':>5} {'side':>4} {'primary us/conn':>16} {'worker us/conn':>15}"
+    header = f"{'round':>5} {'side':>4} {'primary us/req':>16} {'worker us/req':>15}"
     print(f"{header} {'req/s':>9} {'requests':>9} {'errors':>6}", flush=True)
     with servers(sides, args) as running:
         for round_ in range(1, args.rounds + 1):
@@ -319,11 +358,12 @@ def main() -> int:
         )
         p, w, r = medians[label]
         print(f"{'':>5} {label:>4} {p:>16.1f} {w:>15.1f} {r:>9.0f}")
-    for top, bottom in (("B", "A"), ("B", "N")):
+    for top, bottom in (("B", "A"), ("B", "N"), ("B", "G")):
         if top in medians and bottom in medians:
             (pt, wt, rt), (pb, wb, rb) = medians[top], medians[bottom]
             ratio = f"{top}/{bottom}"
-            print(f"{'':>5} {ratio:>4} {pt / pb:>16.2f} {wt / wb:>15.2f} {rt / rb:>9.2f}")
+            primary = f"{pt / pb:.2f}" if pb else "-"  # gunicorn's master: no CPU per request
+            print(f"{'':>5} {ratio:>4} {primary:>16} {wt / wb:>15.2f} {rt / rb:>9.2f}")
     return 0
 
 
