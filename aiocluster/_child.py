@@ -60,7 +60,7 @@ class Worker:
     @property
     def accepted(self) -> int:
         """Connections this worker accepted so far (handed over by the primary under rr)."""
-        return self._cluster.balancer.accepted.get(self.id, 0)
+        return self._cluster.listens.balancer.accepted.get(self.id, 0)
 
     @property
     def pid(self) -> int | None:

@@ -1,7 +1,8 @@
-"""The primary: starts workers, answers their channel requests, owns the listening sockets.
+"""The primary: starts workers, supervises them, and answers their channel requests.
 
 The primary never serves the application. It runs one asyncio loop, one task per worker that
-waits for the process to exit, and answers each worker's frames as they arrive.
+waits for the process to exit, and answers each worker's frames as they arrive; what concerns
+the listening sockets (``queryServer``, policy rr's accepting) is :mod:`aiocluster._listens`.
 """
 
 from __future__ import annotations
@@ -9,19 +10,17 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import errno
 import inspect
 import itertools
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from . import _protocol as proto
 from ._address import Address
-from ._balancer import Balancer
 from ._channel import Channel, PeerNotReading, channel_pair
 from ._child import Worker
 from ._codec import Frame
@@ -29,12 +28,8 @@ from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
 from ._handles import (
     MAX_HANDLES,
-    AddrInfo,
-    Handle,
-    HandleTable,
-    needs_resolver,
-    resolve_async,
 )
+from ._listens import Listens
 from ._starter import Starter, worker_argv
 from ._supervisor import (
     RestartPolicy,
@@ -83,10 +78,9 @@ class Cluster:
         self.config = config
         #: Live workers by id.
         self.workers: dict[int, Worker] = {}
-        self.handles = HandleTable()
-        #: Hands out the connections the primary accepts (policy rr); counts every worker's.
-        self.balancer = Balancer(
-            balance=config.balance, sticky=config.sticky, count_handoffs=config.policy == "rr"
+        #: The listening sockets, and which workers serve each (policy rr: the balancer).
+        self.listens = Listens(
+            config, phase=self._phase, fail=self._fail, background=self._background
         )
         #: Starts worker processes: forks of a zygote, or fresh interpreters.
         self.starter = Starter(
@@ -100,9 +94,6 @@ class Cluster:
         #: Rolling reloads completed.
         self.reloads = 0
         self.started_at = asyncio.get_running_loop().time()
-        for address in set(config.binds):
-            for index in range(config.binds.count(address)):
-                self.handles.pin(address, index)
         self._supervisor = Supervisor(RestartPolicy())
         self._reload_lock = asyncio.Lock()
         self._reload_again = False
@@ -146,7 +137,7 @@ class Cluster:
     def adopt_listeners(self, socks: list[socket.socket]) -> None:
         """Serve these listening sockets (socket activation) instead of binding ``config.binds``."""
         if socks:
-            self.binds = [self.handles.adopt(sock) for sock in socks]
+            self.binds = [self.listens.handles.adopt(sock) for sock in socks]
             for address in self.binds:
                 log.info("listening on %s (passed by the service manager)", address)
 
@@ -260,7 +251,7 @@ class Cluster:
     async def aclose(self) -> None:
         """Stop gracefully and wait until every worker is reaped and every socket closed."""
         if self._main is None:
-            self.handles.close_all()
+            self.listens.close()
             return
         self._stop.set()
         await asyncio.shield(self._main)
@@ -286,8 +277,7 @@ class Cluster:
                 await self._shutdown()
         finally:
             self._tg = None
-            self.handles.close_all()
-            self.balancer.close()
+            self.listens.close()
             await self.starter.aclose()
 
     def _serving(self) -> list[Worker]:
@@ -345,7 +335,7 @@ class Cluster:
         returncode = await exit_task
         closed_task.cancel()
         channel.close()
-        self.handles.release(worker.id)
+        self.listens.gone(worker)
         if worker._hang is not None:
             worker._hang.cancel()
         worker.state = "dead"
@@ -509,7 +499,7 @@ class Cluster:
             worker.disconnect()
         # Our copies of the listening sockets go now: once the workers close theirs the
         # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
-        self.handles.close_all()
+        self.listens.close_sockets()
         gone = asyncio.create_task(self._gone.wait())
         forced = asyncio.create_task(self._force.wait())
         # The workers drain for `timeout` themselves; the margin lets them exit cleanly.
@@ -529,7 +519,7 @@ class Cluster:
         msg = frame.msg
         act = msg["act"]
         if act == proto.QUERY_SERVER:
-            self._query_server(worker, frame)
+            self.listens.query(worker, frame)
         elif act == proto.ONLINE:
             if worker._announced:
                 raise ProtocolError(f"{worker.describe()} sent 'online' twice")
@@ -543,7 +533,7 @@ class Cluster:
                     "graceful_timeout": self.config.graceful_timeout,
                     "heartbeat": heartbeat_interval(self.config.timeout),
                     "binds": [a.to_wire() for a in self.binds],
-                    **self._policy_settings(),
+                    **self.listens.settings(),
                 },
             )
             self._arm_hang_timer(worker)
@@ -556,7 +546,7 @@ class Cluster:
                 # Servers from create_server() never report their close: forget the oldest.
                 del worker.listening[0]
             worker.listening.append(address)
-            self._join_balancer(worker, msg)
+            self.listens.joined(worker, msg)
             log.info("%s listening on %s", worker.describe(), address)
             if worker.state in ("starting", "online"):
                 worker.state = "listening"
@@ -573,92 +563,11 @@ class Cluster:
             log.debug("%s closed %s", worker.describe(), address)
             if address in worker.listening:
                 worker.listening.remove(address)
-            self.handles.release(worker.id, address)
-            self._part_balancer(worker, msg)
+            self.listens.left(worker, address, msg)
         elif act == proto.LOAD:
-            self._load_report(worker, msg)
+            self.listens.load_report(worker, msg)
         else:
             raise ProtocolError(f"unknown act {act!r} from {worker.describe()}")
-
-    def _query_server(self, worker: Worker, frame: Frame) -> None:
-        msg = frame.msg
-        try:
-            address = Address.from_wire(msg.get("address"))
-        except ConfigError as err:
-            raise ProtocolError(f"bad queryServer address: {err}") from None
-        index = proto.require(msg, "index", int)
-        backlog = msg.get("backlog", self.config.backlog)
-        if index < 0 or not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
-            raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r:.40}")
-        # The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
-        backlog = min(backlog, _MAX_BACKLOG)
-        slot = self._reuseport_slot(worker)
-        if needs_resolver(address) and not self.handles.exists(address, index, slot=slot):
-            # A host name: resolving it may wait on DNS, which must not stall this loop (the
-            # heartbeats of every worker are read here).
-            assert self._tg is not None
-            self._tg.create_task(self._resolve_and_listen(worker, frame, address, index, backlog))
-            return
-        self._listen(worker, frame, address, index, backlog, None)
-
-    async def _resolve_and_listen(
-        self, worker: Worker, frame: Frame, address: Address, index: int, backlog: int
-    ) -> None:
-        try:
-            resolved = await resolve_async(address)
-        except OSError as err:
-            self._refuse_listen(worker, frame, address, err)
-            return
-        if worker.is_connected():
-            self._listen(worker, frame, address, index, backlog, resolved)
-
-    def _listen(
-        self,
-        worker: Worker,
-        frame: Frame,
-        address: Address,
-        index: int,
-        backlog: int,
-        resolved: AddrInfo | None,
-    ) -> None:
-        if self.stopping:
-            # The listening sockets are closed or closing: a listen now would open the port
-            # again (or fail on a draining worker's copy) and hold it past the stop.
-            self._refuse_listen(
-                worker, frame, address, OSError(errno.ESHUTDOWN, "the cluster is stopping")
-            )
-            return
-        try:
-            handle, created = self.handles.get_or_create(
-                address,
-                index,
-                backlog,
-                slot=self._reuseport_slot(worker),
-                holder=worker.id,
-                resolved=resolved,
-            )
-        except OSError as err:
-            self._refuse_listen(worker, frame, address, err)
-            return
-        if created:
-            log.info("listening on %s", handle.describe())
-        self._grant(worker, frame, handle)
-
-    def _refuse_listen(self, worker: Worker, frame: Frame, address: Address, err: OSError) -> None:
-        assert worker._channel is not None
-        code = err.errno or 0
-        text = err.strerror or str(err)
-        worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
-        if self.stopping:
-            log.debug("%s cannot listen on %s: %s", worker.describe(), address, text)
-        elif self._ready.is_set():
-            # A listen asked for once the cluster serves (a worker's create_server, a
-            # reload's new code) fails only that worker's call, never the cluster.
-            log.warning(
-                "%s cannot listen on %s: [Errno %d] %s", worker.describe(), address, code, text
-            )
-        else:
-            self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
 
     # -- scheduling policies -----------------------------------------------------------------
 
@@ -674,41 +583,7 @@ class Cluster:
             raise AioclusterError(
                 f"slot {slot} still has a worker: disconnect it and wait for its exit first"
             )
-        return self.balancer.drain(self.handles.pop_slot(slot))
-
-    def _policy_settings(self) -> dict[str, Any]:
-        return {"policy": self.config.policy, "balance": self.config.balance}
-
-    def _reuseport_slot(self, worker: Worker) -> int | None:
-        return worker.slot if self.config.policy == "reuseport" else None
-
-    def _grant(self, worker: Worker, frame: Frame, handle: Handle) -> None:
-        """Answer a queryServer: the socket, or under rr only the handle id (we accept)."""
-        assert worker._channel is not None
-        msg = {"errno": 0, "sockname": handle.sockname, "handle": handle.id}
-        if self.config.policy == "rr":
-            self.balancer.serve(handle)
-            worker._channel.reply(frame, {**msg, "accept": "primary"})
-        else:
-            worker._channel.reply(frame, msg, [handle.sock.fileno()])
-
-    def _join_balancer(self, worker: Worker, msg: dict[str, Any]) -> None:
-        handle = msg.get("handle")
-        if isinstance(handle, int) and worker._channel is not None:
-            name = worker.describe()
-            self.balancer.join(worker.id, worker.slot, name, worker._channel, handle)
-
-    def _part_balancer(self, worker: Worker, msg: dict[str, Any]) -> None:
-        handle = msg.get("handle")
-        if isinstance(handle, int):
-            self.balancer.part(worker.id, handle)
-
-    def _load_report(self, worker: Worker, msg: dict[str, Any]) -> None:
-        counts = [proto.require(msg, key, int) for key in ("accepted", "open", "adopted")]
-        if min(counts) < 0:
-            raise ProtocolError(f"negative counters in a load report: {counts}")
-        accepted, open_, adopted = counts
-        self.balancer.report(worker.id, accepted=accepted, open_=open_, adopted=adopted)
+        return self.listens.drain_slot(slot)
 
     def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
         stats = {
@@ -730,6 +605,15 @@ class Cluster:
         if not self._ready.is_set() and len(listening) >= self._size:
             self._ready.set()
             log.info("ready: %d workers listening", len(listening))
+
+    def _phase(self) -> str:
+        if self.stopping:
+            return "stopping"
+        return "serving" if self._ready.is_set() else "starting"
+
+    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
+        assert self._tg is not None
+        self._tg.create_task(coro)
 
     # -- events ------------------------------------------------------------------------------
 
@@ -755,7 +639,6 @@ async def _guard(event: str, awaitable: Any) -> None:
         log.exception("%r callback failed", event)
 
 
-_MAX_BACKLOG = 2**31 - 1
 # A sockname is ``host:port`` or ``unix:`` and a path of at most 100 bytes.
 _MAX_ADDRESS = 300
 

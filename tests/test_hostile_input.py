@@ -263,7 +263,7 @@ class Fixture:
         assert self.worker._channel is not None
         self.worker._channel.close()
         self.peer.close()
-        self.cluster.handles.close_all()
+        self.cluster.listens.handles.close_all()
 
 
 @pytest.fixture
@@ -312,7 +312,7 @@ async def test_a_bad_message_is_a_protocol_error(
 ) -> None:
     with pytest.raises(ProtocolError, match=why.replace("(", r"\(")):
         primary.feed(msg)
-    assert len(primary.cluster.handles) == 0
+    assert len(primary.cluster.listens.handles) == 0
     assert not primary.cluster.stopping
 
 
@@ -342,7 +342,7 @@ async def test_listening_twice_and_close_keep_one_entry(primary: Fixture) -> Non
 
 async def test_a_huge_backlog_is_capped_not_a_crash(primary: Fixture) -> None:
     primary.feed({"act": "queryServer", "address": TCP, "index": 0, "backlog": 10**30})
-    assert len(primary.cluster.handles) == 1
+    assert len(primary.cluster.listens.handles) == 1
 
 
 async def test_a_bind_error_after_ready_fails_the_call_not_the_cluster(primary: Fixture) -> None:
@@ -363,7 +363,7 @@ async def test_a_host_idna_refuses_is_a_bind_error(primary: Fixture) -> None:
     primary.cluster._ready.set()
     primary.feed({"act": "queryServer", "address": {**TCP, "host": "x" * 70}, "index": 0})
     primary.feed({"act": "queryServer", "address": {**TCP, "host": ".."}, "index": 0})
-    assert len(primary.cluster.handles) == 0
+    assert len(primary.cluster.listens.handles) == 0
     assert not primary.cluster.stopping
 
 
@@ -431,7 +431,7 @@ def test_property_a_message_is_handled_or_is_a_protocol_error(
                 with contextlib.suppress(ProtocolError):
                     fixture.feed(msg)
             assert fixture.worker.state in ("starting", "online", "listening")
-            assert len(fixture.cluster.handles) <= len(messages)
+            assert len(fixture.cluster.listens.handles) <= len(messages)
         finally:
             fixture.close()
         assert open_fds() <= before
@@ -485,10 +485,10 @@ def test_config_binds_are_pinned() -> None:
     async def scenario() -> None:
         config = ClusterConfig.build(workers=1, bind=["127.0.0.1:0", "127.0.0.1:0"])
         cluster = _primary.Cluster(config)
-        handle, _ = cluster.handles.get_or_create(LOOPBACK, 1, 16, holder=1)
-        cluster.handles.release(1)
+        handle, _ = cluster.listens.handles.get_or_create(LOOPBACK, 1, 16, holder=1)
+        cluster.listens.handles.release(1)
         assert handle.sock.fileno() != -1
-        cluster.handles.close_all()
+        cluster.listens.handles.close_all()
 
     asyncio.run(scenario())
 

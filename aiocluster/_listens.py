@@ -1,0 +1,198 @@
+"""The primary's side of ``queryServer``: the listening sockets, and who serves which.
+
+:class:`Listens` owns the handle table (every listening socket, bound once and shared, or one
+per slot under ``reuseport``) and the balancer (policy ``rr``: the primary accepts and hands
+connections over). It answers a worker's ``queryServer`` with the socket, or under ``rr`` with
+the listen's id once the primary accepts on it; it hears which workers start and stop serving
+a listen, and their load reports. The cluster's life (starting, ready, stopping, failing) stays
+with :class:`~aiocluster._primary.Cluster`, which it asks through three callables.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from . import _protocol as proto
+from ._address import Address
+from ._balancer import Balancer
+from ._child import Worker
+from ._codec import Frame
+from ._config import ClusterConfig
+from ._errors import ConfigError, ProtocolError
+from ._handles import AddrInfo, Handle, HandleTable, needs_resolver, resolve_async
+
+__all__ = ["Listens"]
+
+log = logging.getLogger("aiocluster.primary")
+
+# The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
+_MAX_BACKLOG = 2**31 - 1
+
+
+class Listens:
+    """Every listen of the cluster: its sockets, and the workers that serve each one."""
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        *,
+        phase: Callable[[], str],
+        fail: Callable[[str], None],
+        background: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        """``phase()`` says ``"starting"``, ``"serving"`` or ``"stopping"``; ``fail(reason)``
+        stops the cluster as failed; ``background(coro)`` runs a task for the cluster's life."""
+        self.config = config
+        self.handles = HandleTable()
+        #: Hands out the connections the primary accepts (policy rr); counts every worker's.
+        self.balancer = Balancer(
+            balance=config.balance, sticky=config.sticky, count_handoffs=config.policy == "rr"
+        )
+        self._phase = phase
+        self._fail = fail
+        self._background = background
+        for address in set(config.binds):
+            for index in range(config.binds.count(address)):
+                self.handles.pin(address, index)
+
+    def settings(self) -> dict[str, Any]:
+        """What a worker is told about the policy when it comes online."""
+        return {"policy": self.config.policy, "balance": self.config.balance}
+
+    def query(self, worker: Worker, frame: Frame) -> None:
+        """Answer ``worker``'s queryServer ``frame``: a grant, or the error (never raises one
+        for a bind failure; a malformed request raises :class:`ProtocolError`)."""
+        msg = frame.msg
+        try:
+            address = Address.from_wire(msg.get("address"))
+        except ConfigError as err:
+            raise ProtocolError(f"bad queryServer address: {err}") from None
+        index = proto.require(msg, "index", int)
+        backlog = msg.get("backlog", self.config.backlog)
+        if index < 0 or not isinstance(backlog, int) or isinstance(backlog, bool) or backlog < 1:
+            raise ProtocolError(f"bad queryServer index/backlog {index!r}/{backlog!r:.40}")
+        backlog = min(backlog, _MAX_BACKLOG)
+        slot = self._slot(worker)
+        if needs_resolver(address) and not self.handles.exists(address, index, slot=slot):
+            # A host name: resolving it may wait on DNS, which must not stall this loop (the
+            # heartbeats of every worker are read here).
+            self._background(self._resolve_and_listen(worker, frame, address, index, backlog))
+            return
+        self._listen(worker, frame, address, index, backlog, None)
+
+    def joined(self, worker: Worker, msg: dict[str, Any]) -> None:
+        """``worker`` serves the listen its ``listening`` message names."""
+        handle = msg.get("handle")
+        if isinstance(handle, int) and worker._channel is not None:
+            name = worker.describe()
+            self.balancer.join(worker.id, worker.slot, name, worker._channel, handle)
+
+    def left(self, worker: Worker, address: str, msg: dict[str, Any]) -> None:
+        """``worker`` stopped serving ``address`` (its ``close`` message)."""
+        self.handles.release(worker.id, address)
+        handle = msg.get("handle")
+        if isinstance(handle, int):
+            self.balancer.part(worker.id, handle)
+
+    def gone(self, worker: Worker) -> None:
+        """``worker`` exited: it holds no listen any more."""
+        self.handles.release(worker.id)
+
+    def load_report(self, worker: Worker, msg: dict[str, Any]) -> None:
+        """A worker's counters of handed-over connections (policy rr's least-conn)."""
+        counts = [proto.require(msg, key, int) for key in ("accepted", "open", "adopted")]
+        if min(counts) < 0:
+            raise ProtocolError(f"negative counters in a load report: {counts}")
+        accepted, open_, adopted = counts
+        self.balancer.report(worker.id, accepted=accepted, open_=open_, adopted=adopted)
+
+    def drain_slot(self, slot: int) -> int:
+        """Hand what ``slot``'s reuseport sockets queued to the other workers, close them."""
+        return self.balancer.drain(self.handles.pop_slot(slot))
+
+    def close_sockets(self) -> None:
+        """Close the primary's copies of every listening socket (a stop begins)."""
+        self.handles.close_all()
+
+    def close(self) -> None:
+        """The cluster has stopped: close every socket and what the balancer still holds."""
+        self.handles.close_all()
+        self.balancer.close()
+
+    # -- answering queryServer ---------------------------------------------------------------
+
+    def _slot(self, worker: Worker) -> int | None:
+        return worker.slot if self.config.policy == "reuseport" else None
+
+    async def _resolve_and_listen(
+        self, worker: Worker, frame: Frame, address: Address, index: int, backlog: int
+    ) -> None:
+        try:
+            resolved = await resolve_async(address)
+        except OSError as err:
+            self._refuse(worker, frame, address, err)
+            return
+        if worker.is_connected():
+            self._listen(worker, frame, address, index, backlog, resolved)
+
+    def _listen(
+        self,
+        worker: Worker,
+        frame: Frame,
+        address: Address,
+        index: int,
+        backlog: int,
+        resolved: AddrInfo | None,
+    ) -> None:
+        if self._phase() == "stopping":
+            # The listening sockets are closed or closing: a listen now would open the port
+            # again (or fail on a draining worker's copy) and hold it past the stop.
+            self._refuse(
+                worker, frame, address, OSError(errno.ESHUTDOWN, "the cluster is stopping")
+            )
+            return
+        try:
+            handle, created = self.handles.get_or_create(
+                address,
+                index,
+                backlog,
+                slot=self._slot(worker),
+                holder=worker.id,
+                resolved=resolved,
+            )
+        except OSError as err:
+            self._refuse(worker, frame, address, err)
+            return
+        if created:
+            log.info("listening on %s", handle.describe())
+        self._grant(worker, frame, handle)
+
+    def _refuse(self, worker: Worker, frame: Frame, address: Address, err: OSError) -> None:
+        assert worker._channel is not None
+        code = err.errno or 0
+        text = err.strerror or str(err)
+        worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
+        phase = self._phase()
+        if phase == "stopping":
+            log.debug("%s cannot listen on %s: %s", worker.describe(), address, text)
+        elif phase == "serving":
+            # A listen asked for once the cluster serves (a worker's create_server, a
+            # reload's new code) fails only that worker's call, never the cluster.
+            log.warning(
+                "%s cannot listen on %s: [Errno %d] %s", worker.describe(), address, code, text
+            )
+        else:
+            self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
+
+    def _grant(self, worker: Worker, frame: Frame, handle: Handle) -> None:
+        """Answer a queryServer: the socket, or under rr only the handle id (we accept)."""
+        assert worker._channel is not None
+        msg = {"errno": 0, "sockname": handle.sockname, "handle": handle.id}
+        if self.config.policy == "rr":
+            self.balancer.serve(handle)
+            worker._channel.reply(frame, {**msg, "accept": "primary"})
+        else:
+            worker._channel.reply(frame, msg, [handle.sock.fileno()])
