@@ -19,6 +19,7 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
+from ._tracker import ConnectionTracker
 from ._worker import (
     Grant,
     WorkerLink,
@@ -107,8 +108,14 @@ class HandedServer(asyncio.AbstractServer):
         self._link = link()
         self._serving = True
         self._closed = asyncio.Event()
+        # What wait_closed() waits for, as asyncio's and uvloop's servers do.
+        self._connections = ConnectionTracker()
         self._route = Route(
-            self._link, factory, serving=self.is_serving, ssl=ssl, ssl_options=ssl_options
+            self._link,
+            self._connections.wrap(factory),
+            serving=self.is_serving,
+            ssl=ssl,
+            ssl_options=ssl_options,
         )
         self._link.route(grant.handle, self._route)
 
@@ -146,10 +153,11 @@ class HandedServer(asyncio.AbstractServer):
         await self._closed.wait()
 
     async def wait_closed(self) -> None:
-        """Wait until the server is closed and the adoptions under way are done."""
+        """Wait until the server is closed and every connection it adopted has ended."""
         await self._closed.wait()
         if self._route.tasks:
             await asyncio.gather(*self._route.tasks, return_exceptions=True)
+        await self._connections.wait_idle()
 
 
 async def start_server(

@@ -18,6 +18,7 @@ from aiocluster._policy import sticky_order
 
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli
+from .test_cluster import free_port
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -335,3 +336,25 @@ async def test_reuseport_scaling_down_with_ttou_retires_the_slot_socket(
     assert len(listening_inodes(c.port)) == 1  # the primary closed slot 2's socket
     assert await worker_of(f"{c.url}/") == 1
     assert await c.stop() == 0
+
+
+async def test_rr_wait_closed_waits_for_the_adopted_connections(
+    start_cluster: StartCluster,
+) -> None:
+    """``server.close(); await server.wait_closed()`` in a worker written by hand: under rr
+    too, it returns once the connections the worker adopted have ended, not before."""
+    port = free_port()
+    c = await start_cluster(sys.executable, "handmade_rr.py", str(port))
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        assert (await asyncio.wait_for(reader.readline(), 10)).startswith(b"worker ")
+        c.signal(signal.SIGTERM)
+        await c.wait_for("TEST server closed")
+        # The connection still serves: the worker is waiting in wait_closed() for it.
+        writer.write(b"still here\n")
+        assert await asyncio.wait_for(reader.readline(), 10) == b"still here\n"
+        assert c.count("TEST connections ended") == 0
+    finally:
+        writer.close()
+    await c.wait_for("TEST connections ended")
+    assert await c.wait(timeout=20) == 0

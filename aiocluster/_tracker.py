@@ -1,0 +1,104 @@
+"""Counting a protocol server's open connections, so that a stop can wait for them to end.
+
+Used by ``serve(protocol=True)`` in a worker (its drain) and by the server of a listen whose
+connections the primary hands over (policy rr), whose ``wait_closed()`` waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+__all__ = ["ConnectionTracker"]
+
+log = logging.getLogger("aiocluster.worker")
+
+
+class ConnectionTracker:
+    """Counts open connections of a protocol server so a stop can wait for them to end."""
+
+    def __init__(self) -> None:
+        #: Connections accepted so far.
+        self.accepted = 0
+        #: Open connections: each transport and its protocol.
+        self.transports: dict[asyncio.BaseTransport, asyncio.BaseProtocol] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._draining = False
+
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> Callable[[], asyncio.BaseProtocol]:
+        """A factory whose protocols report their connection's start and end to the tracker."""
+
+        def tracked() -> asyncio.BaseProtocol:
+            proto = factory()
+            made, lost = proto.connection_made, proto.connection_lost
+            box: list[asyncio.BaseTransport] = []
+
+            def connection_made(transport: asyncio.BaseTransport) -> None:
+                box.append(transport)
+                self.accepted += 1
+                self.transports[transport] = proto
+                self._idle.clear()
+                made(transport)
+                if self._draining:
+                    # Made after the drain began (under policy rr, a connection the primary
+                    # handed over just before this worker closed): wrap it up too, or it
+                    # would keep the worker for the whole graceful timeout, then be cut.
+                    self._wrap_up(proto)
+
+            def connection_lost(exc: Exception | None) -> None:
+                try:
+                    lost(exc)
+                finally:
+                    if box:
+                        self.transports.pop(box[0], None)
+                    if not self.transports:
+                        self._idle.set()
+
+            # Instance attributes, not a proxy: the loop calls data_received directly, so
+            # tracking costs nothing per read. Protocols with __slots__ go untracked.
+            with contextlib.suppress(AttributeError):
+                proto.connection_made = connection_made  # type: ignore[method-assign]
+                proto.connection_lost = connection_lost  # type: ignore[method-assign]
+            return proto
+
+        return tracked
+
+    async def wait_idle(self) -> None:
+        """Wait until no tracked connection is open."""
+        await self._idle.wait()
+
+    async def drain(self, timeout: float) -> None:
+        """Ask each protocol to wrap up, wait up to ``timeout`` for every connection to end,
+        then abort the rest.
+
+        A protocol that defines ``drain()`` has it called once, first (or as soon as its
+        connection is made, for one made meanwhile): the protocol knows how to end its
+        conversation well (an HTTP server answers with ``Connection: close``; a chat server says
+        goodbye). Without it the connection simply gets the time left to end.
+        """
+        self._draining = True
+        for proto in list(self.transports.values()):
+            self._wrap_up(proto)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._idle.wait()
+        for transport in list(self.transports):
+            abort = getattr(transport, "abort", None)
+            if abort is not None:
+                abort()
+            else:
+                transport.close()
+
+    @staticmethod
+    def _wrap_up(proto: asyncio.BaseProtocol) -> None:
+        wrap_up = getattr(proto, "drain", None)
+        if callable(wrap_up):
+            try:
+                wrap_up()
+            except Exception:
+                log.exception("%r.drain() failed", proto)
