@@ -19,7 +19,7 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
-from ._tracker import ConnectionTracker
+from ._tracker import ConnectionTracker, TrackedFactory
 from ._worker import (
     Grant,
     WorkerLink,
@@ -108,11 +108,14 @@ class HandedServer(asyncio.AbstractServer):
         self._link = link()
         self._serving = True
         self._closed = asyncio.Event()
-        # What wait_closed() waits for, as asyncio's and uvloop's servers do.
-        self._connections = ConnectionTracker()
+        # What wait_closed() waits for, as asyncio's and uvloop's servers do. A factory that
+        # is tracked already (serve(protocol=True)'s) is not wrapped twice.
+        if not isinstance(factory, TrackedFactory):
+            factory = ConnectionTracker().wrap(factory)
+        self._connections = factory.tracker
         self._route = Route(
             self._link,
-            self._connections.wrap(factory),
+            factory,
             serving=self.is_serving,
             ssl=ssl,
             ssl_options=ssl_options,

@@ -11,7 +11,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-__all__ = ["ConnectionTracker"]
+__all__ = ["ConnectionTracker", "TrackedFactory"]
 
 log = logging.getLogger("aiocluster.worker")
 
@@ -28,45 +28,42 @@ class ConnectionTracker:
         self._idle.set()
         self._draining = False
 
-    def wrap(
-        self, factory: Callable[[], asyncio.BaseProtocol]
-    ) -> Callable[[], asyncio.BaseProtocol]:
+    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> TrackedFactory:
         """A factory whose protocols report their connection's start and end to the tracker."""
+        return TrackedFactory(self, factory)
 
-        def tracked() -> asyncio.BaseProtocol:
-            proto = factory()
-            made, lost = proto.connection_made, proto.connection_lost
-            box: list[asyncio.BaseTransport] = []
+    def track(self, proto: asyncio.BaseProtocol) -> asyncio.BaseProtocol:
+        """Make ``proto`` report its connection's start and end to the tracker."""
+        made, lost = proto.connection_made, proto.connection_lost
+        box: list[asyncio.BaseTransport] = []
 
-            def connection_made(transport: asyncio.BaseTransport) -> None:
-                box.append(transport)
-                self.accepted += 1
-                self.transports[transport] = proto
-                self._idle.clear()
-                made(transport)
-                if self._draining:
-                    # Made after the drain began (under policy rr, a connection the primary
-                    # handed over just before this worker closed): wrap it up too, or it
-                    # would keep the worker for the whole graceful timeout, then be cut.
-                    self._wrap_up(proto)
+        def connection_made(transport: asyncio.BaseTransport) -> None:
+            box.append(transport)
+            self.accepted += 1
+            self.transports[transport] = proto
+            self._idle.clear()
+            made(transport)
+            if self._draining:
+                # Made after the drain began (under policy rr, a connection the primary
+                # handed over just before this worker closed): wrap it up too, or it
+                # would keep the worker for the whole graceful timeout, then be cut.
+                self._wrap_up(proto)
 
-            def connection_lost(exc: Exception | None) -> None:
-                try:
-                    lost(exc)
-                finally:
-                    if box:
-                        self.transports.pop(box[0], None)
-                    if not self.transports:
-                        self._idle.set()
+        def connection_lost(exc: Exception | None) -> None:
+            try:
+                lost(exc)
+            finally:
+                if box:
+                    self.transports.pop(box[0], None)
+                if not self.transports:
+                    self._idle.set()
 
-            # Instance attributes, not a proxy: the loop calls data_received directly, so
-            # tracking costs nothing per read. Protocols with __slots__ go untracked.
-            with contextlib.suppress(AttributeError):
-                proto.connection_made = connection_made  # type: ignore[method-assign]
-                proto.connection_lost = connection_lost  # type: ignore[method-assign]
-            return proto
-
-        return tracked
+        # Instance attributes, not a proxy: the loop calls data_received directly, so
+        # tracking costs nothing per read. Protocols with __slots__ go untracked.
+        with contextlib.suppress(AttributeError):
+            proto.connection_made = connection_made  # type: ignore[method-assign]
+            proto.connection_lost = connection_lost  # type: ignore[method-assign]
+        return proto
 
     async def wait_idle(self) -> None:
         """Wait until no tracked connection is open."""
@@ -102,3 +99,22 @@ class ConnectionTracker:
                 wrap_up()
             except Exception:
                 log.exception("%r.drain() failed", proto)
+
+
+class TrackedFactory:
+    """A protocol factory whose protocols a :class:`ConnectionTracker` follows.
+
+    A server handed one (policy rr's ``HandedServer``) uses its tracker rather than wrapping
+    the factory in a second one: one wrapper per connection is enough.
+    """
+
+    __slots__ = ("factory", "tracker")
+
+    def __init__(
+        self, tracker: ConnectionTracker, factory: Callable[[], asyncio.BaseProtocol]
+    ) -> None:
+        self.tracker = tracker
+        self.factory = factory
+
+    def __call__(self) -> asyncio.BaseProtocol:
+        return self.tracker.track(self.factory())
