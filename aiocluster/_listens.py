@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import logging
 from collections.abc import Callable, Coroutine
-from typing import Any
+from typing import Any, Literal
 
 from . import _protocol as proto
 from ._address import Address
@@ -24,9 +24,14 @@ from ._config import ClusterConfig
 from ._errors import ConfigError, ProtocolError
 from ._handles import AddrInfo, Handle, HandleTable, needs_resolver, resolve_async
 
-__all__ = ["Listens"]
+__all__ = ["Listens", "Phase"]
 
 log = logging.getLogger("aiocluster.primary")
+
+#: Where the cluster is in its life, as far as a listen is concerned: a bind error while it
+#: starts fails the cluster; once it serves it fails only that worker's call; once it stops,
+#: nothing is bound any more.
+Phase = Literal["starting", "serving", "stopping"]
 
 # The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
 _MAX_BACKLOG = 2**31 - 1
@@ -39,12 +44,12 @@ class Listens:
         self,
         config: ClusterConfig,
         *,
-        phase: Callable[[], str],
+        phase: Callable[[], Phase],
         fail: Callable[[str], None],
         background: Callable[[Coroutine[Any, Any, None]], None],
     ) -> None:
-        """``phase()`` says ``"starting"``, ``"serving"`` or ``"stopping"``; ``fail(reason)``
-        stops the cluster as failed; ``background(coro)`` runs a task for the cluster's life."""
+        """``phase()`` says where the cluster is (:data:`Phase`); ``fail(reason)`` stops the
+        cluster as failed; ``background(coro)`` runs a task for the cluster's life."""
         self.config = config
         self.handles = HandleTable()
         #: Hands out the connections the primary accepts (policy rr); counts every worker's.

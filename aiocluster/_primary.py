@@ -26,10 +26,8 @@ from ._child import Worker
 from ._codec import Frame
 from ._config import ClusterConfig
 from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from ._handles import (
-    MAX_HANDLES,
-)
-from ._listens import Listens
+from ._handles import MAX_HANDLES
+from ._listens import Listens, Phase
 from ._starter import Starter, worker_argv
 from ._supervisor import (
     RestartPolicy,
@@ -606,7 +604,7 @@ class Cluster:
             self._ready.set()
             log.info("ready: %d workers listening", len(listening))
 
-    def _phase(self) -> str:
+    def _phase(self) -> Phase:
         if self.stopping:
             return "stopping"
         return "serving" if self._ready.is_set() else "starting"
