@@ -1,5 +1,5 @@
-"""A protocol app that imports nothing of aiohttp: it tells each client which big modules its
-worker has loaded, so a test can check that serving a bare protocol never pays for aiohttp."""
+"""A protocol app that imports nothing of aiohttp: it tells each client whether its worker has
+aiohttp loaded all the same, so a test can check that serving a bare protocol never pays for it."""
 
 from __future__ import annotations
 
