@@ -33,7 +33,14 @@ class ConnectionTracker:
         return TrackedFactory(self, factory)
 
     def track(self, proto: asyncio.BaseProtocol) -> asyncio.BaseProtocol:
-        """Make ``proto`` report its connection's start and end to the tracker."""
+        """Make ``proto`` report its connection's start and end to the tracker.
+
+        Instance attributes, not a proxy: the loop calls ``data_received`` directly, so
+        tracking costs nothing per read. A protocol without a ``__dict__`` (``__slots__``
+        all the way down, as aiohttp's request handler) cannot take them and goes untracked.
+        """
+        if not hasattr(proto, "__dict__"):
+            return proto
         made, lost = proto.connection_made, proto.connection_lost
         box: list[asyncio.BaseTransport] = []
 
@@ -58,11 +65,8 @@ class ConnectionTracker:
                 if not self.transports:
                     self._idle.set()
 
-        # Instance attributes, not a proxy: the loop calls data_received directly, so
-        # tracking costs nothing per read. Protocols with __slots__ go untracked.
-        with contextlib.suppress(AttributeError):
-            proto.connection_made = connection_made  # type: ignore[method-assign]
-            proto.connection_lost = connection_lost  # type: ignore[method-assign]
+        proto.connection_made = connection_made  # type: ignore[method-assign]
+        proto.connection_lost = connection_lost  # type: ignore[method-assign]
         return proto
 
     async def wait_idle(self) -> None:
