@@ -20,30 +20,30 @@ import importlib
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # real attributes for type checkers; imported on first use at run time
-    from . import web as web
-    from ._address import Address as Address
-    from ._adopt import HandedServer as HandedServer
-    from ._child import Worker as Worker
-    from ._config import ClusterConfig as ClusterConfig
-    from ._config import default_workers as default_workers
-    from ._errors import AioclusterError as AioclusterError
-    from ._errors import ChannelClosed as ChannelClosed
-    from ._errors import ConfigError as ConfigError
-    from ._errors import NotInCluster as NotInCluster
-    from ._errors import ProtocolError as ProtocolError
-    from ._primary import Cluster as Cluster
-    from ._primary import ClusterFailed as ClusterFailed
-    from ._serve import create_server as create_server
-    from ._serve import run as run
-    from ._serve import serve as serve
-    from ._serve import supervise as supervise
-    from ._serve import until_stopped as until_stopped
-    from ._worker import is_primary as is_primary
-    from ._worker import is_worker as is_worker
-    from ._worker import messages as messages
-    from ._worker import send as send
-    from ._worker import worker_id as worker_id
-    from ._worker import worker_slot as worker_slot
+    from aiocluster import web as web
+    from aiocluster._config import ClusterConfig as ClusterConfig
+    from aiocluster._config import default_workers as default_workers
+    from aiocluster._entry import run as run
+    from aiocluster._entry import serve as serve
+    from aiocluster._entry import supervise as supervise
+    from aiocluster._errors import AioclusterError as AioclusterError
+    from aiocluster._errors import ChannelClosed as ChannelClosed
+    from aiocluster._errors import ConfigError as ConfigError
+    from aiocluster._errors import NotInCluster as NotInCluster
+    from aiocluster._errors import ProtocolError as ProtocolError
+    from aiocluster.primary.cluster import Cluster as Cluster
+    from aiocluster.primary.cluster import ClusterFailed as ClusterFailed
+    from aiocluster.primary.process import Worker as Worker
+    from aiocluster.wire.address import Address as Address
+    from aiocluster.worker.adopt import HandedServer as HandedServer
+    from aiocluster.worker.link import is_primary as is_primary
+    from aiocluster.worker.link import is_worker as is_worker
+    from aiocluster.worker.link import messages as messages
+    from aiocluster.worker.link import send as send
+    from aiocluster.worker.link import worker_id as worker_id
+    from aiocluster.worker.link import worker_slot as worker_slot
+    from aiocluster.worker.serve import create_server as create_server
+    from aiocluster.worker.serve import until_stopped as until_stopped
 
 __all__ = [
     "Address",
@@ -78,29 +78,29 @@ __all__ = [
 # forks its zygote before it loads the rest, a primary never loads aiohttp (``web``), and a
 # protocol worker never loads what only aiohttp apps use.
 _HOMES = {
-    "Address": "_address",
+    "Address": "wire.address",
     "AioclusterError": "_errors",
     "ChannelClosed": "_errors",
-    "Cluster": "_primary",
+    "Cluster": "primary.cluster",
     "ClusterConfig": "_config",
-    "ClusterFailed": "_primary",
+    "ClusterFailed": "primary.cluster",
     "ConfigError": "_errors",
-    "HandedServer": "_adopt",
+    "HandedServer": "worker.adopt",
     "NotInCluster": "_errors",
     "ProtocolError": "_errors",
-    "Worker": "_child",
-    "create_server": "_serve",
+    "Worker": "primary.process",
+    "create_server": "worker.serve",
     "default_workers": "_config",
-    "is_primary": "_worker",
-    "is_worker": "_worker",
-    "messages": "_worker",
-    "run": "_serve",
-    "send": "_worker",
-    "serve": "_serve",
-    "supervise": "_serve",
-    "until_stopped": "_serve",
-    "worker_id": "_worker",
-    "worker_slot": "_worker",
+    "is_primary": "worker.link",
+    "is_worker": "worker.link",
+    "messages": "worker.link",
+    "run": "_entry",
+    "send": "worker.link",
+    "serve": "_entry",
+    "supervise": "_entry",
+    "until_stopped": "worker.serve",
+    "worker_id": "worker.link",
+    "worker_slot": "worker.link",
 }
 
 
@@ -110,7 +110,7 @@ def __getattr__(name: str) -> object:
     home = _HOMES.get(name)
     if home is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{home}", __name__), name)
+    value = getattr(importlib.import_module(f"{__name__}.{home}"), name)
     globals()[name] = value  # later lookups skip this function
     return value
 

@@ -7,7 +7,7 @@ import importlib.util
 import os
 from typing import Any
 
-from ._errors import ConfigError
+from aiocluster._errors import ConfigError
 
 __all__ = ["NotImported", "check_kind", "check_module", "load_app", "split_spec"]
 

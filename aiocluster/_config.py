@@ -9,22 +9,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypeVar
 
-from ._address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
-from ._errors import ConfigError
-from ._policy import BALANCES, POLICIES, Balance, Policy, reuseport_problem
+from aiocluster._errors import ConfigError
+from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address, parse_bind
 
 __all__ = [
+    "BALANCES",
     "DEFAULT_POLICY",
     "ENV_POLICY",
     "ENV_START",
     "NAME_CHARS",
+    "POLICIES",
     "START_METHODS",
+    "Balance",
     "ClusterConfig",
+    "Policy",
     "StartMethod",
     "default_start",
     "default_workers",
     "parse_size",
+    "reuseport_problem",
 ]
+
+Policy = Literal["shared", "rr", "reuseport"]
+#: ``shared``: one listening socket, every worker accepts on it (Node's SCHED_NONE).
+#: ``rr``: only the primary accepts, and hands each connection to one worker (SCHED_RR).
+#: ``reuseport``: one SO_REUSEPORT socket per worker slot, kept by the primary (Linux).
+POLICIES: tuple[Policy, ...] = ("shared", "rr", "reuseport")
+
+Balance = Literal["round-robin", "least-conn"]
+#: How the primary chooses a worker under ``rr`` (unless ``sticky`` chooses by client).
+BALANCES: tuple[Balance, ...] = ("round-robin", "least-conn")
 
 StartMethod = Literal["fork", "spawn"]
 START_METHODS: tuple[StartMethod, ...] = ("fork", "spawn")
@@ -267,3 +281,20 @@ def _check_policy(policy: str | None, balance: str | None, sticky: bool) -> tupl
                 f"policy 'reuseport' is not available: {problem}; use 'shared' or 'rr'"
             )
     return choice, checked_balance
+
+
+def reuseport_problem(platform: str = sys.platform, *, has_option: bool = True) -> str | None:
+    """Why policy ``reuseport`` cannot work on ``platform``, or None if it can.
+
+    Only Linux spreads the connections of one port over every SO_REUSEPORT socket bound to
+    it. macOS and the BSDs accept the option, but there the last socket bound takes every
+    connection, so one worker would serve them all.
+    """
+    if not has_option:
+        return "this system has no SO_REUSEPORT socket option"
+    if not platform.startswith("linux"):
+        return (
+            f"on {platform}, SO_REUSEPORT does not spread connections over the sockets that "
+            "share a port (only Linux does): one worker would get them all"
+        )
+    return None

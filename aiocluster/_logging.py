@@ -6,14 +6,16 @@ import logging
 import os
 import sys
 
-from ._zygote import is_zygote
+from aiocluster._zygote import is_zygote
 
 __all__ = ["ensure_logging", "role_tag"]
 
 
 def role_tag() -> str:
     """``primary 1234``, ``worker 2 1240`` or ``zygote 1236`` for this process."""
-    from ._worker import worker_id  # loaded by then; not at import, for the command line's sake
+    from aiocluster.worker.link import (
+        worker_id,  # loaded by then; not at import, for the command line's sake
+    )
 
     wid = worker_id()
     if wid is None and is_zygote():

@@ -10,7 +10,7 @@ loaded pages copy-on-write instead of importing everything again.
 
 Each fork is double: the zygote forks a short-lived intermediate that forks the worker and
 exits at once, so the worker is re-parented to the primary (a child subreaper while a fork is
-in flight, see :mod:`aiocluster._starter`), which then waits for it like for any child. The
+in flight, see :mod:`aiocluster.primary.starter`), which then waits for it like for any child. The
 zygote itself never has a child for longer than that.
 
 This module runs in the zygote without an event loop: plain blocking calls on one socket.
@@ -26,10 +26,10 @@ import sys
 import threading
 from typing import NoReturn
 
-from . import _protocol as proto
-from ._codec import Decoder, Frame, encode
-from ._errors import ProtocolError
-from ._fds import ancillary_space, close_fds, received_fds
+from aiocluster._errors import ProtocolError
+from aiocluster.wire import messages as proto
+from aiocluster.wire.codec import Decoder, Frame, encode
+from aiocluster.wire.fds import ancillary_space, close_fds, received_fds
 
 __all__ = [
     "ENV_ZYGOTE_FD",

@@ -16,20 +16,21 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__
-from . import _protocol as proto
-from ._appspec import NotImported, check_module, split_spec
-from ._config import (
+from aiocluster import __version__
+from aiocluster._appspec import NotImported, check_module, split_spec
+from aiocluster._config import (
+    BALANCES,
     DEFAULT_POLICY,
+    POLICIES,
     START_METHODS,
     ClusterConfig,
     default_start,
     default_workers,
 )
-from ._errors import ConfigError
-from ._logging import ensure_logging
-from ._policy import BALANCES, POLICIES
-from ._zygote import is_zygote, prefork_zygote
+from aiocluster._errors import ConfigError
+from aiocluster._logging import ensure_logging
+from aiocluster._zygote import is_zygote, prefork_zygote
+from aiocluster.wire import messages as proto
 
 # Only what parsing the command line needs is imported up here: ``run`` forks its zygote as
 # soon as the arguments are checked, and loads the rest of aiocluster while the zygote loads
@@ -385,7 +386,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, start=config.start or default_start())
         if config.start == "fork":
             prefork_zygote()  # in the zygote, run() below loads the application and forks
-    from ._serve import run
+    from aiocluster._entry import run
 
     run(
         target,
@@ -397,8 +398,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from ._control import ControlError, call, control_path
-    from ._status import format_status, wait_for_exit
+    from aiocluster.ops.control import ControlError, call, control_path
+    from aiocluster.ops.status import format_status, wait_for_exit
 
     try:
         path = control_path(args.name, args.control)

@@ -18,9 +18,9 @@ from ssl import SSLContext
 
 from aiohttp import web
 
-from ._address import DEFAULT_HOST, DEFAULT_PORT, Address
-from ._adopt import start_server
-from ._worker import Grant, announce_closed, listen
+from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
+from aiocluster.worker.adopt import start_server
+from aiocluster.worker.link import Grant, announce_closed, listen
 
 __all__ = ["ClusterSite"]
 

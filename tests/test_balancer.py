@@ -20,15 +20,15 @@ from typing import Literal
 
 import pytest
 
-from aiocluster._address import Address
-from aiocluster._balancer import Balancer
-from aiocluster._channel import Channel
-from aiocluster._codec import MAX_FDS, Frame, Prepared
 from aiocluster._errors import ProtocolError
-from aiocluster._fds import close_fds
-from aiocluster._handles import Handle, HandleTable
-from aiocluster._policy import sticky_order
-from aiocluster._worker import WorkerLink
+from aiocluster.primary.balancer import Balancer
+from aiocluster.primary.handles import Handle, HandleTable
+from aiocluster.primary.scheduling import sticky_order
+from aiocluster.wire.address import Address
+from aiocluster.wire.channel import Channel
+from aiocluster.wire.codec import MAX_FDS, Frame, Prepared
+from aiocluster.wire.fds import close_fds
+from aiocluster.worker.link import WorkerLink
 
 from .procfs import open_fds
 

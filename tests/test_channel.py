@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from aiocluster._channel import Channel
-from aiocluster._codec import HEADER, Frame, Prepared, encode
 from aiocluster._errors import ChannelClosed, ProtocolError
-from aiocluster._fds import close_fds
+from aiocluster.wire.channel import Channel
+from aiocluster.wire.codec import HEADER, Frame, Prepared, encode
+from aiocluster.wire.fds import close_fds
 
 from .procfs import open_fds
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aiocluster._serve import _start_unless_stopped
+from aiocluster.worker.serve import _start_unless_stopped
 
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, cli, pid_alive, wait_pid_gone

@@ -1,4 +1,4 @@
-"""Tests of the control-channel framing (aiocluster._codec)."""
+"""Tests of the control-channel framing (aiocluster.wire.codec)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiocluster._codec import (
+from aiocluster._errors import ProtocolError
+from aiocluster.wire.codec import (
     HEADER,
     MAX_FDS,
     MAX_FRAME,
@@ -24,7 +25,6 @@ from aiocluster._codec import (
     Prepared,
     encode,
 )
-from aiocluster._errors import ProtocolError
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -124,7 +124,7 @@ async def test_workers_hold_only_what_they_need(start_cluster: StartCluster, loo
 
 CHILD = """
 import json, os
-import aiocluster._worker
+import aiocluster.worker.link
 names = os.listdir("/proc/self/fd")
 print(json.dumps([int(n) for n in names if os.path.exists(f"/proc/self/fd/{n}")]))
 """

@@ -21,15 +21,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aiocluster import _child, _primary
-from aiocluster import _protocol as proto
-from aiocluster._address import Address
-from aiocluster._channel import Channel, PeerNotReading
-from aiocluster._codec import HEADER, MAX_FRAME, Decoder, Frame, encode
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import ChannelClosed, ProtocolError
-from aiocluster._fds import close_fds
-from aiocluster._handles import MAX_HANDLES, HandleTable
+from aiocluster.primary import cluster as _primary
+from aiocluster.primary import process as _child
+from aiocluster.primary.handles import MAX_HANDLES, HandleTable
+from aiocluster.wire import messages as proto
+from aiocluster.wire.address import Address
+from aiocluster.wire.channel import Channel, PeerNotReading
+from aiocluster.wire.codec import HEADER, MAX_FRAME, Decoder, Frame, encode
+from aiocluster.wire.fds import close_fds
 
 from .procfs import open_fds
 

@@ -10,8 +10,8 @@ import errno
 
 import pytest
 
-from aiocluster._address import Address
-from aiocluster._handles import needs_resolver
+from aiocluster.wire.address import Address
+from aiocluster.wire.sockets import needs_resolver
 
 from .actions import HOSTILE, expect_cut_off, get_ok, inject
 from .conftest import StartCluster

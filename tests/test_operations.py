@@ -154,7 +154,7 @@ async def test_another_user_is_refused(start_cluster: StartCluster) -> None:
 @pytest.mark.skipif(not hasattr(socket, "SO_PEERCRED"), reason="SO_PEERCRED is Linux")
 @as_nobody
 async def test_peer_credentials_are_checked() -> None:
-    from aiocluster._control import peer_uid
+    from aiocluster.ops.control import peer_uid
 
     folder = Path(tempfile.mkdtemp())  # pytest's tmp_path is private to root
     os.chmod(folder, 0o755)
@@ -397,7 +397,7 @@ async def test_help_names_every_environment_variable() -> None:
 
 def test_admin_warns_unless_loopback() -> None:
     # Pure check only: tests never listen beyond loopback.
-    from aiocluster._admin import _is_loopback
+    from aiocluster.ops.admin import _is_loopback
 
     assert _is_loopback("127.0.0.1")
     assert _is_loopback("127.8.9.10")

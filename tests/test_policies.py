@@ -14,7 +14,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from aiocluster._policy import sticky_order
+from aiocluster.primary.scheduling import sticky_order
 
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from aiocluster import ClusterConfig, ConfigError
-from aiocluster._policy import Scheduler, reuseport_problem, sticky_order
+from aiocluster._config import reuseport_problem
+from aiocluster.primary.scheduling import Scheduler, sticky_order
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from aiocluster._supervisor import (
+from aiocluster.primary.supervisor import (
     RestartPolicy,
     Supervisor,
     free_slot,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from aiocluster._tracker import ConnectionTracker
+from aiocluster.worker.tracker import ConnectionTracker
 
 
 class Stubborn(asyncio.Protocol):

@@ -20,9 +20,9 @@ from collections.abc import Callable
 from aiohttp import web
 
 import aiocluster
-from aiocluster._codec import HEADER, encode
-from aiocluster._worker import link
 from aiocluster.web import ClusterSite
+from aiocluster.wire.codec import HEADER, encode
+from aiocluster.worker.link import link
 
 TCP = {"kind": "tcp", "host": "127.0.0.1", "port": 0}
 # Seeded: the first header of these bytes announces descriptors (and far more than 1 MiB).

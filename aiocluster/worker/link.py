@@ -2,7 +2,7 @@
 
 It also counts the connections this worker accepted and reports them to the primary
 (``load``), and adopts the connections the primary hands over (``newconn``) into the server
-registered for their listen (see :mod:`aiocluster._adopt`).
+registered for their listen (see :mod:`aiocluster.worker.adopt`).
 
 A process is a worker when the primary started it with ``AIOCLUSTER_WORKER_ID`` and
 ``AIOCLUSTER_CHANNEL_FD`` in its environment. Both are read once, at import; the channel
@@ -23,14 +23,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from . import _protocol as proto
-from ._address import Address
-from ._channel import Channel
-from ._codec import Frame, Prepared
-from ._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
-from ._fds import close_fds
-from ._handles import format_sockname, open_listener
-from ._zygote import is_zygote, refuse
+from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from aiocluster._zygote import is_zygote, refuse
+from aiocluster.wire import messages as proto
+from aiocluster.wire.address import Address
+from aiocluster.wire.channel import Channel
+from aiocluster.wire.codec import Frame, Prepared
+from aiocluster.wire.fds import close_fds
+from aiocluster.wire.sockets import format_sockname, open_listener
 
 __all__ = [
     "Adopter",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from ._errors import ProtocolError
+from aiocluster._errors import ProtocolError
 
 __all__ = [
     "CLOSE",

@@ -21,9 +21,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from ._codec import HEADER, Decoder, Message, encode
-from ._config import NAME_CHARS
-from ._errors import AioclusterError, ConfigError, ProtocolError
+from aiocluster._config import NAME_CHARS
+from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
+from aiocluster.wire.codec import HEADER, Decoder, Message, encode
 
 __all__ = ["ControlServer", "call", "control_path"]
 

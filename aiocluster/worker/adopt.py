@@ -4,7 +4,7 @@ Under policies ``shared`` and ``reuseport`` a worker accepts on its own socket, 
 ``loop.create_server``. Under ``rr`` it has no socket: the primary accepts and hands each
 connection over (``newconn``), and :class:`HandedServer` adopts it with
 ``loop.connect_accepted_socket`` and the same protocol factory, so an aiohttp server or a
-:class:`~aiocluster._serve.ConnectionTracker` sees adopted connections like any other and a
+:class:`~aiocluster._entry.ConnectionTracker` sees adopted connections like any other and a
 graceful stop waits for them. Every server also registers a :class:`Route` for its listen,
 so that the primary can hand it connections under any policy (a ``reuseport`` scale-down
 hands over what a retired slot had queued).
@@ -19,8 +19,7 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
-from ._tracker import ConnectionTracker, TrackedFactory
-from ._worker import (
+from aiocluster.worker.link import (
     Grant,
     WorkerLink,
     announce_closed,
@@ -29,6 +28,7 @@ from ._worker import (
     is_worker,
     link,
 )
+from aiocluster.worker.tracker import ConnectionTracker, TrackedFactory
 
 __all__ = ["HandedServer", "Route", "start_server"]
 

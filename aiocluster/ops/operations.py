@@ -15,14 +15,14 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._codec import Message
-from ._control import ControlServer, control_path
-from ._errors import ConfigError
-from ._primary import Cluster
-from ._systemd import Notifier, listen_fds
+from aiocluster._errors import ConfigError
+from aiocluster.ops.control import ControlServer, control_path
+from aiocluster.ops.systemd import Notifier, listen_fds
+from aiocluster.primary.cluster import Cluster
+from aiocluster.wire.codec import Message
 
 if TYPE_CHECKING:
-    from ._admin import AdminServer
+    from aiocluster.ops.admin import AdminServer
 
 __all__ = ["Operations"]
 
@@ -41,7 +41,9 @@ class Operations:
             self.control = ControlServer(control_path(config.name, config.control), self._command)
         self.admin: AdminServer | None = None
         if config.admin is not None:
-            from ._admin import AdminServer  # aiohttp and prometheus_client only when asked
+            from aiocluster.ops.admin import (
+                AdminServer,  # aiohttp and prometheus_client only when asked
+            )
 
             self.admin = AdminServer(cluster)
         self._tasks: list[asyncio.Task[Any]] = []

@@ -16,8 +16,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from ._handles import open_listener
-from ._primary import Cluster
+from aiocluster.primary.cluster import Cluster
+from aiocluster.wire.sockets import open_listener
 
 __all__ = ["AdminServer"]
 

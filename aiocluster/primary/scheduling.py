@@ -1,4 +1,4 @@
-"""Scheduling policies, and choosing the worker for a connection the primary accepted (pure).
+"""Choosing the worker for a connection the primary accepted (pure).
 
 Nothing here does I/O or reads a clock: the primary's balancer describes its workers as
 :class:`Candidate` values and asks a :class:`Scheduler` which one takes the next connection.
@@ -8,31 +8,12 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-import sys
 from collections.abc import Iterable, Sequence
-from typing import Literal, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
-__all__ = [
-    "BALANCES",
-    "POLICIES",
-    "Balance",
-    "Candidate",
-    "Policy",
-    "Scheduler",
-    "rendezvous_score",
-    "reuseport_problem",
-    "sticky_order",
-]
+from aiocluster._config import BALANCES, Balance
 
-Policy = Literal["shared", "rr", "reuseport"]
-#: ``shared``: one listening socket, every worker accepts on it (Node's SCHED_NONE).
-#: ``rr``: only the primary accepts, and hands each connection to one worker (SCHED_RR).
-#: ``reuseport``: one SO_REUSEPORT socket per worker slot, kept by the primary (Linux).
-POLICIES: tuple[Policy, ...] = ("shared", "rr", "reuseport")
-
-Balance = Literal["round-robin", "least-conn"]
-#: How the primary chooses a worker under ``rr`` (unless ``sticky`` chooses by client).
-BALANCES: tuple[Balance, ...] = ("round-robin", "least-conn")
+__all__ = ["Candidate", "Scheduler", "rendezvous_score", "sticky_order"]
 
 
 class Candidate(Protocol):
@@ -123,20 +104,3 @@ class Scheduler:
 
 def _position(candidate: Candidate) -> tuple[int, int]:
     return (candidate.slot, candidate.id)
-
-
-def reuseport_problem(platform: str = sys.platform, *, has_option: bool = True) -> str | None:
-    """Why policy ``reuseport`` cannot work on ``platform``, or None if it can.
-
-    Only Linux spreads the connections of one port over every SO_REUSEPORT socket bound to
-    it. macOS and the BSDs accept the option, but there the last socket bound takes every
-    connection, so one worker would serve them all.
-    """
-    if not has_option:
-        return "this system has no SO_REUSEPORT socket option"
-    if not platform.startswith("linux"):
-        return (
-            f"on {platform}, SO_REUSEPORT does not spread connections over the sockets that "
-            "share a port (only Linux does): one worker would get them all"
-        )
-    return None

@@ -25,13 +25,14 @@ import socket
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
-from . import _protocol as proto
-from ._channel import Channel
-from ._codec import MAX_FDS, Frame, Prepared
-from ._errors import ChannelClosed, ProtocolError
-from ._fds import close_fds
-from ._handles import Handle
-from ._policy import Balance, Scheduler
+from aiocluster._config import Balance
+from aiocluster._errors import ChannelClosed, ProtocolError
+from aiocluster.primary.handles import Handle
+from aiocluster.primary.scheduling import Scheduler
+from aiocluster.wire import messages as proto
+from aiocluster.wire.channel import Channel
+from aiocluster.wire.codec import MAX_FDS, Frame, Prepared
+from aiocluster.wire.fds import close_fds
 
 __all__ = ["Balancer", "Peer", "client_key"]
 
@@ -107,7 +108,7 @@ class _Batch:
 
 
 class Peer:
-    """The balancer's view of one worker (a :class:`~aiocluster._policy.Candidate`)."""
+    """The balancer's view of one worker (a :class:`~aiocluster.primary.scheduling.Candidate`)."""
 
     __slots__ = (
         "acked",

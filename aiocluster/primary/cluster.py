@@ -2,7 +2,7 @@
 
 The primary never serves the application. It runs one asyncio loop, one task per worker that
 waits for the process to exit, and answers each worker's frames as they arrive; what concerns
-the listening sockets (``queryServer``, policy rr's accepting) is :mod:`aiocluster._listens`.
+the listening sockets (``queryServer``, policy rr's accepting) is :mod:`aiocluster.primary.listens`.
 """
 
 from __future__ import annotations
@@ -19,23 +19,23 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from . import _protocol as proto
-from ._address import Address
-from ._channel import Channel, PeerNotReading, channel_pair
-from ._child import Worker
-from ._codec import Frame
-from ._config import ClusterConfig
-from ._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from ._handles import MAX_HANDLES
-from ._listens import Listens, Phase
-from ._starter import Starter, worker_argv
-from ._supervisor import (
+from aiocluster._config import ClusterConfig
+from aiocluster._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
+from aiocluster.primary.handles import MAX_HANDLES
+from aiocluster.primary.listens import Listens, Phase
+from aiocluster.primary.process import Worker
+from aiocluster.primary.starter import Starter, worker_argv
+from aiocluster.primary.supervisor import (
     RestartPolicy,
     Supervisor,
     free_slot,
     heartbeat_interval,
     request_limit,
 )
+from aiocluster.wire import messages as proto
+from aiocluster.wire.address import Address
+from aiocluster.wire.channel import Channel, PeerNotReading, channel_pair
+from aiocluster.wire.codec import Frame
 
 __all__ = ["Cluster", "ClusterFailed"]
 

@@ -5,7 +5,7 @@ per slot under ``reuseport``) and the balancer (policy ``rr``: the primary accep
 connections over). It answers a worker's ``queryServer`` with the socket, or under ``rr`` with
 the listen's id once the primary accepts on it; it hears which workers start and stop serving
 a listen, and their load reports. The cluster's life (starting, ready, stopping, failing) stays
-with :class:`~aiocluster._primary.Cluster`, which it asks through three callables.
+with :class:`~aiocluster.primary.cluster.Cluster`, which it asks through three callables.
 """
 
 from __future__ import annotations
@@ -15,14 +15,15 @@ import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
-from . import _protocol as proto
-from ._address import Address
-from ._balancer import Balancer
-from ._child import Worker
-from ._codec import Frame
-from ._config import ClusterConfig
-from ._errors import ConfigError, ProtocolError
-from ._handles import AddrInfo, Handle, HandleTable, needs_resolver, resolve_async
+from aiocluster._config import ClusterConfig
+from aiocluster._errors import ConfigError, ProtocolError
+from aiocluster.primary.balancer import Balancer
+from aiocluster.primary.handles import Handle, HandleTable
+from aiocluster.primary.process import Worker
+from aiocluster.wire import messages as proto
+from aiocluster.wire.address import Address
+from aiocluster.wire.codec import Frame
+from aiocluster.wire.sockets import AddrInfo, needs_resolver, resolve_async
 
 __all__ = ["Listens", "Phase"]
 

@@ -9,20 +9,18 @@ restarts of its worker.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import errno
 import logging
 import os
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeAlias
 
-from ._address import Address
+from aiocluster.wire.address import Address
+from aiocluster.wire.sockets import AddrInfo, format_sockname, open_listener
 
-__all__ = ["MAX_HANDLES", "Handle", "HandleTable", "open_listener"]
+__all__ = ["MAX_HANDLES", "Handle", "HandleTable"]
 
 log = logging.getLogger("aiocluster.primary")
 
@@ -78,127 +76,6 @@ class Handle:
                 if os.stat(path).st_ino == inode:
                     os.unlink(path)
             self.unix_inode = None
-
-
-def format_sockname(sock: socket.socket) -> str:
-    """``host:port`` (``[v6]:port``) for TCP, ``unix:path`` for Unix sockets."""
-    if sock.family == socket.AF_UNIX:
-        name = sock.getsockname()
-        return f"unix:{name.decode() if isinstance(name, bytes) else name}"
-    host, port = sock.getsockname()[:2]
-    return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
-
-
-def _remove_stale_unix_socket(path: str) -> None:
-    """Remove a socket file left by a dead server; refuse to touch anything else."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise OSError(errno.EADDRINUSE, f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except ConnectionRefusedError:
-        os.unlink(path)  # nobody listens: a stale file from a server that died
-        return
-    except OSError:
-        return  # let bind() report whatever is wrong
-    finally:
-        probe.close()
-    raise OSError(errno.EADDRINUSE, f"another server is listening on {path}")
-
-
-#: One ``getaddrinfo`` result: family, type, proto, canonical name, socket address.
-AddrInfo: TypeAlias = tuple[int, int, int, str, Any]
-
-
-def resolve(address: Address) -> AddrInfo:
-    """The first passive ``getaddrinfo`` answer for a TCP ``address`` (may block on DNS)."""
-    try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except (socket.gaierror, UnicodeError) as err:
-        raise unresolvable(address, err) from None
-    return infos[0]
-
-
-async def resolve_async(address: Address) -> AddrInfo:
-    """:func:`resolve` without blocking the event loop (the resolver runs in a thread)."""
-    loop = asyncio.get_running_loop()
-    try:
-        infos = await loop.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except (socket.gaierror, UnicodeError) as err:
-        raise unresolvable(address, err) from None
-    return infos[0]
-
-
-def unresolvable(address: Address, err: Exception) -> OSError:
-    """The error a listen on a host name that does not resolve gets, as an ``OSError``.
-
-    UnicodeError: a host name the IDNA codec refuses (an empty or 64+ character label).
-    """
-    return OSError(errno.EADDRNOTAVAIL, f"cannot resolve {address.host!r}: {err}")
-
-
-def needs_resolver(address: Address) -> bool:
-    """True for a TCP address whose host is a name, not an IP literal: resolving may block."""
-    if address.kind != "tcp" or not address.host:
-        return False
-    try:
-        address.host.encode("idna")
-    except UnicodeError:
-        return False  # the resolver refuses it at once: no wait, no thread needed
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            socket.inet_pton(family, address.host)
-        except OSError:
-            continue
-        return False
-    return True
-
-
-def open_listener(
-    address: Address, backlog: int, *, reuseport: bool = False, resolved: AddrInfo | None = None
-) -> tuple[socket.socket, tuple[str, int] | None]:
-    """Create, bind and listen a socket for ``address``; raises ``OSError`` as ``bind`` does.
-
-    With ``reuseport`` (TCP only) the socket has SO_REUSEPORT set, so that several sockets of
-    this user can listen on the same port and the kernel spreads connections over them.
-    ``resolved`` is the address already resolved (see :func:`resolve_async`).
-    """
-    if address.kind == "unix":
-        _remove_stale_unix_socket(address.path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(address.path)
-            inode = os.stat(address.path).st_ino
-            sock.listen(backlog)
-        except BaseException:
-            sock.close()
-            raise
-        sock.setblocking(False)
-        return sock, (address.path, inode)
-
-    family, kind, proto, _, sockaddr = resolved or resolve(address)
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuseport:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(sockaddr)
-        sock.listen(backlog)
-    except BaseException:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock, None
 
 
 class HandleTable:

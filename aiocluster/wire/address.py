@@ -6,7 +6,7 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from ._errors import ConfigError
+from aiocluster._errors import ConfigError
 
 __all__ = ["DEFAULT_HOST", "DEFAULT_PORT", "Address", "parse_bind"]
 

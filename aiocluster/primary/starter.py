@@ -25,12 +25,12 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
-from . import _protocol as proto
-from ._channel import Channel, channel_pair
-from ._codec import Frame
-from ._config import StartMethod
-from ._errors import ChannelClosed
-from ._zygote import ENV_ZYGOTE_FD, take_preforked
+from aiocluster._config import StartMethod
+from aiocluster._errors import ChannelClosed
+from aiocluster._zygote import ENV_ZYGOTE_FD, take_preforked
+from aiocluster.wire import messages as proto
+from aiocluster.wire.channel import Channel, channel_pair
+from aiocluster.wire.codec import Frame
 
 __all__ = [
     "ProcessHandle",

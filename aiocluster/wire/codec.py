@@ -15,7 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, TypeAlias
 
-from ._errors import ProtocolError
+from aiocluster._errors import ProtocolError
 
 __all__ = [
     "HEADER",

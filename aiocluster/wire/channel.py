@@ -2,7 +2,7 @@
 
 Asyncio transports cannot carry ancillary data, so the channel drives a non-blocking socket
 itself with ``loop.add_reader``/``add_writer`` and ``sendmsg``/``recvmsg``. Framing and
-descriptor attribution live in the pure :mod:`aiocluster._codec`; this module only moves bytes.
+descriptor attribution live in the pure :mod:`aiocluster.wire.codec`; this module only moves bytes.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from ._codec import MAX_FDS, Decoder, Frame, Prepared, encode
-from ._errors import ChannelClosed, ProtocolError
-from ._fds import ancillary_space, close_fds, received_fds, rights
+from aiocluster._errors import ChannelClosed, ProtocolError
+from aiocluster.wire.codec import MAX_FDS, Decoder, Frame, Prepared, encode
+from aiocluster.wire.fds import ancillary_space, close_fds, received_fds, rights
 
 __all__ = ["Channel", "PeerNotReading", "channel_pair"]
 

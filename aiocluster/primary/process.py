@@ -1,7 +1,7 @@
 """The primary's view of one worker process (Node's ``cluster.Worker``).
 
-The :class:`~aiocluster._primary.Cluster` starts, watches and replaces these; this module only
-holds one worker's state and the few actions on it that users call.
+The :class:`~aiocluster.primary.cluster.Cluster` starts, watches and replaces these; this
+module only holds one worker's state and the few actions on it that users call.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import contextlib
 import signal
 from typing import TYPE_CHECKING, Any, Literal
 
-from . import _protocol as proto
-from ._channel import Channel
-from ._errors import ChannelClosed
+from aiocluster._errors import ChannelClosed
+from aiocluster.wire import messages as proto
+from aiocluster.wire.channel import Channel
 
 if TYPE_CHECKING:
-    from ._primary import Cluster
-    from ._starter import ProcessHandle
+    from aiocluster.primary.cluster import Cluster
+    from aiocluster.primary.starter import ProcessHandle
 
 __all__ = ["Worker", "WorkerState"]
 

@@ -1,0 +1,194 @@
+"""``serve``, ``run`` and ``supervise``: the entry points, acting by role.
+
+In the primary they start and supervise workers (:mod:`aiocluster.primary`, loaded only
+there); in a worker they serve the application (:mod:`aiocluster.worker.serve`); in the
+zygote ``run()`` loads the program and forks workers (:mod:`aiocluster._zygote`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from aiocluster._appspec import NotImported
+from aiocluster._config import ClusterConfig, default_start
+from aiocluster._errors import AioclusterError, ConfigError
+from aiocluster._logging import ensure_logging
+from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
+from aiocluster.worker.link import become_worker, is_primary, is_worker
+from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
+
+if TYPE_CHECKING:
+    from aiocluster.primary.cluster import Cluster
+
+__all__ = ["run", "serve", "supervise"]
+
+log = logging.getLogger("aiocluster")
+
+PrimaryHook: TypeAlias = "Callable[[Cluster], Any]"
+
+
+async def serve(
+    app: AppTarget,
+    *,
+    protocol: bool = False,
+    on_primary: PrimaryHook | None = None,
+    access_log: bool = False,
+    config: ClusterConfig | None = None,
+    **options: Any,
+) -> None:
+    """Serve ``app`` on every worker of a cluster; the same call in both roles.
+
+    In the primary: start the workers and supervise them until SIGINT/SIGTERM, then drain them;
+    raises :class:`ClusterFailed` if the cluster cannot run (a bind error, an application that
+    fails to start). ``on_primary`` is called with the :class:`Cluster` before the workers start,
+    to subscribe to its events. SIGHUP reloads every worker; SIGTTIN/SIGTTOU add/remove one.
+
+    In a worker: obtain the sockets from the primary and serve ``app`` on them until the
+    primary says ``disconnect`` (or SIGTERM, or the primary dies), then drain: stop accepting,
+    answer in-flight and follow-up requests with ``Connection: close``, for up to
+    ``graceful_timeout`` seconds.
+
+    ``options`` are those of :meth:`ClusterConfig.build` (``workers``, ``host``, ``port``,
+    ``path``, ``bind``, ``graceful_timeout``, ``timeout``, ``max_requests``, ``policy``...); a
+    ready-made ``config`` replaces them. With no address at all the cluster listens on
+    127.0.0.1:8000.
+
+    ``policy`` says who accepts connections: ``"shared"`` (every worker, on one socket; the
+    default unless ``$AIOCLUSTER_POLICY`` names another), ``"rr"`` (the primary, handing each
+    to a worker chosen by ``balance``, ``"round-robin"`` or ``"least-conn"``, or by client
+    address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
+    slot). See docs/policies.md.
+    """
+    if is_zygote():
+        refuse("aiocluster.serve() was awaited in the program's own event loop")
+    if config is None:
+        config = ClusterConfig.build(**options)
+    if is_worker():
+        if protocol:
+            await serve_protocol_worker(app, config)  # type: ignore[arg-type]
+        else:
+            await serve_app_worker(app, config, access_log=access_log)
+        return
+    # aiohttp Applications are callable too: the primary need not import aiohttp to check.
+    if not callable(app):
+        raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
+    await supervise(config, on_primary=on_primary)
+
+
+async def supervise(
+    config: ClusterConfig | None = None,
+    *,
+    on_primary: PrimaryHook | None = None,
+    **options: Any,
+) -> None:
+    """Run the primary until it is stopped: the primary half of :func:`serve`.
+
+    For programs that build their worker side by hand (``ClusterSite``, ``create_server``,
+    :func:`until_stopped`). SIGINT/SIGTERM drain the workers; a second one stops at once.
+    ``options`` are those of :meth:`ClusterConfig.build` when no ``config`` is given.
+    """
+    if is_zygote():
+        refuse("aiocluster.supervise() was reached in the zygote")
+    if is_worker():
+        raise AioclusterError("supervise() runs the primary; this process is a worker")
+    if config is None:
+        config = ClusterConfig.build(**options)
+    # Here, not at import: workers and the zygote never load the primary's modules.
+    from aiocluster.ops.operations import Operations
+    from aiocluster.primary.cluster import Cluster
+
+    ensure_logging()
+    cluster = Cluster(config)
+    if on_primary is not None:
+        result = on_primary(cluster)
+        if inspect.isawaitable(result):
+            await result
+    try:
+        async with Operations(cluster) as operations:
+            log.info("primary starting %d workers", config.workers)
+            await cluster.start()
+            operations.cluster_started()
+            await cluster.wait()
+            log.info("stopped")
+    finally:
+        await cluster.aclose()
+
+
+def run(
+    app: AppTarget,
+    *,
+    use_uvloop: bool = True,
+    protocol: bool = False,
+    on_primary: PrimaryHook | None = None,
+    access_log: bool = False,
+    config: ClusterConfig | None = None,
+    **options: Any,
+) -> None:
+    """Run :func:`serve` to completion in a new event loop, like ``aiohttp.web.run_app``.
+
+    Uses uvloop when it is installed and ``use_uvloop`` is true. Exits the process with status 1
+    and a one-line error if the cluster cannot run.
+
+    Workers start by ``config.start``: on Linux by default ``fork``, from a zygote forked here,
+    before any event loop runs, that loads the application once; workers are forked from it
+    and go on from this call as workers. ``start="spawn"`` starts each as a new interpreter.
+    """
+    ensure_logging()
+    try:
+        if config is None:
+            config = ClusterConfig.build(**options)
+        if is_zygote():
+            app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+        elif is_primary():
+            if config.start is None:
+                config = dataclasses.replace(config, start=default_start())
+            if config.start == "fork" and prefork_zygote():
+                app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+        cluster = serve(
+            app, protocol=protocol, on_primary=on_primary, access_log=access_log, config=config
+        )
+        _run_loop(cluster, use_uvloop=use_uvloop)
+    except AioclusterError as err:
+        log.error("%s", err)
+        sys.exit(1)
+
+
+def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
+    """In the zygote: load what workers run, then fork them; returns in each forked worker."""
+    try:
+        if isinstance(app, NotImported):
+            app = app.load()
+        # Loaded once here, shared by every worker's pages.
+        if use_uvloop:
+            with contextlib.suppress(ImportError):
+                import uvloop  # noqa: F401
+        if not protocol:
+            from aiocluster import web  # noqa: F401
+            from aiocluster.worker import drain  # noqa: F401
+    except BaseException:
+        log.exception("the zygote could not load the program")
+        sys.stderr.flush()
+        os._exit(1)
+    become_worker(*serve_forks())
+    return app
+
+
+def _run_loop(coro: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:
+    if use_uvloop:
+        try:
+            import uvloop
+        except ImportError:
+            uvloop = None  # type: ignore[assignment]
+        if uvloop is not None:
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                runner.run(coro)
+            return
+    asyncio.run(coro)
