@@ -21,8 +21,9 @@ from aiocluster._appspec import NotImported
 from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import AioclusterError, ConfigError
 from aiocluster._logging import ensure_logging
+from aiocluster._role import become_worker
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
-from aiocluster.worker.link import become_worker, is_primary, is_worker
+from aiocluster.worker.link import is_primary, is_worker
 from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
 
 if TYPE_CHECKING:

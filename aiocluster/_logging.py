@@ -6,21 +6,17 @@ import logging
 import os
 import sys
 
-from aiocluster._zygote import is_zygote
+from aiocluster._role import Role, identity
 
 __all__ = ["ensure_logging", "role_tag"]
 
 
 def role_tag() -> str:
     """``primary 1234``, ``worker 2 1240`` or ``zygote 1236`` for this process."""
-    from aiocluster.worker.link import (
-        worker_id,  # loaded by then; not at import, for the command line's sake
-    )
-
-    wid = worker_id()
-    if wid is None and is_zygote():
-        return f"zygote {os.getpid()}"
-    return f"primary {os.getpid()}" if wid is None else f"worker {wid} {os.getpid()}"
+    me = identity()
+    if me.role is Role.WORKER:
+        return f"worker {me.worker_id} {os.getpid()}"
+    return f"{me.role.value} {os.getpid()}"
 
 
 class _RoleFormatter(logging.Formatter):

@@ -27,13 +27,12 @@ import threading
 from typing import NoReturn
 
 from aiocluster._errors import ProtocolError
+from aiocluster._role import Role, become_zygote, identity, role
 from aiocluster.wire import messages as proto
 from aiocluster.wire.codec import Decoder, Frame, encode
 from aiocluster.wire.fds import ancillary_space, close_fds, received_fds
 
 __all__ = [
-    "ENV_ZYGOTE_FD",
-    "become_zygote",
     "fork_problem",
     "is_zygote",
     "prefork_zygote",
@@ -42,28 +41,16 @@ __all__ = [
     "take_preforked",
 ]
 
-ENV_ZYGOTE_FD = "AIOCLUSTER_ZYGOTE_FD"
-
-
-def _read_env() -> int | None:
-    try:
-        return int(os.environ.pop(ENV_ZYGOTE_FD))
-    except (KeyError, ValueError):
-        return None
-
-
-_FD = _read_env()
-
-
-def become_zygote(channel_fd: int) -> None:
-    """In a process just forked from the primary: be its zygote, on ``channel_fd``."""
-    global _FD
-    _FD = channel_fd
-
 
 def is_zygote() -> bool:
     """True in the zygote process (it turns into a worker in each child it forks)."""
-    return _FD is not None
+    return role() is Role.ZYGOTE
+
+
+def _channel_fd() -> int:
+    fd = identity().channel_fd
+    assert role() is Role.ZYGOTE and fd is not None
+    return fd
 
 
 def fork_problem() -> str | None:
@@ -85,8 +72,7 @@ def _running_loop() -> bool:
 
 def refuse(why: str) -> NoReturn:
     """In the zygote: tell the primary that forking is not possible here, and exit."""
-    assert _FD is not None
-    sock = socket.socket(fileno=_FD)
+    sock = socket.socket(fileno=_channel_fd())
     sock.setblocking(True)
     with contextlib.suppress(OSError):  # the primary is gone: it needs no answer
         sock.sendall(encode({"act": proto.ZYGOTE_UNABLE, "why": why}))
@@ -101,12 +87,10 @@ def serve_forks() -> tuple[int, int, int]:
     Returns ``(worker_id, slot, channel_fd)`` in the forked worker. The zygote itself exits
     when the primary closes the channel (or dies).
     """
-    global _FD
     problem = fork_problem()
     if problem is not None:
         refuse(problem)
-    assert _FD is not None
-    sock = socket.socket(fileno=_FD)
+    sock = socket.socket(fileno=_channel_fd())
     sock.setblocking(True)
     # Objects loaded so far stay out of the collector's reach: a collection in a worker would
     # otherwise write to (and so copy) every page that holds one of them.
@@ -138,7 +122,6 @@ def serve_forks() -> tuple[int, int, int]:
                     close_fds(later.fds)
                 close_fds(decoder.close())
                 sock.close()
-                _FD = None
                 return became
 
 

@@ -29,8 +29,8 @@ from aiocluster._config import (
 )
 from aiocluster._errors import ConfigError
 from aiocluster._logging import ensure_logging
-from aiocluster._zygote import is_zygote, prefork_zygote
-from aiocluster.wire import messages as proto
+from aiocluster._role import Role, role
+from aiocluster._zygote import prefork_zygote
 
 # Only what parsing the command line needs is imported up here: ``run`` forks its zygote as
 # soon as the arguments are checked, and loads the rest of aiocluster while the zygote loads
@@ -355,7 +355,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             raise ConfigError("--factory and --protocol exclude each other (check AIOCLUSTER_*)")
         module, _ = split_spec(args.app)
         target: Any = NotImported(args.app, factory=args.factory, protocol=args.protocol)
-        primary = proto.ENV_WORKER_ID not in os.environ and not is_zygote()
+        primary = role() is Role.PRIMARY
         if not primary:
             target = target.load()
         else:

@@ -41,9 +41,8 @@ class Operations:
             self.control = ControlServer(control_path(config.name, config.control), self._command)
         self.admin: AdminServer | None = None
         if config.admin is not None:
-            from aiocluster.ops.admin import (
-                AdminServer,  # aiohttp and prometheus_client only when asked
-            )
+            # Here: aiohttp and prometheus_client are loaded only when asked for.
+            from aiocluster.ops.admin import AdminServer
 
             self.admin = AdminServer(cluster)
         self._tasks: list[asyncio.Task[Any]] = []

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
+from aiocluster._role import ENV_WORKER_ID, ENV_WORKER_SLOT
 from aiocluster.primary.handles import MAX_HANDLES
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import Worker
@@ -297,8 +298,8 @@ class Cluster:
         )
         parent, child = channel_pair()
         env = dict(os.environ)
-        env[proto.ENV_WORKER_ID] = str(worker.id)
-        env[proto.ENV_WORKER_SLOT] = str(slot)
+        env[ENV_WORKER_ID] = str(worker.id)
+        env[ENV_WORKER_SLOT] = str(slot)
         try:
             worker._process = await self.starter.start(worker.id, slot, env, child)
         except BaseException:

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 from aiocluster._config import StartMethod
 from aiocluster._errors import ChannelClosed
-from aiocluster._zygote import ENV_ZYGOTE_FD, take_preforked
+from aiocluster._role import ENV_CHANNEL_FD, ENV_ZYGOTE_FD
+from aiocluster._zygote import take_preforked
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, channel_pair
 from aiocluster.wire.codec import Frame
@@ -302,7 +303,7 @@ async def spawn(
     env: dict[str, str],
     channel_end: socket.socket,
     *,
-    fd_variable: str = proto.ENV_CHANNEL_FD,
+    fd_variable: str = ENV_CHANNEL_FD,
 ) -> asyncio.subprocess.Process:
     """A fresh interpreter running ``argv`` on ``channel_end``, named by ``fd_variable``: a
     worker (start method spawn), or with ``ENV_ZYGOTE_FD`` a zygote."""

@@ -1,4 +1,7 @@
-"""Names shared by both ends of the channel: message acts and environment variables (pure)."""
+"""Names shared by both ends of the channel: message acts, and field checks (pure).
+
+The environment variables that tell a process its role are in :mod:`aiocluster._role`.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +12,6 @@ from aiocluster._errors import ProtocolError
 __all__ = [
     "CLOSE",
     "DISCONNECT",
-    "ENV_CHANNEL_FD",
-    "ENV_WORKER_ID",
-    "ENV_WORKER_SLOT",
     "HEARTBEAT",
     "LISTENING",
     "LOAD",
@@ -25,11 +25,6 @@ __all__ = [
     "optional_number",
     "require",
 ]
-
-# Environment: how a process learns it is a worker (Node: NODE_UNIQUE_ID) and finds its channel.
-ENV_WORKER_ID = "AIOCLUSTER_WORKER_ID"
-ENV_WORKER_SLOT = "AIOCLUSTER_WORKER_SLOT"
-ENV_CHANNEL_FD = "AIOCLUSTER_CHANNEL_FD"
 
 # worker -> primary
 ONLINE = "online"  # request; the reply carries the primary's settings (policy...)

@@ -4,16 +4,13 @@ It also counts the connections this worker accepted and reports them to the prim
 (``load``), and adopts the connections the primary hands over (``newconn``) into the server
 registered for their listen (see :mod:`aiocluster.worker.adopt`).
 
-A process is a worker when the primary started it with ``AIOCLUSTER_WORKER_ID`` and
-``AIOCLUSTER_CHANNEL_FD`` in its environment. Both are read once, at import; the channel
-variable is then removed so that programs this worker starts do not mistake themselves for it.
+Whether this process is a worker, and which, is :mod:`aiocluster._role`'s to say.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import faulthandler
 import logging
 import os
@@ -24,7 +21,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
-from aiocluster._zygote import is_zygote, refuse
+from aiocluster._role import Role, identity, role
+from aiocluster._zygote import refuse
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.channel import Channel
@@ -36,7 +34,6 @@ __all__ = [
     "Adopter",
     "Grant",
     "WorkerLink",
-    "become_worker",
     "is_primary",
     "is_worker",
     "link",
@@ -50,64 +47,13 @@ __all__ = [
 log = logging.getLogger("aiocluster.worker")
 
 
-def _read_env() -> tuple[int | None, int | None, int | None]:
-    try:
-        wid = int(os.environ[proto.ENV_WORKER_ID])
-        fd = int(os.environ.pop(proto.ENV_CHANNEL_FD))
-    except (KeyError, ValueError):
-        return None, None, None
-    try:
-        slot: int | None = int(os.environ.get(proto.ENV_WORKER_SLOT, ""))
-    except ValueError:
-        slot = None
-    _close_inherited(keep=fd)
-    return wid, fd, slot
-
-
-def _close_inherited(keep: int) -> None:
-    """Close every descriptor this worker inherited except stdio and its channel.
-
-    Python creates only non-inheritable descriptors (PEP 446), so an inheritable one here came
-    through exec. The primary passes only the channel, but uvloop's subprocess_exec does not
-    implement close_fds: under it a worker would inherit every inheritable descriptor of the
-    primary (and libuv's copies of stdio), holding them open for its whole life.
-    """
-    for folder in ("/proc/self/fd", "/dev/fd"):
-        try:
-            names = os.listdir(folder)
-        except OSError:
-            continue
-        for name in names:
-            fd = int(name)
-            if fd > 2 and fd != keep:
-                with contextlib.suppress(OSError):  # the listing's own descriptor is gone
-                    if os.get_inheritable(fd):
-                        os.close(fd)
-        return
-
-
-_WORKER_ID, _CHANNEL_FD, _WORKER_SLOT = _read_env()
-
-
-def become_worker(worker_id: int, slot: int, channel_fd: int) -> None:
-    """In a process the zygote just forked: take on the identity a spawned worker reads at import.
-
-    The variables are set for the program's own use (``AIOCLUSTER_WORKER_ID``, as Node's
-    ``NODE_UNIQUE_ID``); the channel descriptor, as under spawn, is not in the environment.
-    """
-    global _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT
-    os.environ[proto.ENV_WORKER_ID] = str(worker_id)
-    os.environ[proto.ENV_WORKER_SLOT] = str(slot)
-    _WORKER_ID, _CHANNEL_FD, _WORKER_SLOT = worker_id, channel_fd, slot
-
-
 def is_worker() -> bool:
     """True in a worker process started by an aiocluster primary.
 
     Also True in the zygote (start method ``fork``): what the program does there at import,
     it does for every worker forked from it. :func:`worker_id` is None there.
     """
-    return _WORKER_ID is not None or is_zygote()
+    return role() is not Role.PRIMARY
 
 
 def is_primary() -> bool:
@@ -118,12 +64,12 @@ def is_primary() -> bool:
 
 def worker_id() -> int | None:
     """This worker's id (1, 2, ... unique for the cluster's life), or None outside a worker."""
-    return _WORKER_ID
+    return identity().worker_id
 
 
 def worker_slot() -> int | None:
     """This worker's slot (1..N; a replacement takes the slot of the worker it replaces)."""
-    return _WORKER_SLOT
+    return identity().slot
 
 
 P = TypeVar("P", bound=asyncio.BaseProtocol)
@@ -454,14 +400,15 @@ _link: WorkerLink | None = None
 def link() -> WorkerLink:
     """This worker's link to the primary, created on first use in the running loop."""
     global _link
-    if is_zygote():
+    me = identity()
+    if me.role is Role.ZYGOTE:
         refuse("the program reached a worker API before aiocluster.run()")
-    if _CHANNEL_FD is None:
+    if me.role is not Role.WORKER or me.channel_fd is None:
         raise NotInCluster(
             "not a cluster worker: this process was not started by an aiocluster primary"
         )
     if _link is None:
-        _link = WorkerLink(_CHANNEL_FD)
+        _link = WorkerLink(me.channel_fd)
     return _link
 
 

@@ -48,6 +48,12 @@ async def probe(request: web.Request) -> web.Response:
     )
 
 
+async def modules(request: web.Request) -> web.Response:
+    """The aiocluster modules this worker has loaded (the layout test checks the roles)."""
+    loaded = sorted(name for name in sys.modules if name.startswith("aiocluster"))
+    return web.json_response({"pid": os.getpid(), "modules": loaded})
+
+
 async def orphan(request: web.Request) -> web.Response:
     """Start a process that outlives this worker (the test kills both)."""
     child = await asyncio.create_subprocess_exec(
@@ -115,6 +121,7 @@ def make_app() -> web.Application:
     app.router.add_get("/", whoami)
     app.router.add_get("/probe", probe)
     app.router.add_get("/orphan", orphan)
+    app.router.add_get("/modules", modules)
     app.router.add_get("/block", block)
     app.router.add_get("/slow", slow)
     app.router.add_get("/send", send_to_primary)
