@@ -179,6 +179,36 @@ async def test_second_sigint_stops_at_once(start_cluster: StartCluster) -> None:
         await request
 
 
+async def test_repeated_sigterm_never_forces(start_cluster: StartCluster) -> None:
+    """timeout(1), process-group kills and orchestrators send SIGTERM more than once."""
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "30")
+    )
+    request = asyncio.create_task(get_json(f"{c.url}/slow?s=2"))
+    await c.wait_for("TEST slow-started")
+    for n in range(1, 4):  # one at a time: pending signals of one kind merge into one
+        c.signal(signal.SIGTERM)
+        await c.wait_count("SIGTERM received", n)
+    assert "already draining" in c.output
+    answer = await request  # the in-flight request finished: nothing was killed
+    assert answer["done"] is True
+    assert await c.wait(timeout=10) == 0
+    assert "stop forced" not in c.output
+
+
+async def test_sigquit_stops_at_once(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "30")
+    )
+    request = asyncio.create_task(get_json(f"{c.url}/slow?s=20"))
+    await c.wait_for("TEST slow-started")
+    c.signal(signal.SIGQUIT)
+    assert await c.wait(timeout=10) != 0
+    assert "SIGQUIT received: stopping now" in c.output
+    with pytest.raises(aiohttp.ClientError):
+        await request
+
+
 async def test_primary_sigkill_leaves_no_worker(start_cluster: StartCluster) -> None:
     c = await start_cluster(*cli("run", "webapp:app", "-w", "3", "-b", "127.0.0.1:0"))
     pids = list(c.worker_pids.values())

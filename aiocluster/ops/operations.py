@@ -102,11 +102,16 @@ class Operations:
         self.cluster.scale(size)
         self.notifier.status(f"scaling to {size} workers")
 
-    def stop(self) -> None:
-        """Drain and stop (a second call stops at once)."""
+    def stop(self, *, now: bool = False) -> None:
+        """Drain and stop; with ``now``, kill the workers at once (a stop already under way too).
+
+        Asking again for a graceful stop changes nothing: the drain goes on to its deadline.
+        """
         if not self.cluster.stopping:
             self.notifier.stopping()
-        self.cluster.stop()
+        elif not now:
+            return
+        self.cluster.stop(force=now)
 
     # -- signals -----------------------------------------------------------------------------
 
@@ -116,6 +121,7 @@ class Operations:
         handlers: dict[signal.Signals, Callable[[], None]] = {
             signal.SIGINT: lambda: self._on_stop(signal.SIGINT),
             signal.SIGTERM: lambda: self._on_stop(signal.SIGTERM),
+            signal.SIGQUIT: lambda: self._on_stop(signal.SIGQUIT),
             signal.SIGHUP: self._on_reload,
             signal.SIGTTIN: lambda: self._on_scale(+1),
             signal.SIGTTOU: lambda: self._on_scale(-1),
@@ -125,9 +131,18 @@ class Operations:
             self._signals.append(sig)
 
     def _on_stop(self, sig: signal.Signals) -> None:
-        how = "stopping now" if self.cluster.stopping else "draining"
-        log.info("%s received: %s", sig.name, how)
-        self.stop()
+        # SIGTERM is always graceful: timeout(1), process-group kills and orchestrators send
+        # it more than once. Ctrl-C twice (SIGINT during a stop) or SIGQUIT is the way to force.
+        now = sig == signal.SIGQUIT or (sig == signal.SIGINT and self.cluster.stopping)
+        if now:
+            log.warning("%s received: stopping now (workers are killed)", sig.name)
+        elif self.cluster.stopping:
+            log.info(
+                "%s received: already draining (Ctrl-C again or SIGQUIT stops at once)", sig.name
+            )
+        else:
+            log.info("%s received: draining", sig.name)
+        self.stop(now=now)
 
     def _on_reload(self) -> None:
         log.info("SIGHUP received: reloading workers")
