@@ -73,6 +73,7 @@ async def serve(
     if config is None:
         config = ClusterConfig.build(**options)
     if is_worker():
+        ensure_logging()
         if protocol:
             await serve_protocol_worker(app, config)  # type: ignore[arg-type]
         else:
@@ -142,7 +143,6 @@ def run(
     before any event loop runs, that loads the application once; workers are forked from it
     and go on from this call as workers. ``start="spawn"`` starts each as a new interpreter.
     """
-    ensure_logging()
     try:
         if config is None:
             config = ClusterConfig.build(**options)
@@ -153,11 +153,15 @@ def run(
                 config = dataclasses.replace(config, start=default_start())
             if config.start == "fork" and prefork_zygote():
                 app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+        # After the zygote's fork and its import of the application: logging the
+        # application configures at import wins over ours, in the zygote and every worker.
+        ensure_logging()
         cluster = serve(
             app, protocol=protocol, on_primary=on_primary, access_log=access_log, config=config
         )
         _run_loop(cluster, use_uvloop=use_uvloop)
     except AioclusterError as err:
+        ensure_logging()
         log.error("%s", err)
         sys.exit(1)
 
@@ -167,6 +171,7 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
     try:
         if isinstance(app, NotImported):
             app = app.load()
+        ensure_logging()
         # Loaded once here, shared by every worker's pages.
         if use_uvloop:
             with contextlib.suppress(ImportError):
@@ -175,6 +180,7 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
             from aiocluster import web  # noqa: F401
             from aiocluster.worker import drain  # noqa: F401
     except BaseException:
+        ensure_logging()
         log.exception("the zygote could not load the program")
         sys.stderr.flush()
         os._exit(1)

@@ -8,7 +8,7 @@ import sys
 
 from aiocluster._role import Role, identity
 
-__all__ = ["ensure_logging", "role_tag"]
+__all__ = ["ensure_logging", "role_tag", "set_level"]
 
 
 def role_tag() -> str:
@@ -25,17 +25,35 @@ class _RoleFormatter(logging.Formatter):
         return super().format(record)
 
 
-def ensure_logging(level: int = logging.INFO) -> None:
-    """Give the ``aiocluster`` logger a stderr handler unless the application configured logging.
+_level = logging.INFO
+_handler: logging.Handler | None = None
 
-    An application that set up logging itself (a handler on the root logger) keeps full control.
+
+def set_level(level: int) -> None:
+    """The level :func:`ensure_logging` gives the root logger (``--log-level``)."""
+    global _level
+    _level = level
+    if _handler is not None:
+        logging.getLogger().setLevel(level)
+
+
+def ensure_logging(level: int | None = None) -> None:
+    """Send every logger's records to stderr, prefixed with the role, at the configured level.
+
+    aiocluster's own lines, aiohttp's access log and the application's loggers all reach the
+    same output, unless the application configured logging itself (a handler on the root
+    logger): then it keeps full control. Call it once the application is imported, so that a
+    ``logging.basicConfig()`` it runs at import wins.
     """
-    logger = logging.getLogger("aiocluster")
-    if logger.handlers or logging.getLogger().handlers:
+    global _handler
+    if level is not None:
+        set_level(level)
+    root = logging.getLogger()
+    if _handler is not None or root.handlers:
         return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
+    _handler = logging.StreamHandler(sys.stderr)
+    _handler.setFormatter(
         _RoleFormatter("%(asctime)s [%(role)s] %(levelname)s %(name)s: %(message)s")
     )
-    logger.addHandler(handler)
-    logger.setLevel(level)
+    root.addHandler(_handler)
+    root.setLevel(_level)

@@ -28,7 +28,7 @@ from aiocluster._config import (
     default_workers,
 )
 from aiocluster._errors import ConfigError
-from aiocluster._logging import ensure_logging
+from aiocluster._logging import set_level
 from aiocluster._role import Role, role
 from aiocluster._zygote import prefork_zygote
 
@@ -381,7 +381,8 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         )
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")
-    ensure_logging(getattr(logging, args.log_level.upper()))
+    # Installed by run() once the application is imported (in the zygote, after the fork).
+    set_level(getattr(logging, args.log_level.upper()))
     if primary:
         config = dataclasses.replace(config, start=config.start or default_start())
         if config.start == "fork":

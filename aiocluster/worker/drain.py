@@ -1,16 +1,25 @@
-"""Draining an aiohttp server without failing a single request.
+"""Draining an aiohttp application: one deadline, aiohttp's hooks in order, no failed request.
 
-aiohttp's own ``runner.cleanup()`` closes idle keep-alive connections at once. A client that
-had just sent its next request on such a connection sees the connection drop: that is the
-failed request every reload of gunicorn or uvicorn produces under keep-alive load. Here:
+aiohttp's own ``runner.cleanup()`` closes idle keep-alive connections at once (a client that
+had just sent its next request on one sees it drop: the failed request every reload of
+gunicorn or uvicorn produces under keep-alive load), runs ``on_shutdown`` only after the sites
+are gone, then waits its own ``shutdown_timeout`` twice over. Here one :class:`DrainPlan`,
+fixed when the drain begins, is spent by every step:
 
-1. stop accepting (the sites close their listening sockets; in ``shared`` mode the other
-   workers keep accepting from the same kernel queue, so nothing queued is lost);
+1. stop accepting (the sites close their listening sockets; under ``shared`` the other workers
+   keep accepting from the same kernel queue, so nothing queued is lost);
 2. every response from now on carries ``Connection: close``, so each client learns, on its next
    answer, to open a fresh connection (which reaches a worker that is not draining);
-3. connections that stay idle for a short grace are closed: a client sending steadily has had
+3. ``on_shutdown`` runs at once (apps close their websockets there, as aiohttp documents);
+4. open websockets get a close frame with 1001 (Going Away) from the cluster after a short
+   grace, so an app need not do it; their ``async for msg in ws`` loops end normally;
+5. connections that stay idle for a short grace are closed: a client sending steadily has had
    its ``Connection: close`` by then;
-4. in-flight requests get the rest of the graceful timeout; then aiohttp's own cleanup runs.
+6. in-flight requests (streams included) run until the deadline; then the handlers still
+   running are cancelled (they see ``CancelledError``, as under aiohttp's own shutdown);
+7. ``on_cleanup`` and ``cleanup_ctx`` teardown always run, within the cleanup allowance.
+
+The primary kills a worker only once the deadline and the allowance have passed.
 """
 
 from __future__ import annotations
@@ -18,45 +27,151 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
-__all__ = ["drain_app"]
+from aiocluster.worker.deadline import DrainPlan, wait_until
+
+__all__ = ["OpenWebsockets", "drain_app"]
 
 log = logging.getLogger("aiocluster.worker")
 
-#: How long an idle keep-alive connection may stay open once draining starts.
-IDLE_GRACE = 2.0
+#: Longest wait for cancelled handlers to finish before their connections are closed.
+CANCEL_WAIT = 1.0
 
 
-async def drain_app(runner: web.BaseRunner, timeout: float, idle_grace: float = IDLE_GRACE) -> None:
-    """Stop ``runner``'s sites and drain its connections as above, within ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+class OpenWebsockets:
+    """The websockets an application has open, seen through ``on_response_prepare``."""
+
+    def __init__(self) -> None:
+        self._seen: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+
+    def attach(self, app: web.Application) -> bool:
+        """Watch ``app``'s responses; False if it is frozen already (started elsewhere)."""
+        try:
+            app.on_response_prepare.append(self._prepared)
+        except RuntimeError:
+            return False
+        return True
+
+    async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
+        if isinstance(response, web.WebSocketResponse):
+            self._seen.add(response)
+
+    def live(self) -> list[web.WebSocketResponse]:
+        """The websockets not closed yet."""
+        return [ws for ws in self._seen if not ws.closed]
+
+    async def close_all(self, until: float) -> int:
+        """Close every open websocket with 1001, waiting for the clients until ``until``.
+
+        Returns how many were open.
+        """
+        live = self.live()
+        closing = [asyncio.ensure_future(_going_away(ws)) for ws in live]
+        for task in closing:
+            if not await wait_until(task, until):
+                task.cancel()  # the client never answered: aiohttp closes the transport
+        return len(live)
+
+
+async def _going_away(ws: web.WebSocketResponse) -> None:
+    try:
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+    except Exception as err:  # e.g. a websocket still in its handshake
+        log.debug("closing a websocket on drain failed: %r", err)
+
+
+async def drain_app(
+    runner: web.AppRunner, plan: DrainPlan, websockets: OpenWebsockets | None = None
+) -> None:
+    """Drain ``runner``'s application as the module docstring says, spending ``plan``."""
     for site in list(runner.sites):
         await site.stop()
-    server = runner.server
-    if server is None:
-        return
+    app = runner.app
+    try:
+        server = runner.server
+        if server is not None:
+            await _drain_connections(server, app, plan, websockets)
+    finally:
+        await _cleanup(app, plan)
+
+
+async def _drain_connections(
+    server: web.Server, app: web.Application, plan: DrainPlan, websockets: OpenWebsockets | None
+) -> None:
     empty = _watch(server)
     if live := _live(server):
-        log.info("draining %d connections", len(live))
-    await _wait(empty, min(idle_grace, timeout))
+        log.info("draining %d connections (deadline in %gs)", len(live), plan.graceful_timeout)
+    shutdown = asyncio.ensure_future(_hook("on_shutdown", app.shutdown()))
+    closer = asyncio.ensure_future(_close_websockets(websockets, plan))
+    await wait_until(asyncio.ensure_future(empty.wait()), plan.began + plan.idle_grace)
     for conn in _live(server):
         if not getattr(conn, "_request_in_progress", False):
             conn.close()
-    await _wait(empty, deadline - loop.time())
-    if live := _live(server):
-        log.warning("%d connections still busy after %gs; cancelling them", len(live), timeout)
+    waiting = asyncio.ensure_future(empty.wait())
+    await wait_until(waiting, plan.deadline)
+    waiting.cancel()
+    for task, what in ((shutdown, "on_shutdown"), (closer, "closing websockets")):
+        if not task.done():
+            log.warning("%s still running at the graceful deadline; cancelling it", what)
+            task.cancel()
+    if busy := _live(server):
+        log.warning(
+            "%d connections still busy at the graceful deadline (%gs); cancelling them",
+            len(busy),
+            plan.graceful_timeout,
+        )
+        await _cancel(busy, plan)
 
 
-async def _wait(event: asyncio.Event, timeout: float) -> None:
-    if timeout > 0:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
-                await event.wait()
+async def _close_websockets(websockets: OpenWebsockets | None, plan: DrainPlan) -> None:
+    if websockets is None:
+        return
+    loop = asyncio.get_running_loop()
+    delay = plan.began + plan.ws_grace - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)  # the grace itself: a message in flight completes
+    if count := await websockets.close_all(plan.deadline):
+        log.info("closed %d websockets with 1001 (going away)", count)
+
+
+async def _cancel(busy: list[Any], plan: DrainPlan) -> None:
+    """Cancel the handlers of ``busy`` connections; close what is left of them after that."""
+    tasks = []
+    for conn in busy:
+        task = getattr(conn, "_task_handler", None)
+        if isinstance(task, asyncio.Task) and not task.done():
+            task.cancel()
+            tasks.append(task)
+    if tasks:
+        loop = asyncio.get_running_loop()
+        await asyncio.wait(tasks, timeout=max(0.0, min(CANCEL_WAIT, plan.cleanup_by - loop.time())))
+    for conn in busy:
+        if getattr(conn, "transport", None) is not None:
+            conn.force_close()
+
+
+async def _cleanup(app: web.Application, plan: DrainPlan) -> None:
+    """``on_cleanup`` and ``cleanup_ctx`` teardown, within the cleanup allowance."""
+    cleanup = asyncio.ensure_future(_hook("on_cleanup", app.cleanup()))
+    if not await wait_until(cleanup, plan.cleanup_by):
+        log.error(
+            "on_cleanup/cleanup_ctx still running after the cleanup allowance; exiting without them"
+        )
+        cleanup.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await cleanup
+
+
+async def _hook(what: str, hook: Awaitable[None]) -> None:
+    try:
+        await hook
+    except Exception:
+        log.exception("%s failed", what)
 
 
 def _watch(server: web.Server) -> asyncio.Event:

@@ -29,6 +29,7 @@ from aiocluster.wire.channel import Channel
 from aiocluster.wire.codec import Frame, Prepared
 from aiocluster.wire.fds import close_fds
 from aiocluster.wire.sockets import format_sockname, open_listener
+from aiocluster.worker.deadline import CLEANUP_TIMEOUT, WS_GRACE, DrainPlan
 
 __all__ = [
     "Adopter",
@@ -103,6 +104,10 @@ class WorkerLink:
         self.stopping = asyncio.Event()
         #: Seconds to let in-flight work finish once stopping (the primary's setting).
         self.graceful_timeout = 30.0
+        #: Seconds cleanup hooks may take after the graceful deadline (the primary's setting).
+        self.cleanup_timeout = CLEANUP_TIMEOUT
+        #: Seconds open websockets get, once stopping, before they are closed with 1001.
+        self.ws_grace = WS_GRACE
         #: Where the primary wants this worker to listen (it may differ from the worker's own
         #: configuration: sockets passed by systemd).
         self.binds: list[Address] = []
@@ -135,6 +140,12 @@ class WorkerLink:
         sock.set_inheritable(False)
         self.channel = Channel(sock, self._on_frame, name="primary", on_close=self._on_close)
         self.channel.start()
+
+    def drain_plan(self) -> DrainPlan:
+        """The budget of a drain that begins now, from the primary's settings."""
+        return DrainPlan.starting_now(
+            self.graceful_timeout, cleanup_timeout=self.cleanup_timeout, ws_grace=self.ws_grace
+        )
 
     def add_stats_source(self, source: StatsSource) -> None:
         """Count ``source()``'s (requests served, connections open) in this worker's reports."""
@@ -180,9 +191,9 @@ class WorkerLink:
 
     async def _announce(self) -> None:
         reply = await self.channel.request({"act": proto.ONLINE, "pid": os.getpid()})
-        timeout = reply.msg.get("graceful_timeout")
-        if isinstance(timeout, int | float) and timeout >= 0:
-            self.graceful_timeout = float(timeout)
+        self.graceful_timeout = _seconds(reply.msg, "graceful_timeout", self.graceful_timeout)
+        self.cleanup_timeout = _seconds(reply.msg, "cleanup_timeout", self.cleanup_timeout)
+        self.ws_grace = _seconds(reply.msg, "ws_grace", self.ws_grace)
         binds = reply.msg.get("binds")
         if isinstance(binds, list):
             try:
@@ -362,6 +373,14 @@ class WorkerLink:
 
 
 StatsSource = Callable[[], tuple[int, int]]
+
+
+def _seconds(msg: dict[str, Any], key: str, default: float) -> float:
+    value = msg.get(key)
+    if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9:
+        return float(value)
+    return default
+
 
 # The answers to a newconn frame, encoded once (see Prepared): one per frame, not per connection.
 _ACCEPTED = Prepared({"act": proto.NEWCONN, "accepted": True})

@@ -68,14 +68,17 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
     from aiohttp import web
 
     from aiocluster.web import ClusterSite
-    from aiocluster.worker.drain import drain_app
+    from aiocluster.worker.drain import OpenWebsockets, drain_app
 
     current = link()
     runner: web.AppRunner | None = None
+    websockets = OpenWebsockets()
 
     async def start() -> None:
         nonlocal runner
         app = await resolve_app(target)
+        if not websockets.attach(app):
+            log.warning("the application is frozen already: its websockets are not closed on drain")
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -89,16 +92,18 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
         for address in current.binds or config.binds:
             await ClusterSite(runner, address=address, backlog=config.backlog).start()
 
+    drained = False
     with _stop_signals(current.stopping):
         await current.ensure_online()
         try:
             if await _start_unless_stopped(current.stopping, start()):
                 await current.stopping.wait()
                 assert runner is not None
-                await drain_app(runner, current.graceful_timeout)
+                drained = True  # drain_app runs the cleanup hooks, whatever happens in it
+                await drain_app(runner, current.drain_plan(), websockets)
         finally:
-            if runner is not None:
-                await runner.cleanup()
+            if runner is not None and not drained:
+                await runner.cleanup()  # a start that failed or was cancelled
     current.close()
 
 
@@ -126,7 +131,7 @@ async def serve_protocol_worker(
         finally:
             for server in servers:
                 server.close()
-            await tracker.drain(current.graceful_timeout)
+            await tracker.drain(current.drain_plan().deadline)
     current.close()
 
 

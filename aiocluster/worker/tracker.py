@@ -73,9 +73,9 @@ class ConnectionTracker:
         """Wait until no tracked connection is open."""
         await self._idle.wait()
 
-    async def drain(self, timeout: float) -> None:
-        """Ask each protocol to wrap up, wait up to ``timeout`` for every connection to end,
-        then abort the rest.
+    async def drain(self, deadline: float) -> None:
+        """Ask each protocol to wrap up, wait until the loop time ``deadline`` for every
+        connection to end, then abort the rest.
 
         A protocol that defines ``drain()`` has it called once, first (or as soon as its
         connection is made, for one made meanwhile): the protocol knows how to end its
@@ -86,7 +86,7 @@ class ConnectionTracker:
         for proto in list(self.transports.values()):
             self._wrap_up(proto)
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 await self._idle.wait()
         for transport in list(self.transports):
             abort = getattr(transport, "abort", None)

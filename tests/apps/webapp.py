@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import random
 import sys
@@ -10,13 +11,14 @@ import time
 import typing
 from collections.abc import AsyncIterator
 
-from aiohttp import web
+from aiohttp import WSCloseCode, web
 
 import aiocluster
 
 #: The process that imported this module: the worker itself (spawn) or the zygote (fork).
 IMPORTED_IN = os.getpid()
 LAST_MESSAGE: web.AppKey[asyncio.Queue[object]] = web.AppKey("last_message", asyncio.Queue)
+WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 
 
 def say(line: str) -> None:
@@ -48,6 +50,13 @@ async def probe(request: web.Request) -> web.Response:
     )
 
 
+async def log_line(request: web.Request) -> web.Response:
+    """Logs one line (INFO unless ``level`` says) on the application's own logger."""
+    level = getattr(logging, request.query.get("level", "info").upper())
+    logging.getLogger("webapp").log(level, "app-log-line %s", request.query.get("text", ""))
+    return web.json_response({"pid": os.getpid()})
+
+
 async def modules(request: web.Request) -> web.Response:
     """The aiocluster modules this worker has loaded (the layout test checks the roles)."""
     loaded = sorted(name for name in sys.modules if name.startswith("aiocluster"))
@@ -73,6 +82,49 @@ async def slow(request: web.Request) -> web.Response:
     say("slow-started")
     await asyncio.sleep(float(request.query.get("s", "1.0")))
     return web.json_response({"pid": os.getpid(), "worker": aiocluster.worker_id(), "done": True})
+
+
+async def sse(request: web.Request) -> web.StreamResponse:
+    """A server-sent event every 0.1 s for ``s`` seconds (a long stream)."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    say("sse-started")
+    loop = asyncio.get_running_loop()
+    end = loop.time() + float(request.query.get("s", "60"))
+    try:
+        while loop.time() < end:
+            await response.write(b"data: tick\n\n")
+            await asyncio.sleep(0.1)
+    except asyncio.CancelledError:
+        say("sse-cancelled")
+        raise
+    return response
+
+
+async def websocket(request: web.Request) -> web.WebSocketResponse:
+    """Echoes text messages, prefixed with the worker id; says how its loop ended."""
+    ws = web.WebSocketResponse()
+    await ws.prepare(request)
+    request.app[WEBSOCKETS].add(ws)
+    say("ws-open")
+    try:
+        async for msg in ws:
+            if msg.type == web.WSMsgType.TEXT:
+                await ws.send_str(f"{aiocluster.worker_id()}:{msg.data}")
+    except asyncio.CancelledError:
+        say("ws-cancelled")
+        raise
+    finally:
+        request.app[WEBSOCKETS].discard(ws)
+    say(f"ws-ended code={ws.close_code}")
+    return ws
+
+
+async def _close_websockets_on_shutdown(app: web.Application) -> None:
+    """aiohttp's documented pattern: an app closes its own websockets in on_shutdown."""
+    open_now: set[web.WebSocketResponse] = app[WEBSOCKETS]
+    for ws in list(open_now):
+        await ws.close(code=WSCloseCode.GOING_AWAY, message=b"app shutdown")
 
 
 async def send_to_primary(request: web.Request) -> web.Response:
@@ -111,8 +163,11 @@ async def _context(app: web.Application) -> AsyncIterator[None]:
     say("cleanup_ctx-exit")
 
 
-def make_app() -> web.Application:
+def make_app(*, closes_websockets: bool = False) -> web.Application:
     app = web.Application()
+    app[WEBSOCKETS] = set()
+    if closes_websockets:
+        app.on_shutdown.append(_close_websockets_on_shutdown)
     app.on_startup.append(_announce_startup)
     app.on_shutdown.append(_announce_shutdown)
     app.on_cleanup.append(_announce_cleanup)
@@ -122,6 +177,9 @@ def make_app() -> web.Application:
     app.router.add_get("/probe", probe)
     app.router.add_get("/orphan", orphan)
     app.router.add_get("/modules", modules)
+    app.router.add_get("/log", log_line)
+    app.router.add_get("/sse", sse)
+    app.router.add_get("/ws", websocket)
     app.router.add_get("/block", block)
     app.router.add_get("/slow", slow)
     app.router.add_get("/send", send_to_primary)
@@ -131,6 +189,11 @@ def make_app() -> web.Application:
 
 
 app = make_app()
+
+
+def closing_app() -> web.Application:
+    """The app with an on_shutdown hook that closes its websockets itself."""
+    return make_app(closes_websockets=True)
 
 
 async def broken_factory() -> web.Application:

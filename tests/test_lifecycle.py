@@ -1,0 +1,179 @@
+"""The application's lifecycle on stop and reload: one graceful deadline, aiohttp's hooks in
+order, websockets closed with 1001, streams cancelled at the deadline, cleanup always run.
+
+Every deadline here is a few seconds, well under the graceful timeouts the clusters run with,
+so that a regression to "waits the whole graceful timeout" (or twice it) fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+
+from .conftest import StartCluster
+from .harness import ClusterProcess, cli
+
+WS_TIMEOUT = aiohttp.ClientTimeout(total=30)
+
+
+async def open_stream(c: ClusterProcess) -> tuple[aiohttp.ClientSession, aiohttp.ClientResponse]:
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+    response = await session.get(f"{c.url}/sse?s=60")
+    assert response.status == 200
+    assert (await response.content.readline()).startswith(b"data: tick")
+    return session, response
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=WS_TIMEOUT) as s:
+        yield s
+
+
+async def test_stop_spends_one_deadline_and_always_cleans_up(start_cluster: StartCluster) -> None:
+    graceful = 3.0
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "3")
+    )
+    session, response = await open_stream(c)
+    try:
+        mark = len(c.lines)
+        began = time.monotonic()
+        c.signal(signal.SIGTERM)
+        # on_shutdown runs at once, not after the graceful timeout.
+        await c.wait_for("TEST on_shutdown ", timeout=1.5, start=mark)
+        # The stream runs until the deadline, then its handler is cancelled ...
+        await c.wait_for("TEST sse-cancelled ", timeout=graceful + 1.5, start=mark)
+        assert time.monotonic() - began >= graceful - 0.5, "the stream was cut before its time"
+        # ... and the cleanup hooks run after it, before the worker exits.
+        await c.wait_for("TEST cleanup_ctx-exit ", timeout=2, start=mark)
+        await c.wait_for("TEST on_cleanup ", timeout=2, start=mark)
+        assert await c.wait(timeout=3) == 0
+        assert time.monotonic() - began < graceful + 2.0
+        assert "killing worker" not in c.output
+        assert c.count("TEST on_shutdown ") == 1, "on_shutdown ran twice"
+    finally:
+        response.close()
+        await session.close()
+
+
+async def test_websocket_gets_1001_soon_after_a_reload_and_reconnects(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "15")
+    )
+    async with session.ws_connect(f"{c.url}/ws") as ws:
+        await ws.send_str("hello")
+        first = (await ws.receive_str()).split(":")[0]
+        mark = len(c.lines)
+        began = time.monotonic()
+        c.signal(signal.SIGHUP)
+        msg = await asyncio.wait_for(ws.receive(), timeout=6)
+        assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+        assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
+        assert time.monotonic() - began < 6
+    # The handler's `async for msg in ws` ended normally, not by cancellation.
+    await c.wait_for(r"TEST ws-ended code=\d+ ", timeout=3, start=mark)
+    assert "TEST ws-cancelled" not in c.output
+    # A new websocket reaches the new worker at once.
+    async with session.ws_connect(f"{c.url}/ws") as ws:
+        await ws.send_str("again")
+        second = (await asyncio.wait_for(ws.receive_str(), timeout=5)).split(":")[0]
+    assert second != first
+    await c.wait_for("reload complete", timeout=10)
+
+
+async def test_an_app_closing_its_websockets_in_on_shutdown_does_so_at_once(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(
+        *cli(
+            "run",
+            "webapp:closing_app",
+            "--factory",
+            "-w",
+            "1",
+            "-b",
+            "127.0.0.1:0",
+            "--graceful-timeout",
+            "15",
+        )
+    )
+    async with session.ws_connect(f"{c.url}/ws") as ws:
+        await ws.send_str("hello")
+        await ws.receive_str()
+        began = time.monotonic()
+        c.signal(signal.SIGTERM)
+        msg = await asyncio.wait_for(ws.receive(), timeout=3)
+        assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+        # The app's own close (its on_shutdown ran at once), before the cluster's grace.
+        assert msg.extra == "app shutdown"
+        assert time.monotonic() - began < 1.0
+    assert await c.wait(timeout=5) == 0
+
+
+async def test_the_cluster_closes_websockets_the_app_leaves_open_on_stop(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--graceful-timeout", "15")
+    )
+    sockets = [await session.ws_connect(f"{c.url}/ws") for _ in range(4)]
+    try:
+        began = time.monotonic()
+        c.signal(signal.SIGTERM)
+        for ws in sockets:
+            msg = await asyncio.wait_for(ws.receive(), timeout=5)
+            assert msg.type == aiohttp.WSMsgType.CLOSE
+            # The code the server sent (the client's own close_code says 1006 when the
+            # worker has exited before this client got round to answering).
+            assert (msg.data, msg.extra) == (aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
+        assert await c.wait(timeout=5) == 0
+        assert time.monotonic() - began < 5
+    finally:
+        for ws in sockets:
+            await ws.close()
+
+
+async def test_access_log_and_app_logs_reach_the_output_with_the_role_prefix(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--access-log")
+    )
+    for query in ("text=hidden&level=debug", "text=hello"):
+        async with session.get(f"{c.url}/log?{query}") as r:
+            assert r.status == 200
+    await c.wait_for(r"\[worker 1 \d+\] INFO webapp: app-log-line hello", timeout=5)
+    await c.wait_for(r'\[worker 1 \d+\] INFO aiohttp\.access: .*"GET /log\?text=hello', 5)
+    # The default level is info: the app's debug line stayed out.
+    assert "app-log-line hidden" not in c.output
+
+
+async def test_log_level_applies_to_the_app_loggers(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--log-level", "debug")
+    )
+    async with session.get(f"{c.url}/log?text=shown&level=debug") as r:
+        assert r.status == 200
+    await c.wait_for(r"\[worker 1 \d+\] DEBUG webapp: app-log-line shown", timeout=5)
+    # Not the access log: it is off unless asked for.
+    assert "aiohttp.access" not in c.output
+
+
+async def test_an_app_that_configures_logging_keeps_its_format(
+    start_cluster: StartCluster, session: aiohttp.ClientSession
+) -> None:
+    c = await start_cluster(*cli("run", "own_logging:app", "-w", "1", "-b", "127.0.0.1:0"))
+    async with session.get(f"{c.url}/log?text=mine") as r:
+        assert r.status == 200
+    await c.wait_for(r"^OWNFMT webapp: app-log-line mine", timeout=5)
+    assert not any("INFO webapp: app-log-line" in line for line in c.lines)
