@@ -186,6 +186,8 @@ async def test_ttin_adds_and_ttou_removes_a_worker(start_cluster: StartCluster) 
     await c.wait_for(r"scaling down: draining worker 2 ")
     c.signal(signal.SIGTTOU)
     await c.wait_for(r"SIGTTOU received: ignored \(1 workers\)")
+    # Told to drain is not yet closed: until it exits, worker 2 may still accept a connection.
+    await c.wait_for(r"worker 2 \(pid \d+\) exited with code 0")
     async with aiohttp.ClientSession() as s, s.get(f"{c.url}/") as r:
         assert (await r.json())["worker"] == 1
     assert await c.stop() == 0
