@@ -7,7 +7,7 @@ import importlib.util
 import os
 from typing import Any
 
-from aiocluster._errors import ConfigError
+from aiocluster._errors import AppLoadError, ConfigError
 
 __all__ = ["NotImported", "check_kind", "check_module", "load_app", "split_spec"]
 
@@ -37,15 +37,27 @@ def check_module(module: str) -> None:
 
 
 def load_app(spec: str) -> Any:
-    """Import ``module:attribute`` and return the attribute."""
+    """Import ``module:attribute`` and return the attribute; :class:`AppLoadError` if not.
+
+    The error of a module that raised while it was imported keeps that exception as its
+    ``__cause__`` (its traceback is worth showing); a module or attribute that is not there
+    needs no traceback.
+    """
     module_name, attr = split_spec(spec)
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name == module_name:
+            raise AppLoadError(f"cannot import module {module_name!r}: {err}") from None
+        raise AppLoadError(f"importing {module_name!r} failed: {err!r}") from err
+    except Exception as err:
+        raise AppLoadError(f"importing {module_name!r} failed: {err!r}") from err
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
+            raise AppLoadError(f"module {module_name!r} has no attribute {attr!r}") from None
     return obj
 
 
@@ -54,13 +66,13 @@ def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
     if factory or protocol:
         if not callable(target):
             what = "protocol factory" if protocol else "factory"
-            raise ConfigError(f"{spec} is a {type(target).__name__}, not a callable {what}")
+            raise AppLoadError(f"{spec} is a {type(target).__name__}, not a callable {what}")
         return target
     # Only here: a protocol server never loads aiohttp (~200 ms of its start).
     from aiohttp import web
 
     if not isinstance(target, web.Application):
-        raise ConfigError(
+        raise AppLoadError(
             f"{spec} is a {type(target).__name__}, not an aiohttp Application; pass --factory "
             "if it builds one, or --protocol if it is an asyncio protocol factory"
         )

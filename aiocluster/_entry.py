@@ -14,12 +14,13 @@ import inspect
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from aiocluster._appspec import NotImported
 from aiocluster._config import ClusterConfig, default_start
-from aiocluster._errors import AioclusterError, ConfigError
+from aiocluster._errors import APP_ERROR_STATUS, AioclusterError, AppLoadError, ConfigError
 from aiocluster._logging import ensure_logging
 from aiocluster._role import become_worker
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
@@ -29,7 +30,7 @@ from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_
 if TYPE_CHECKING:
     from aiocluster.primary.cluster import Cluster
 
-__all__ = ["run", "serve", "supervise"]
+__all__ = ["exit_for_app_error", "run", "serve", "supervise"]
 
 log = logging.getLogger("aiocluster")
 
@@ -160,6 +161,11 @@ def run(
             app, protocol=protocol, on_primary=on_primary, access_log=access_log, config=config
         )
         _run_loop(cluster, use_uvloop=use_uvloop)
+    except ConfigError as err:
+        if isinstance(err, AppLoadError) and not is_primary():
+            exit_for_app_error(err)
+        sys.stderr.write(f"aiocluster: error: {err}\n")
+        sys.exit(2)
     except AioclusterError as err:
         ensure_logging()
         log.error("%s", err)
@@ -179,6 +185,8 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
         if not protocol:
             from aiocluster import web  # noqa: F401
             from aiocluster.worker import drain  # noqa: F401
+    except AppLoadError as err:
+        exit_for_app_error(err)
     except BaseException:
         ensure_logging()
         log.exception("the zygote could not load the program")
@@ -186,6 +194,19 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
         os._exit(1)
     become_worker(*serve_forks())
     return app
+
+
+def exit_for_app_error(err: AppLoadError) -> NoReturn:
+    """In a worker or the zygote: say once what is wrong with the application, and exit.
+
+    The exit status tells the primary that retrying cannot help (see :class:`AppLoadError`).
+    The traceback is shown when the application itself raised (an error at its import).
+    """
+    if err.__cause__ is not None:
+        traceback.print_exception(err.__cause__)
+    sys.stderr.write(f"aiocluster: error: {err}\n")
+    sys.stderr.flush()
+    os._exit(APP_ERROR_STATUS)
 
 
 def _run_loop(coro: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:

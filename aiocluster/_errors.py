@@ -27,5 +27,19 @@ class ConfigError(AioclusterError, ValueError):
     """An option, argument or application spec is invalid; the message says which and why."""
 
 
+class AppLoadError(ConfigError):
+    """The application cannot be loaded, or is not of the kind asked for.
+
+    Retrying cannot fix it (the module does not import, the attribute is missing, a factory
+    returns something else): the process that finds it says so once and exits with
+    :data:`APP_ERROR_STATUS`, and the primary stops the cluster instead of restarting it.
+    """
+
+
+#: The exit status of a worker or zygote that found an :class:`AppLoadError` (gunicorn's
+#: APP_LOAD_ERROR): the primary halts on it rather than retry.
+APP_ERROR_STATUS = 4
+
+
 class NotInCluster(AioclusterError):
     """A worker-only function was called in a process that is not a cluster worker."""

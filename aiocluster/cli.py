@@ -27,7 +27,7 @@ from aiocluster._config import (
     default_start,
     default_workers,
 )
-from aiocluster._errors import ConfigError
+from aiocluster._errors import AppLoadError, ConfigError
 from aiocluster._logging import set_level
 from aiocluster._role import Role, role
 from aiocluster._zygote import prefork_zygote
@@ -357,7 +357,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         target: Any = NotImported(args.app, factory=args.factory, protocol=args.protocol)
         primary = role() is Role.PRIMARY
         if not primary:
-            target = target.load()
+            try:
+                target = target.load()
+            except AppLoadError as err:
+                from aiocluster._entry import exit_for_app_error
+
+                exit_for_app_error(err)
         else:
             # The primary never imports the application: the zygote or the workers do.
             check_module(module)

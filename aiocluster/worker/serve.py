@@ -13,11 +13,12 @@ import errno
 import inspect
 import logging
 import signal
+import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import ConfigError
+from aiocluster._errors import AppLoadError
 from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
 from aiocluster.worker.adopt import start_server
 from aiocluster.worker.link import link, listen
@@ -50,12 +51,12 @@ async def resolve_app(target: AppTarget) -> web.Application:
     if isinstance(target, web.Application):
         return target
     if not callable(target):
-        raise ConfigError(f"cannot serve {target!r}: expected an aiohttp Application or a factory")
+        raise AppLoadError(f"cannot serve {target!r}: expected an aiohttp Application or a factory")
     result: Any = target()
     if inspect.isawaitable(result):
         result = await result
     if not isinstance(result, web.Application):
-        raise ConfigError(
+        raise AppLoadError(
             f"the factory {getattr(target, '__qualname__', target)!r} returned "
             f"{type(result).__name__}, not an aiohttp Application (for an asyncio protocol "
             "factory pass protocol=True, or --protocol on the command line)"
@@ -110,8 +111,13 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
 async def serve_protocol_worker(
     factory: Callable[[], asyncio.BaseProtocol], config: ClusterConfig
 ) -> None:
+    if _is_aiohttp_app(factory):
+        raise AppLoadError(
+            f"cannot serve {factory!r} as a protocol: it is an aiohttp Application "
+            "(drop --protocol / protocol=True)"
+        )
     if not callable(factory):
-        raise ConfigError(f"cannot serve {factory!r}: a protocol factory must be callable")
+        raise AppLoadError(f"cannot serve {factory!r}: a protocol factory must be callable")
     current = link()
     tracker = ConnectionTracker()
     current.add_stats_source(lambda: (tracker.accepted, len(tracker.transports)))
@@ -133,6 +139,13 @@ async def serve_protocol_worker(
                 server.close()
             await tracker.drain(current.drain_plan().deadline)
     current.close()
+
+
+def _is_aiohttp_app(target: object) -> bool:
+    # Without importing aiohttp: a protocol worker never loads it, and an Application's
+    # module has loaded it already.
+    web = sys.modules.get("aiohttp.web")
+    return web is not None and isinstance(target, web.Application)
 
 
 async def _start_unless_stopped(stopping: asyncio.Event, start: Coroutine[Any, Any, None]) -> bool:
