@@ -21,7 +21,7 @@ from typing import Literal
 import pytest
 
 from aiocluster._errors import ProtocolError
-from aiocluster.primary.balancer import Balancer
+from aiocluster.primary.balancer import Balancer, summarize_counts
 from aiocluster.primary.handles import Handle, HandleTable
 from aiocluster.primary.scheduling import sticky_order
 from aiocluster.wire.address import Address
@@ -533,3 +533,12 @@ async def test_the_worker_answers_a_batch_once_with_a_verdict_per_connection(
     assert await ask_newconn(primary, 5, conns[4:]) is True
     for sock in [*picky.taken, *fresh.taken, *conns, *clients]:
         sock.close()
+
+
+def test_the_stop_summary_stays_one_short_line_for_500_workers() -> None:
+    assert summarize_counts({2: 2, 1: 3}) == "1=3, 2=2"
+    many = {wid: 100 + wid % 7 for wid in range(1, 501)}
+    many[42] = 3
+    line = summarize_counts(many)
+    assert line == "51400 over 500 workers; fewest 3 (worker 42), median 103, most 106 (worker 496)"
+    assert len(line) < 100

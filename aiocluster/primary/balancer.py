@@ -34,7 +34,7 @@ from aiocluster.wire.channel import Channel
 from aiocluster.wire.codec import MAX_FDS, Frame, Prepared
 from aiocluster.wire.fds import close_fds
 
-__all__ = ["Balancer", "Peer", "client_key"]
+__all__ = ["Balancer", "Peer", "client_key", "summarize_counts"]
 
 log = logging.getLogger("aiocluster.primary")
 
@@ -295,8 +295,7 @@ class Balancer:
             self._watchdog.cancel()
             self._watchdog = None
         if self.accepted:
-            counts = ", ".join(f"{wid}={n}" for wid, n in sorted(self.accepted.items()))
-            log.info("connections per worker: %s", counts)
+            log.info("connections per worker: %s", summarize_counts(self.accepted))
 
     # -- accepting ---------------------------------------------------------------------------
 
@@ -583,3 +582,16 @@ def _taken(reply: Frame | None, count: int) -> list[bool]:
     if isinstance(accepted, list):
         return [ok is True for ok in accepted]
     return [False] * count
+
+
+def summarize_counts(counts: dict[int, int], *, most: int = 16) -> str:
+    """``1=3, 2=2`` for a few workers; past ``most`` a summary that stays one short line."""
+    if len(counts) <= most:
+        return ", ".join(f"{wid}={n}" for wid, n in sorted(counts.items()))
+    ordered = sorted(counts.items(), key=lambda item: (item[1], item[0]))
+    (low_id, low), (high_id, high) = ordered[0], ordered[-1]
+    median = ordered[len(ordered) // 2][1]
+    return (
+        f"{sum(counts.values())} over {len(counts)} workers; "
+        f"fewest {low} (worker {low_id}), median {median}, most {high} (worker {high_id})"
+    )
