@@ -406,3 +406,30 @@ def test_admin_warns_unless_loopback() -> None:
     assert not _is_loopback("0.0.0.0")
     assert not _is_loopback("10.1.2.3")
     assert not _is_loopback("::")
+
+
+@pytest.mark.parametrize("which", ["admin", "control"])
+async def test_a_taken_admin_or_control_address_is_one_line(
+    start_cluster: StartCluster, tmp_path: Path, which: str
+) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen(1)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    option = (
+        ["--admin", f"127.0.0.1:{taken.getsockname()[1]}"]
+        if which == "admin"
+        else ["--control", str(blocker / "c.sock")]
+    )
+    try:
+        c = await start_cluster(
+            *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", *option), ready=False
+        )
+        assert await c.wait(timeout=10) == 2
+    finally:
+        taken.close()
+    errors = [line for line in c.lines if line.startswith("aiocluster: error: ")]
+    assert len(errors) == 1, c.output
+    assert ("admin endpoint" if which == "admin" else "control") in errors[0]
+    assert "Traceback" not in c.output

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from aiocluster._errors import ConfigError
 from aiocluster.primary.cluster import Cluster
 from aiocluster.wire.sockets import open_listener
 
@@ -135,7 +136,12 @@ class AdminServer:
         """Bind the configured admin address and serve."""
         address = self._cluster.config.admin
         assert address is not None
-        sock, _ = open_listener(address, 128)
+        try:
+            sock, _ = open_listener(address, 128)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot serve the admin endpoint on {address}: {err.strerror or err}"
+            ) from None
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.SockSite(self._runner, sock)

@@ -97,6 +97,16 @@ class ControlServer:
 
     async def start(self) -> None:
         """Create the directory and socket; fail if another cluster uses this name."""
+        try:
+            await self._bind()
+        except OSError as err:
+            raise ConfigError(
+                f"cannot create the control socket {self.path}: {err.strerror or err} "
+                "(--control PATH picks another, --control off none)"
+            ) from None
+        log.info("control socket at %s", self.path)
+
+    async def _bind(self) -> None:
         _private_dir(self.path.parent)
         if self.path.exists() or self.path.is_symlink():
             if _is_alive(self.path):
@@ -121,7 +131,6 @@ class ControlServer:
         except BaseException:
             sock.close()
             raise
-        log.info("control socket at %s", self.path)
 
     async def aclose(self) -> None:
         """Stop listening and remove the socket file (only if it is still ours)."""
