@@ -29,8 +29,10 @@ class _RoleFormatter(logging.Formatter):
         return super().format(record)
 
 
-def ensure_logging(level: int = logging.INFO) -> None:
+def ensure_logging(level: int | str = logging.INFO) -> None:
     """Give the ``aiocluster`` logger a stderr handler unless the application configured logging.
+
+    ``level`` is a number or a name in any case (``"warning"``).
 
     An application that set up logging itself (a handler on the root logger) keeps full control.
     """
@@ -42,4 +44,4 @@ def ensure_logging(level: int = logging.INFO) -> None:
         _RoleFormatter("%(asctime)s [%(role)s] %(levelname)s %(name)s: %(message)s")
     )
     logger.addHandler(handler)
-    logger.setLevel(level)
+    logger.setLevel(level.upper() if isinstance(level, str) else level)
