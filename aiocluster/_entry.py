@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 from aiocluster._appspec import NotImported
 from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import APP_ERROR_STATUS, AioclusterError, AppLoadError, ConfigError
-from aiocluster._logging import ensure_logging
+from aiocluster._logging import ensure_logging, set_level
+from aiocluster._options import run_settings
 from aiocluster._role import become_worker
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.worker.link import is_primary, is_worker
@@ -42,7 +43,7 @@ async def serve(
     *,
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
-    access_log: bool = False,
+    access_log: bool | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
@@ -68,6 +69,8 @@ async def serve(
     to a worker chosen by ``balance``, ``"round-robin"`` or ``"least-conn"``, or by client
     address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
     slot). See docs/policies.md.
+
+    ``access_log`` None means ``$AIOCLUSTER_ACCESS_LOG``, else off.
     """
     if is_zygote():
         refuse("aiocluster.serve() was awaited in the program's own event loop")
@@ -78,7 +81,8 @@ async def serve(
         if protocol:
             await serve_protocol_worker(app, config)  # type: ignore[arg-type]
         else:
-            await serve_app_worker(app, config, access_log=access_log)
+            log_requests = run_settings(access_log=access_log)["access_log"]
+            await serve_app_worker(app, config, access_log=log_requests)
         return
     # aiohttp Applications are callable too: the primary need not import aiohttp to check.
     if not callable(app):
@@ -128,23 +132,34 @@ async def supervise(
 def run(
     app: AppTarget,
     *,
-    use_uvloop: bool = True,
+    use_uvloop: bool | None = None,
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
-    access_log: bool = False,
+    access_log: bool | None = None,
+    log_level: str | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
     """Run :func:`serve` to completion in a new event loop, like ``aiohttp.web.run_app``.
 
-    Uses uvloop when it is installed and ``use_uvloop`` is true. Exits the process with status 1
-    and a one-line error if the cluster cannot run.
+    Uses uvloop when it is installed and ``use_uvloop`` is true. Exits the process with a
+    one-line error: status 2 for a bad option, 1 if the cluster cannot run. ``use_uvloop``,
+    ``access_log`` and ``log_level`` (the level of aiocluster's log handler, when the program
+    set up none) left None come from ``$AIOCLUSTER_NO_UVLOOP``, ``$AIOCLUSTER_ACCESS_LOG`` and
+    ``$AIOCLUSTER_LOG_LEVEL``, like the command line's.
 
     Workers start by ``config.start``: on Linux by default ``fork``, from a zygote forked here,
     before any event loop runs, that loads the application once; workers are forked from it
     and go on from this call as workers. ``start="spawn"`` starts each as a new interpreter.
     """
     try:
+        own = run_settings(
+            no_uvloop=None if use_uvloop is None else not use_uvloop,
+            access_log=access_log,
+            log_level=log_level,
+        )
+        set_level(own["log_level"])
+        use_uvloop = not own["no_uvloop"]
         if config is None:
             config = ClusterConfig.build(**options)
         if is_zygote():
@@ -158,7 +173,11 @@ def run(
         # application configures at import wins over ours, in the zygote and every worker.
         ensure_logging()
         cluster = serve(
-            app, protocol=protocol, on_primary=on_primary, access_log=access_log, config=config
+            app,
+            protocol=protocol,
+            on_primary=on_primary,
+            access_log=own["access_log"],
+            config=config,
         )
         _run_loop(cluster, use_uvloop=use_uvloop)
     except ConfigError as err:

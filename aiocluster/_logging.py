@@ -29,15 +29,16 @@ _level = logging.INFO
 _handler: logging.Handler | None = None
 
 
-def set_level(level: int) -> None:
-    """The level :func:`ensure_logging` gives the root logger (``--log-level``)."""
+def set_level(level: int | str) -> None:
+    """The level :func:`ensure_logging` gives the root logger (``--log-level``): a number or
+    a name in any case (``"warning"``)."""
     global _level
-    _level = level
+    _level = logging.getLevelName(level.upper()) if isinstance(level, str) else level
     if _handler is not None:
         logging.getLogger().setLevel(level)
 
 
-def ensure_logging(level: int | None = None) -> None:
+def ensure_logging(level: int | str | None = None) -> None:
     """Send every logger's records to stderr, prefixed with the role, at the configured level.
 
     aiocluster's own lines, aiohttp's access log and the application's loggers all reach the

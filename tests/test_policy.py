@@ -147,8 +147,11 @@ def test_config_policy_default_env_and_argument(monkeypatch: pytest.MonkeyPatch)
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"policy": "roundrobin"}, "policy must be one of shared, rr, reuseport"),
-        ({"policy": "rr", "balance": "random"}, "balance must be one of round-robin, least-conn"),
+        ({"policy": "roundrobin"}, "policy='roundrobin': must be one of shared, rr, reuseport"),
+        (
+            {"policy": "rr", "balance": "random"},
+            "balance='random': must be one of round-robin, least-conn",
+        ),
         ({"policy": "shared", "sticky": True}, "sticky needs policy 'rr'"),
         ({"policy": "reuseport", "balance": "least-conn"}, "needs policy 'rr'"),
         ({"policy": "rr", "balance": "least-conn", "sticky": True}, "cannot be combined"),
@@ -161,5 +164,5 @@ def test_config_rejects_policy_options_clearly(options: dict[str, Any], message:
 
 def test_config_names_the_environment_when_it_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AIOCLUSTER_POLICY", "fast")
-    with pytest.raises(ConfigError, match=r"AIOCLUSTER_POLICY \(from the environment\)"):
+    with pytest.raises(ConfigError, match=r"AIOCLUSTER_POLICY='fast': must be one of shared, rr"):
         ClusterConfig.build(workers=1)
