@@ -20,10 +20,9 @@ from collections.abc import Callable, Coroutine
 from typing import Any, Literal
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from aiocluster.primary.handles import MAX_HANDLES
+from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
 from aiocluster.primary.listens import Listens, Phase
-from aiocluster.primary.process import Worker
+from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.starter import Starter, worker_argv
 from aiocluster.primary.supervisor import (
     RestartPolicy,
@@ -34,7 +33,7 @@ from aiocluster.primary.supervisor import (
 )
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
-from aiocluster.wire.channel import Channel, PeerNotReading, channel_pair
+from aiocluster.wire.channel import channel_pair
 from aiocluster.wire.codec import Frame
 
 __all__ = ["Cluster", "ClusterFailed"]
@@ -75,10 +74,14 @@ class Cluster:
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
         #: Live workers by id.
-        self.workers: dict[int, Worker] = {}
+        self.workers: dict[int, WorkerProcess] = {}
         #: The listening sockets, and which workers serve each (policy rr: the balancer).
         self.listens = Listens(
-            config, phase=self._phase, fail=self._fail, background=self._background
+            config,
+            phase=self._phase,
+            fail=self._fail,
+            background=self._background,
+            counted=self._counted,
         )
         #: Starts worker processes: forks of a zygote, or fresh interpreters.
         self.starter = Starter(
@@ -278,7 +281,7 @@ class Cluster:
             self.listens.close()
             await self.starter.aclose()
 
-    def _serving(self) -> list[Worker]:
+    def _serving(self) -> list[WorkerProcess]:
         """Workers that serve, or will: neither draining nor on their way out."""
         return [
             w
@@ -288,9 +291,9 @@ class Cluster:
             and w.replaces is None
         ]
 
-    async def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
+    async def _spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
         assert self._tg is not None
-        worker = Worker(self, next(self._ids), slot)
+        worker = WorkerProcess(next(self._ids), slot, on_event=self._emit)
         worker.replaces = replaces
         worker.request_limit = request_limit(
             self.config.max_requests, self.config.max_requests_jitter
@@ -300,16 +303,13 @@ class Cluster:
         env[proto.ENV_WORKER_ID] = str(worker.id)
         env[proto.ENV_WORKER_SLOT] = str(slot)
         try:
-            worker._process = await self.starter.start(worker.id, slot, env, child)
+            process = await self.starter.start(worker.id, slot, env, child)
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
-        worker._channel = Channel(
-            parent, lambda frame: self._on_frame(worker, frame), name=worker.describe(), max_fds=0
-        )
-        worker._channel.start()
+        worker.attach(process, parent, lambda frame: self._on_frame(worker, frame))
         self.workers[worker.id] = worker
         self._gone.clear()
         log.info("started %s", worker.describe())
@@ -319,33 +319,16 @@ class Cluster:
             worker.disconnect()  # started while the cluster began to stop
         return worker
 
-    async def _watch(self, worker: Worker) -> None:
-        assert worker._process is not None and worker._channel is not None
-        channel = worker._channel
-        exit_task = asyncio.create_task(worker._process.wait())
-        closed_task = asyncio.create_task(channel.wait_closed())
-        await asyncio.wait({exit_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
-        why = _cut_off_because(channel.close_reason)
-        if why is not None and not exit_task.done():
-            # Never trusted again, and maybe not even reading: it cannot be asked to leave.
-            log.error("%s %s; killing it", worker.describe(), why)
-            worker._signal(signal.SIGKILL)
-        returncode = await exit_task
-        closed_task.cancel()
-        channel.close()
+    async def _watch(self, worker: WorkerProcess) -> None:
+        returncode = await worker.watch()
         self.listens.gone(worker)
-        if worker._hang is not None:
-            worker._hang.cancel()
-        worker.state = "dead"
-        worker.returncode = returncode
-        worker._exited.set()
         self.workers.pop(worker.id, None)
         if not self.workers:
             self._gone.set()
         self._emit("exit", worker, returncode)
         self._after_exit(worker, returncode)
 
-    def _after_exit(self, worker: Worker, returncode: int) -> None:
+    def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
         how = _describe_status(returncode)
         if (
             self.config.policy == "reuseport"
@@ -379,9 +362,7 @@ class Cluster:
             log.warning("%s %s; its slot is not needed any more", worker.describe(), how)
             return
         uptime = asyncio.get_running_loop().time() - worker.started_at
-        decision = self._supervisor.exited(
-            worker.slot, listened=worker._listening.is_set(), uptime=uptime
-        )
+        decision = self._supervisor.exited(worker.slot, listened=worker.has_listened, uptime=uptime)
         if decision.action == "halt":
             self._fail(
                 f"{worker.describe()} {how} before it was listening, and {decision.reason}: "
@@ -389,7 +370,7 @@ class Cluster:
             )
             return
         when = "at once" if not decision.delay else f"in {decision.delay:g}s"
-        what = "unexpectedly" if worker._listening.is_set() else "before it was listening"
+        what = "unexpectedly" if worker.has_listened else "before it was listening"
         log.warning(
             "%s %s %s; restarting slot %d %s (%s)",
             worker.describe(),
@@ -432,20 +413,20 @@ class Cluster:
         log.info("reload complete: %d workers replaced", len(old))
         return True
 
-    async def _replace(self, old: Worker, reason: str) -> bool:
+    async def _replace(self, old: WorkerProcess, reason: str) -> bool:
         """Start a worker in ``old``'s slot; once it listens, drain ``old``. False if it fails."""
         if old.retiring is not None or old.state in ("disconnecting", "dead") or self.stopping:
             return old.state != "dead" or self.stopping
         old.retiring = reason
         log.info("replacing %s (%s): starting its successor", old.describe(), reason)
         new = await self._spawn(old.slot, replaces=old)
-        listening = asyncio.create_task(new._listening.wait())
-        exited = asyncio.create_task(new._exited.wait())
+        listening = asyncio.create_task(new.wait_listening())
+        exited = asyncio.create_task(new.wait())
         stopping = asyncio.create_task(self._stop.wait())
         await asyncio.wait({listening, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
         for task in (listening, exited, stopping):
             task.cancel()
-        if not new._listening.is_set() or self.stopping:
+        if not new.has_listened or self.stopping:
             old.retiring = None
             new.replaces = None
             if old.state == "dead" and not self.stopping and self._tg is not None:
@@ -457,32 +438,21 @@ class Cluster:
         old.disconnect()
         return True
 
-    def _retire(self, worker: Worker, reason: str) -> None:
+    def _retire(self, worker: WorkerProcess, reason: str) -> None:
         """Recycle ``worker`` (max requests, max memory) without losing a request."""
         if worker.retiring is None and worker.state == "listening" and self._tg is not None:
             self._tg.create_task(self._replace(worker, reason))
 
-    def _arm_hang_timer(self, worker: Worker) -> None:
-        if self.config.timeout <= 0 or worker.state == "dead":
-            return
-        if worker._hang is not None:
-            worker._hang.cancel()
-        loop = asyncio.get_running_loop()
-        worker._hang = loop.call_later(self.config.timeout, self._hung, worker)
-
-    def _hung(self, worker: Worker) -> None:
-        worker._hang = None
-        if worker.state == "dead":
-            return
+    def _hung(self, worker: WorkerProcess) -> None:
         log.error(
             "%s is hung: no heartbeat from its event loop for %gs; dumping its stack, killing it",
             worker.describe(),
             self.config.timeout,
         )
-        worker._signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
+        worker.signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
         # The dump is written by a C signal handler as soon as the signal lands; half a second
         # is ample for it before the kill.
-        asyncio.get_running_loop().call_later(0.5, worker._signal, signal.SIGKILL)
+        asyncio.get_running_loop().call_later(0.5, worker.signal, signal.SIGKILL)
 
     def _fail(self, reason: str) -> None:
         if self._failure is None:
@@ -506,26 +476,21 @@ class Cluster:
         reason = "stop forced" if self._force.is_set() else f"still running after {timeout:g}s"
         for worker in list(self.workers.values()):
             log.warning("killing %s: %s", worker.describe(), reason)
-            worker._signal(signal.SIGKILL)
+            worker.signal(signal.SIGKILL)
         await gone
         if self._force.is_set() and self._failure is None:
             self._failure = "stop forced: workers were killed without draining"
 
     # -- channel requests --------------------------------------------------------------------
 
-    def _on_frame(self, worker: Worker, frame: Frame) -> None:
+    def _on_frame(self, worker: WorkerProcess, frame: Frame) -> None:
         msg = frame.msg
         act = msg["act"]
         if act == proto.QUERY_SERVER:
             self.listens.query(worker, frame)
         elif act == proto.ONLINE:
-            if worker._announced:
-                raise ProtocolError(f"{worker.describe()} sent 'online' twice")
-            worker._announced = True
-            if worker.state == "starting":
-                worker.state = "online"
-            assert worker._channel is not None
-            worker._channel.reply(
+            worker.came_online()
+            worker.reply(
                 frame,
                 {
                     "graceful_timeout": self.config.graceful_timeout,
@@ -534,21 +499,14 @@ class Cluster:
                     **self.listens.settings(),
                 },
             )
-            self._arm_hang_timer(worker)
+            worker.arm_hang_timer(self.config.timeout, self._hung)
             self._emit("online", worker)
         elif act == proto.LISTENING:
             address = _require_address(msg)
-            if address in worker.listening:
+            if not worker.started_listening(address):
                 return  # said twice: once is enough
-            if len(worker.listening) >= MAX_HANDLES:
-                # Servers from create_server() never report their close: forget the oldest.
-                del worker.listening[0]
-            worker.listening.append(address)
             self.listens.joined(worker, msg)
             log.info("%s listening on %s", worker.describe(), address)
-            if worker.state in ("starting", "online"):
-                worker.state = "listening"
-            worker._listening.set()
             self._supervisor.listening()
             self._emit("listening", worker, address)
             self._check_ready()
@@ -559,8 +517,7 @@ class Cluster:
         elif act == proto.CLOSE:
             address = _require_address(msg)
             log.debug("%s closed %s", worker.describe(), address)
-            if address in worker.listening:
-                worker.listening.remove(address)
+            worker.stopped_listening(address)
             self.listens.left(worker, address, msg)
         elif act == proto.LOAD:
             self.listens.load_report(worker, msg)
@@ -583,14 +540,14 @@ class Cluster:
             )
         return self.listens.drain_slot(slot)
 
-    def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
+    def _on_heartbeat(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         stats = {
             key: value
             for key in ("requests", "connections", "rss", "lag")
             if (value := proto.optional_number(msg, key)) is not None
         }
-        self._arm_hang_timer(worker)
-        worker.stats = stats
+        worker.arm_hang_timer(self.config.timeout, self._hung)
+        worker.record_stats(stats)
         requests = int(worker.stats.get("requests", 0))
         if worker.request_limit and requests >= worker.request_limit:
             self._retire(worker, f"served {requests} requests, limit {worker.request_limit}")
@@ -608,6 +565,11 @@ class Cluster:
         if self.stopping:
             return "stopping"
         return "serving" if self._ready.is_set() else "starting"
+
+    def _counted(self, worker_id: int, total: int) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.count_accepted(total)
 
     def _background(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._tg is not None
@@ -646,18 +608,6 @@ def _require_address(msg: dict[str, Any]) -> str:
     if len(address) > _MAX_ADDRESS:
         raise ProtocolError(f"{msg['act']!r}: address of {len(address)} characters")
     return address
-
-
-def _cut_off_because(reason: BaseException | None) -> str | None:
-    """Why a worker whose channel closed for ``reason`` must be killed; None if it need not."""
-    if isinstance(reason, ProtocolError):
-        return f"broke the channel protocol ({reason})"
-    if isinstance(reason, PeerNotReading):
-        return f"stopped reading its channel ({reason})"
-    if reason is not None and not isinstance(reason, ChannelClosed):
-        # Our handler failed on its message: whatever it sent, it is cut off like a violation.
-        return f"sent a message the primary could not handle ({type(reason).__name__}: {reason})"
-    return None  # it closed its end (or we did): it is on its way out
 
 
 def _describe_status(returncode: int) -> str:
