@@ -25,6 +25,7 @@ from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.starter import Starter, worker_argv
 from aiocluster.primary.supervisor import (
+    ExitFacts,
     RestartPolicy,
     Supervisor,
     free_slot,
@@ -329,59 +330,38 @@ class Cluster:
         self._after_exit(worker, returncode)
 
     def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
-        how = _describe_status(returncode)
-        if (
-            self.config.policy == "reuseport"
-            and worker.slot > self._size
-            and not self.stopping
-            and not any(w.slot == worker.slot for w in self.workers.values())
-        ):
-            # Scaled down: serve what the kernel queued on the slot's socket, then close it.
+        verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
+        if verdict.drain_slot:
             handed = self.drain_slot(worker.slot)
             log.info(
                 "slot %d retired: %d queued connections handed to other workers",
                 worker.slot,
                 handed,
             )
-        if self._stop.is_set() or worker.exited_after_disconnect:
-            log.info("%s %s", worker.describe(), how)
+        if verdict.action == "halt":
+            self._fail(verdict.message)
             return
-        if worker.retiring is not None:
-            log.warning("%s %s while its successor starts", worker.describe(), how)
-            return
-        if worker.replaces is not None:
-            # A replacement that never listened: the worker it was to replace keeps serving.
-            log.error(
-                "%s %s before it was listening; %s keeps serving",
-                worker.describe(),
-                how,
-                worker.replaces.describe(),
-            )
-            return
-        if worker.slot > self._size or any(w.slot == worker.slot for w in self._serving()):
-            log.warning("%s %s; its slot is not needed any more", worker.describe(), how)
-            return
-        uptime = asyncio.get_running_loop().time() - worker.started_at
-        decision = self._supervisor.exited(worker.slot, listened=worker.has_listened, uptime=uptime)
-        if decision.action == "halt":
-            self._fail(
-                f"{worker.describe()} {how} before it was listening, and {decision.reason}: "
-                "the application cannot start (see its error above); stopping the cluster"
-            )
-            return
-        when = "at once" if not decision.delay else f"in {decision.delay:g}s"
-        what = "unexpectedly" if worker.has_listened else "before it was listening"
-        log.warning(
-            "%s %s %s; restarting slot %d %s (%s)",
-            worker.describe(),
-            how,
-            what,
-            worker.slot,
-            when,
-            decision.reason,
+        log.log(verdict.level, "%s", verdict.message)
+        if verdict.action == "restart":
+            assert self._tg is not None
+            self._tg.create_task(self._restart(worker.slot, verdict.delay))
+
+    def _exit_facts(self, worker: WorkerProcess, returncode: int) -> ExitFacts:
+        return ExitFacts(
+            name=worker.describe(),
+            how=_describe_status(returncode),
+            slot=worker.slot,
+            listened=worker.has_listened,
+            uptime=asyncio.get_running_loop().time() - worker.started_at,
+            size=self._size,
+            stopping=self.stopping,
+            expected=worker.exited_after_disconnect,
+            retiring=worker.retiring is not None,
+            replacing=worker.replaces.describe() if worker.replaces is not None else None,
+            slot_taken=any(w.slot == worker.slot for w in self.workers.values()),
+            slot_served=any(w.slot == worker.slot for w in self._serving()),
+            reuseport=self.config.policy == "reuseport",
         )
-        assert self._tg is not None
-        self._tg.create_task(self._restart(worker.slot, decision.delay))
 
     async def _restart(self, slot: int, delay: float) -> None:
         if delay:
