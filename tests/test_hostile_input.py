@@ -260,7 +260,7 @@ class Fixture:
         self.cluster.workers[self.worker.id] = self.worker
 
     def feed(self, msg: dict[str, Any]) -> None:
-        self.cluster._on_frame(self.worker, Frame({"seq": 1, **msg}))
+        self.cluster.dispatcher.dispatch(self.worker, Frame({"seq": 1, **msg}))
         self.drain()
 
     def make_ready(self) -> None:

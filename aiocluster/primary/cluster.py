@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
 import itertools
 import logging
 import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
+from aiocluster._errors import AioclusterError, ConfigError
+from aiocluster.primary.dispatch import Dispatcher
+from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.starter import Starter, worker_argv
@@ -29,27 +30,19 @@ from aiocluster.primary.supervisor import (
     RestartPolicy,
     Supervisor,
     free_slot,
-    heartbeat_interval,
     request_limit,
 )
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.channel import channel_pair
-from aiocluster.wire.codec import Frame
 
-__all__ = ["Cluster", "ClusterFailed"]
+__all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
 log = logging.getLogger("aiocluster.primary")
-
-Event = Literal["fork", "online", "listening", "disconnect", "exit", "message"]
-EVENTS: tuple[Event, ...] = ("fork", "online", "listening", "disconnect", "exit", "message")
 
 
 class ClusterFailed(AioclusterError):
     """The cluster stopped because it could not run: a bind error or a worker that cannot boot."""
-
-
-Callback = Callable[..., Any]
 
 
 class Cluster:
@@ -100,7 +93,16 @@ class Cluster:
         self._reload_lock = asyncio.Lock()
         self._reload_again = False
         self._ids = itertools.count(1)
-        self._callbacks: dict[Event, list[Callback]] = {e: [] for e in EVENTS}
+        self._events = Events(self._background)
+        #: Answers every worker's frames (``dispatch(worker, frame)``).
+        self.dispatcher = Dispatcher(
+            config,
+            self.listens,
+            self._events,
+            binds=lambda: self.binds,
+            listened=self._listened,
+            retire=self._retire,
+        )
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._ready = asyncio.Event()
@@ -114,9 +116,7 @@ class Cluster:
 
     def on(self, event: Event, callback: Callback) -> None:
         """Call ``callback`` on every ``event`` (see the class docstring for the arguments)."""
-        if event not in self._callbacks:
-            raise ConfigError(f"unknown cluster event {event!r}; expected one of {EVENTS}")
-        self._callbacks[event].append(callback)
+        self._events.on(event, callback)
 
     async def start(self) -> None:
         """Start the workers; returns at once (see :meth:`wait_ready` and :meth:`wait`)."""
@@ -294,7 +294,7 @@ class Cluster:
 
     async def _spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
         assert self._tg is not None
-        worker = WorkerProcess(next(self._ids), slot, on_event=self._emit)
+        worker = WorkerProcess(next(self._ids), slot, on_event=self._events.emit)
         worker.replaces = replaces
         worker.request_limit = request_limit(
             self.config.max_requests, self.config.max_requests_jitter
@@ -310,11 +310,11 @@ class Cluster:
             raise
         finally:
             child.close()
-        worker.attach(process, parent, lambda frame: self._on_frame(worker, frame))
+        worker.attach(process, parent, lambda frame: self.dispatcher.dispatch(worker, frame))
         self.workers[worker.id] = worker
         self._gone.clear()
         log.info("started %s", worker.describe())
-        self._emit("fork", worker)
+        self._events.emit("fork", worker)
         self._tg.create_task(self._watch(worker), name=f"aiocluster-watch-{worker.id}")
         if self._stop.is_set():
             worker.disconnect()  # started while the cluster began to stop
@@ -326,7 +326,7 @@ class Cluster:
         self.workers.pop(worker.id, None)
         if not self.workers:
             self._gone.set()
-        self._emit("exit", worker, returncode)
+        self._events.emit("exit", worker, returncode)
         self._after_exit(worker, returncode)
 
     def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
@@ -423,17 +423,6 @@ class Cluster:
         if worker.retiring is None and worker.state == "listening" and self._tg is not None:
             self._tg.create_task(self._replace(worker, reason))
 
-    def _hung(self, worker: WorkerProcess) -> None:
-        log.error(
-            "%s is hung: no heartbeat from its event loop for %gs; dumping its stack, killing it",
-            worker.describe(),
-            self.config.timeout,
-        )
-        worker.signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
-        # The dump is written by a C signal handler as soon as the signal lands; half a second
-        # is ample for it before the kill.
-        asyncio.get_running_loop().call_later(0.5, worker.signal, signal.SIGKILL)
-
     def _fail(self, reason: str) -> None:
         if self._failure is None:
             self._failure = reason
@@ -461,49 +450,6 @@ class Cluster:
         if self._force.is_set() and self._failure is None:
             self._failure = "stop forced: workers were killed without draining"
 
-    # -- channel requests --------------------------------------------------------------------
-
-    def _on_frame(self, worker: WorkerProcess, frame: Frame) -> None:
-        msg = frame.msg
-        act = msg["act"]
-        if act == proto.QUERY_SERVER:
-            self.listens.query(worker, frame)
-        elif act == proto.ONLINE:
-            worker.came_online()
-            worker.reply(
-                frame,
-                {
-                    "graceful_timeout": self.config.graceful_timeout,
-                    "heartbeat": heartbeat_interval(self.config.timeout),
-                    "binds": [a.to_wire() for a in self.binds],
-                    **self.listens.settings(),
-                },
-            )
-            worker.arm_hang_timer(self.config.timeout, self._hung)
-            self._emit("online", worker)
-        elif act == proto.LISTENING:
-            address = _require_address(msg)
-            if not worker.started_listening(address):
-                return  # said twice: once is enough
-            self.listens.joined(worker, msg)
-            log.info("%s listening on %s", worker.describe(), address)
-            self._supervisor.listening()
-            self._emit("listening", worker, address)
-            self._check_ready()
-        elif act == proto.HEARTBEAT:
-            self._on_heartbeat(worker, msg)
-        elif act == proto.MESSAGE:
-            self._emit("message", worker, msg.get("data"))
-        elif act == proto.CLOSE:
-            address = _require_address(msg)
-            log.debug("%s closed %s", worker.describe(), address)
-            worker.stopped_listening(address)
-            self.listens.left(worker, address, msg)
-        elif act == proto.LOAD:
-            self.listens.load_report(worker, msg)
-        else:
-            raise ProtocolError(f"unknown act {act!r} from {worker.describe()}")
-
     # -- scheduling policies -----------------------------------------------------------------
 
     def drain_slot(self, slot: int) -> int:
@@ -520,20 +466,9 @@ class Cluster:
             )
         return self.listens.drain_slot(slot)
 
-    def _on_heartbeat(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
-        stats = {
-            key: value
-            for key in ("requests", "connections", "rss", "lag")
-            if (value := proto.optional_number(msg, key)) is not None
-        }
-        worker.arm_hang_timer(self.config.timeout, self._hung)
-        worker.record_stats(stats)
-        requests = int(worker.stats.get("requests", 0))
-        if worker.request_limit and requests >= worker.request_limit:
-            self._retire(worker, f"served {requests} requests, limit {worker.request_limit}")
-        rss = int(worker.stats.get("rss", 0))
-        if self.config.max_memory and rss > self.config.max_memory:
-            self._retire(worker, f"uses {rss >> 20} MiB, limit {self.config.max_memory >> 20} MiB")
+    def _listened(self, worker: WorkerProcess) -> None:
+        self._supervisor.listening()
+        self._check_ready()
 
     def _check_ready(self) -> None:
         listening = [w for w in self.workers.values() if w.state == "listening"]
@@ -551,43 +486,12 @@ class Cluster:
         if worker is not None:
             worker.count_accepted(total)
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        assert self._tg is not None
+    def _background(self, coro: Coroutine[Any, Any, None]) -> bool:
+        """Run ``coro`` for the cluster's life; False (not run) once the cluster has stopped."""
+        if self._tg is None:
+            return False
         self._tg.create_task(coro)
-
-    # -- events ------------------------------------------------------------------------------
-
-    def _emit(self, event: Event, *args: Any) -> None:
-        for callback in self._callbacks[event]:
-            try:
-                result = callback(*args)
-                if inspect.isawaitable(result):
-                    if self._tg is not None:
-                        self._tg.create_task(_guard(event, result))
-                    else:
-                        close = getattr(result, "close", None)
-                        if close is not None:
-                            close()
-            except Exception:
-                log.exception("%r callback %r failed", event, callback)
-
-
-async def _guard(event: str, awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("%r callback failed", event)
-
-
-# A sockname is ``host:port`` or ``unix:`` and a path of at most 100 bytes.
-_MAX_ADDRESS = 300
-
-
-def _require_address(msg: dict[str, Any]) -> str:
-    address = proto.require(msg, "address", str)
-    if len(address) > _MAX_ADDRESS:
-        raise ProtocolError(f"{msg['act']!r}: address of {len(address)} characters")
-    return address
+        return True
 
 
 def _describe_status(returncode: int) -> str:

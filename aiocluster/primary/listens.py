@@ -47,12 +47,13 @@ class Listens:
         *,
         phase: Callable[[], Phase],
         fail: Callable[[str], None],
-        background: Callable[[Coroutine[Any, Any, None]], None],
+        background: Callable[[Coroutine[Any, Any, None]], bool],
         counted: Callable[[int, int], None] | None = None,
     ) -> None:
         """``phase()`` says where the cluster is (:data:`Phase`); ``fail(reason)`` stops the
-        cluster as failed; ``background(coro)`` runs a task for the cluster's life;
-        ``counted(worker_id, total)`` hears a worker's count of accepted connections."""
+        cluster as failed; ``background(coro)`` runs a task for the cluster's life (False:
+        that life is over); ``counted(worker_id, total)`` hears a worker's count of accepted
+        connections."""
         self.config = config
         self.handles = HandleTable()
         #: Hands out the connections the primary accepts (policy rr); counts every worker's.
@@ -90,7 +91,9 @@ class Listens:
         if needs_resolver(address) and not self.handles.exists(address, index, slot=slot):
             # A host name: resolving it may wait on DNS, which must not stall this loop (the
             # heartbeats of every worker are read here).
-            self._background(self._resolve_and_listen(worker, frame, address, index, backlog))
+            resolving = self._resolve_and_listen(worker, frame, address, index, backlog)
+            if not self._background(resolving):
+                resolving.close()
             return
         self._listen(worker, frame, address, index, backlog, None)
 

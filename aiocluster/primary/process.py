@@ -198,12 +198,12 @@ class WorkerProcess:
         """It has accepted ``total`` connections so far (pushed by the balancer)."""
         self._accepted = total
 
-    def arm_hang_timer(self, timeout: float, on_hang: Callable[[WorkerProcess], None]) -> None:
-        """Call ``on_hang(self)`` unless re-armed within ``timeout`` seconds (0: never)."""
+    def arm_hang_timer(self, timeout: float) -> None:
+        """Dump the stack and kill the worker unless re-armed within ``timeout`` s (0: never)."""
         if timeout <= 0 or self.state == "dead":
             return
         self.cancel_hang_timer()
-        self._hang = asyncio.get_running_loop().call_later(timeout, self._hung, on_hang)
+        self._hang = asyncio.get_running_loop().call_later(timeout, self._hung, timeout)
 
     def cancel_hang_timer(self) -> None:
         """Stop waiting for a heartbeat (it exited)."""
@@ -235,10 +235,19 @@ class WorkerProcess:
         self._exited.set()
         return returncode
 
-    def _hung(self, on_hang: Callable[[WorkerProcess], None]) -> None:
+    def _hung(self, timeout: float) -> None:
         self._hang = None
-        if self.state != "dead":
-            on_hang(self)
+        if self.state == "dead":
+            return
+        log.error(
+            "%s is hung: no heartbeat from its event loop for %gs; dumping its stack, killing it",
+            self.describe(),
+            timeout,
+        )
+        self.signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
+        # The dump is written by a C signal handler as soon as the signal lands; half a second
+        # is ample for it before the kill.
+        asyncio.get_running_loop().call_later(0.5, self.signal, signal.SIGKILL)
 
 
 #: Node's name for the primary's view of a worker: ``aiocluster.Worker``.
