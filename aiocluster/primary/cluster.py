@@ -24,6 +24,7 @@ from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.rollout import Rollout
 from aiocluster.primary.starter import Starter, worker_argv
 from aiocluster.primary.supervisor import (
     ExitFacts,
@@ -86,14 +87,21 @@ class Cluster:
         self.binds: list[Address] = list(config.binds)
         #: Restarts after crashes (and hangs), per slot.
         self.restarts: collections.Counter[int] = collections.Counter()
-        #: Rolling reloads completed.
-        self.reloads = 0
         self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
-        self._reload_lock = asyncio.Lock()
-        self._reload_again = False
+        self._stop = asyncio.Event()
         self._ids = itertools.count(1)
         self._events = Events(self._background)
+        #: Replaces workers without serving with fewer: reloads, recycling.
+        self.rollout = Rollout(
+            config.reload_batch,
+            renew=self.starter.renew,
+            serving=self._serving,
+            spawn=self._spawn,
+            refill=self._refill,
+            background=self._background,
+            stopped=self._stop,
+        )
         #: Answers every worker's frames (``dispatch(worker, frame)``).
         self.dispatcher = Dispatcher(
             config,
@@ -101,9 +109,8 @@ class Cluster:
             self._events,
             binds=lambda: self.binds,
             listened=self._listened,
-            retire=self._retire,
+            retire=self.rollout.retire,
         )
-        self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._ready = asyncio.Event()
         self._gone = asyncio.Event()  # set while no worker process is alive
@@ -213,21 +220,16 @@ class Cluster:
         cluster never serves with fewer workers. If a new worker fails to start, the reload stops
         there and the remaining old workers keep serving (returns False).
         """
-        if self._reload_lock.locked():
-            self._reload_again = True  # a reload asked for during one: run once more after
-            log.info("reload already in progress; another will follow it")
-            return False
-        async with self._reload_lock:
-            while True:
-                self._reload_again = False
-                ok = await self._reload_once()
-                if not ok or not self._reload_again or self.stopping:
-                    return ok
+        return await self.rollout.reload()
 
     def request_reload(self) -> None:
         """Start :meth:`reload` in the background (what SIGHUP does)."""
-        if self._tg is not None and not self.stopping:
-            self._tg.create_task(self.reload())
+        self.rollout.request_reload()
+
+    @property
+    def reloads(self) -> int:
+        """Rolling reloads completed."""
+        return self.rollout.reloads
 
     @property
     def stopping(self) -> bool:
@@ -373,55 +375,10 @@ class Cluster:
         self.restarts[slot] += 1
         await self._spawn(slot)
 
-    async def _reload_once(self) -> bool:
-        if not await self.starter.renew():
-            log.error("reload stopped: the program failed to load; the old workers keep serving")
-            return False
-        old = sorted(self._serving(), key=lambda w: w.slot)
-        batch = self.config.reload_batch
-        log.info("reload: replacing %d workers, %d at a time", len(old), batch)
-        for i in range(0, len(old), batch):
-            results = await asyncio.gather(
-                *(self._replace(w, "reload") for w in old[i : i + batch])
-            )
-            if self.stopping:
-                return False
-            if not all(results):
-                log.error("reload stopped: a new worker could not start; the old ones keep serving")
-                return False
-        self.reloads += 1
-        log.info("reload complete: %d workers replaced", len(old))
-        return True
-
-    async def _replace(self, old: WorkerProcess, reason: str) -> bool:
-        """Start a worker in ``old``'s slot; once it listens, drain ``old``. False if it fails."""
-        if old.retiring is not None or old.state in ("disconnecting", "dead") or self.stopping:
-            return old.state != "dead" or self.stopping
-        old.retiring = reason
-        log.info("replacing %s (%s): starting its successor", old.describe(), reason)
-        new = await self._spawn(old.slot, replaces=old)
-        listening = asyncio.create_task(new.wait_listening())
-        exited = asyncio.create_task(new.wait())
-        stopping = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({listening, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (listening, exited, stopping):
-            task.cancel()
-        if not new.has_listened or self.stopping:
-            old.retiring = None
-            new.replaces = None
-            if old.state == "dead" and not self.stopping and self._tg is not None:
-                # The old worker died meanwhile and its successor failed: refill the slot.
-                self._after_exit(old, old.returncode or 0)
-            return False
-        new.replaces = None
-        log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)
-        old.disconnect()
-        return True
-
-    def _retire(self, worker: WorkerProcess, reason: str) -> None:
-        """Recycle ``worker`` (max requests, max memory) without losing a request."""
-        if worker.retiring is None and worker.state == "listening" and self._tg is not None:
-            self._tg.create_task(self._replace(worker, reason))
+    def _refill(self, worker: WorkerProcess) -> None:
+        """``worker`` died while its successor failed to start: its slot needs a worker."""
+        if self._tg is not None:
+            self._after_exit(worker, worker.returncode or 0)
 
     def _fail(self, reason: str) -> None:
         if self._failure is None:
