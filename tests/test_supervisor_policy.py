@@ -12,6 +12,7 @@ from aiocluster.primary.supervisor import (
     ExitFacts,
     RestartPolicy,
     Supervisor,
+    describe_exit,
     free_slot,
     heartbeat_interval,
     request_limit,
@@ -86,6 +87,12 @@ def test_request_limit_with_jitter() -> None:
     assert request_limit(50, 0, rng) == 50
 
 
+def test_describe_exit() -> None:
+    assert describe_exit(0) == "exited with code 0"
+    assert describe_exit(-15) == "was killed by SIGTERM"
+    assert describe_exit(-200) == "was killed by signal 200"
+
+
 def test_free_slot() -> None:
     assert free_slot(set()) == 1
     assert free_slot({1, 2, 4}) == 3
@@ -94,9 +101,7 @@ def test_free_slot() -> None:
 
 # --- what to do about an exit -------------------------------------------------------------------
 
-CRASH = ExitFacts(
-    name="worker 3 (pid 99)", how="exited with code 1", slot=2, listened=True, uptime=60, size=2
-)
+CRASH = ExitFacts(name="worker 3 (pid 99)", returncode=1, slot=2, listened=True, uptime=60, size=2)
 
 
 def facts(**changes: object) -> ExitFacts:
@@ -155,7 +160,7 @@ def test_an_unexpected_exit_restarts_with_backoff() -> None:
 
 def test_boot_failures_halt_the_cluster() -> None:
     sup = Supervisor(RestartPolicy(max_boot_failures=2))
-    boot = facts(listened=False, uptime=0.1, how="was killed by SIGKILL")
+    boot = facts(listened=False, uptime=0.1, returncode=-9)
     first = sup.decide(boot)
     assert first.action == "restart"
     assert "was killed by SIGKILL before it was listening; restarting" in first.message

@@ -12,7 +12,6 @@ import collections
 import contextlib
 import itertools
 import logging
-import os
 import signal
 import socket
 from collections.abc import Coroutine
@@ -25,6 +24,7 @@ from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.rollout import Rollout
+from aiocluster.primary.snapshot import snapshot
 from aiocluster.primary.starter import Starter, worker_argv
 from aiocluster.primary.supervisor import (
     ExitFacts,
@@ -33,9 +33,7 @@ from aiocluster.primary.supervisor import (
     free_slot,
     request_limit,
 )
-from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
-from aiocluster.wire.channel import channel_pair
 
 __all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
@@ -152,37 +150,7 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the cluster for ``aiocluster status`` and the admin endpoint."""
-        now = asyncio.get_running_loop().time()
-        workers = [
-            {
-                "id": w.id,
-                "slot": w.slot,
-                "pid": w.pid,
-                "state": w.state,
-                "uptime": round(now - w.started_at, 3),
-                "restarts": self.restarts[w.slot],
-                "requests": int(w.stats.get("requests", 0)),
-                "connections": int(w.stats.get("connections", 0)),
-                "rss": int(w.stats.get("rss", 0)),
-                "lag": w.stats.get("lag", 0.0),
-                "accepted": w.accepted,
-                "listening": list(w.listening),
-            }
-            for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.id))
-        ]
-        return {
-            "size": self._size,
-            "listening": sum(1 for w in self.workers.values() if w.state == "listening"),
-            "ready": self.is_ready(),
-            "stopping": self.stopping,
-            "reloads": self.reloads,
-            "restarts": sum(self.restarts.values()),
-            "uptime": round(now - self.started_at, 3),
-            "binds": [str(a) for a in self.binds],
-            "start": self.starter.method,
-            "zygote": self.starter.zygote_pid,
-            "workers": workers,
-        }
+        return snapshot(self, asyncio.get_running_loop().time())
 
     def is_ready(self) -> bool:
         """True while at least :attr:`size` workers are listening and no stop was asked for."""
@@ -301,18 +269,8 @@ class Cluster:
         worker.request_limit = request_limit(
             self.config.max_requests, self.config.max_requests_jitter
         )
-        parent, child = channel_pair()
-        env = dict(os.environ)
-        env[proto.ENV_WORKER_ID] = str(worker.id)
-        env[proto.ENV_WORKER_SLOT] = str(slot)
-        try:
-            process = await self.starter.start(worker.id, slot, env, child)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        worker.attach(process, parent, lambda frame: self.dispatcher.dispatch(worker, frame))
+        process, sock = await self.starter.launch(worker.id, slot)
+        worker.attach(process, sock, lambda frame: self.dispatcher.dispatch(worker, frame))
         self.workers[worker.id] = worker
         self._gone.clear()
         log.info("started %s", worker.describe())
@@ -351,7 +309,7 @@ class Cluster:
     def _exit_facts(self, worker: WorkerProcess, returncode: int) -> ExitFacts:
         return ExitFacts(
             name=worker.describe(),
-            how=_describe_status(returncode),
+            returncode=returncode,
             slot=worker.slot,
             listened=worker.has_listened,
             uptime=asyncio.get_running_loop().time() - worker.started_at,
@@ -449,13 +407,3 @@ class Cluster:
             return False
         self._tg.create_task(coro)
         return True
-
-
-def _describe_status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with code {returncode}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,6 +19,7 @@ __all__ = [
     "RestartPolicy",
     "Supervisor",
     "Verdict",
+    "describe_exit",
     "free_slot",
     "heartbeat_interval",
     "request_limit",
@@ -51,9 +53,10 @@ class Decision:
 class ExitFacts:
     """What the primary knows when a worker has exited (the worker no longer counted live)."""
 
-    #: How logs name the worker (``worker 3 (pid 1234)``) and how it ended (``exited with code 1``).
+    #: How logs name the worker (``worker 3 (pid 1234)``), and its exit status (negative: the
+    #: signal that killed it).
     name: str
-    how: str
+    returncode: int
     slot: int
     #: It reported a listen at some point; how long it ran.
     listened: bool
@@ -125,7 +128,7 @@ class Supervisor:
             and not facts.stopping
             and not facts.slot_taken
         )
-        ended = f"{facts.name} {facts.how}"
+        ended = f"{facts.name} {describe_exit(facts.returncode)}"
         if facts.stopping or facts.expected:
             return Verdict("ignore", ended, logging.INFO, drain_slot=drain)
         if facts.retiring:
@@ -177,6 +180,17 @@ def request_limit(max_requests: int, jitter: int, rng: random.Random | None = No
     if max_requests <= 0:
         return 0
     return max_requests + ((rng or random).randint(0, jitter) if jitter > 0 else 0)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 1``, ``was killed by SIGKILL``: how logs say a worker ended."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
 
 
 def free_slot(used: set[int]) -> int:
