@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import signal
 import socket
@@ -21,6 +20,7 @@ from aiocluster._config import ClusterConfig
 from aiocluster._errors import AioclusterError, ConfigError
 from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
+from aiocluster.primary.fleet import Fleet
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.rollout import Rollout
@@ -31,7 +31,6 @@ from aiocluster.primary.supervisor import (
     RestartPolicy,
     Supervisor,
     free_slot,
-    request_limit,
 )
 from aiocluster.wire.address import Address
 
@@ -66,15 +65,13 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
-        #: Live workers by id.
-        self.workers: dict[int, WorkerProcess] = {}
         #: The listening sockets, and which workers serve each (policy rr: the balancer).
         self.listens = Listens(
             config,
             phase=self._phase,
             fail=self._fail,
             background=self._background,
-            counted=self._counted,
+            counted=lambda worker_id, total: self.fleet.count_accepted(worker_id, total),
         )
         #: Starts worker processes: forks of a zygote, or fresh interpreters.
         self.starter = Starter(
@@ -88,14 +85,35 @@ class Cluster:
         self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
         self._stop = asyncio.Event()
-        self._ids = itertools.count(1)
+        self._force = asyncio.Event()
+        self._ready = asyncio.Event()
+        self._failure: str | None = None
+        self._main: asyncio.Task[None] | None = None
+        self._tg: asyncio.TaskGroup | None = None
         self._events = Events(self._background)
+        self._build_parts(config)
+
+    def _build_parts(self, config: ClusterConfig) -> None:
+        # The parts that call back into the cluster, built once its own state exists.
+        #: The live worker processes; :attr:`workers` maps their ids to them.
+        self.fleet = Fleet(
+            config,
+            self.starter,
+            self.listens,
+            self._events,
+            dispatch=lambda worker, frame: self.dispatcher.dispatch(worker, frame),
+            background=self._background,
+            exited=self._after_exit,
+            stopped=self._stop,
+        )
+        #: Live workers by id.
+        self.workers: dict[int, WorkerProcess] = self.fleet.workers
         #: Replaces workers without serving with fewer: reloads, recycling.
         self.rollout = Rollout(
             config.reload_batch,
             renew=self.starter.renew,
-            serving=self._serving,
-            spawn=self._spawn,
+            serving=self.fleet.serving,
+            spawn=self.fleet.spawn,
             refill=self._refill,
             background=self._background,
             stopped=self._stop,
@@ -109,13 +127,6 @@ class Cluster:
             listened=self._listened,
             retire=self.rollout.retire,
         )
-        self._force = asyncio.Event()
-        self._ready = asyncio.Event()
-        self._gone = asyncio.Event()  # set while no worker process is alive
-        self._gone.set()
-        self._failure: str | None = None
-        self._main: asyncio.Task[None] | None = None
-        self._tg: asyncio.TaskGroup | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -154,8 +165,7 @@ class Cluster:
 
     def is_ready(self) -> bool:
         """True while at least :attr:`size` workers are listening and no stop was asked for."""
-        listening = sum(1 for w in self.workers.values() if w.state == "listening")
-        return listening >= self._size and not self.stopping
+        return self.fleet.listening() >= self._size and not self.stopping
 
     @property
     def size(self) -> int:
@@ -170,7 +180,7 @@ class Cluster:
             raise AioclusterError("the cluster is not running")
         log.info("scaling from %d to %d workers", self._size, size)
         self._size = size
-        serving = sorted(self._serving(), key=lambda w: w.slot)
+        serving = sorted(self.fleet.serving(), key=lambda w: w.slot)
         for worker in serving[size:]:
             log.info("scaling down: draining %s (slot %d)", worker.describe(), worker.slot)
             self._supervisor.forget(worker.slot)
@@ -179,7 +189,7 @@ class Cluster:
         for _ in range(size - len(serving)):
             slot = free_slot(used)
             used.add(slot)
-            self._tg.create_task(self._spawn(slot))
+            self._tg.create_task(self.fleet.spawn(slot))
 
     async def reload(self) -> bool:
         """Replace every worker, ``config.reload_batch`` at a time; True once all are replaced.
@@ -244,50 +254,13 @@ class Cluster:
                 for slot in range(1, self._size + 1):
                     if self.stopping:
                         break  # stopped while the first workers started: start no more
-                    await self._spawn(slot)
+                    await self.fleet.spawn(slot)
                 await self._stop.wait()
                 await self._shutdown()
         finally:
             self._tg = None
             self.listens.close()
             await self.starter.aclose()
-
-    def _serving(self) -> list[WorkerProcess]:
-        """Workers that serve, or will: neither draining nor on their way out."""
-        return [
-            w
-            for w in self.workers.values()
-            if w.state not in ("disconnecting", "dead")
-            and w.retiring is None
-            and w.replaces is None
-        ]
-
-    async def _spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
-        assert self._tg is not None
-        worker = WorkerProcess(next(self._ids), slot, on_event=self._events.emit)
-        worker.replaces = replaces
-        worker.request_limit = request_limit(
-            self.config.max_requests, self.config.max_requests_jitter
-        )
-        process, sock = await self.starter.launch(worker.id, slot)
-        worker.attach(process, sock, lambda frame: self.dispatcher.dispatch(worker, frame))
-        self.workers[worker.id] = worker
-        self._gone.clear()
-        log.info("started %s", worker.describe())
-        self._events.emit("fork", worker)
-        self._tg.create_task(self._watch(worker), name=f"aiocluster-watch-{worker.id}")
-        if self._stop.is_set():
-            worker.disconnect()  # started while the cluster began to stop
-        return worker
-
-    async def _watch(self, worker: WorkerProcess) -> None:
-        returncode = await worker.watch()
-        self.listens.gone(worker)
-        self.workers.pop(worker.id, None)
-        if not self.workers:
-            self._gone.set()
-        self._events.emit("exit", worker, returncode)
-        self._after_exit(worker, returncode)
 
     def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
         verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
@@ -318,8 +291,8 @@ class Cluster:
             expected=worker.exited_after_disconnect,
             retiring=worker.retiring is not None,
             replacing=worker.replaces.describe() if worker.replaces is not None else None,
-            slot_taken=any(w.slot == worker.slot for w in self.workers.values()),
-            slot_served=any(w.slot == worker.slot for w in self._serving()),
+            slot_taken=self.fleet.slot_taken(worker.slot),
+            slot_served=self.fleet.slot_served(worker.slot),
             reuseport=self.config.policy == "reuseport",
         )
 
@@ -328,10 +301,10 @@ class Cluster:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
-        if self.stopping or slot > self._size or any(w.slot == slot for w in self._serving()):
+        if self.stopping or slot > self._size or self.fleet.slot_served(slot):
             return
         self.restarts[slot] += 1
-        await self._spawn(slot)
+        await self.fleet.spawn(slot)
 
     def _refill(self, worker: WorkerProcess) -> None:
         """``worker`` died while its successor failed to start: its slot needs a worker."""
@@ -352,7 +325,7 @@ class Cluster:
         # Our copies of the listening sockets go now: once the workers close theirs the
         # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
         self.listens.close_sockets()
-        gone = asyncio.create_task(self._gone.wait())
+        gone = asyncio.create_task(self.fleet.wait_gone())
         forced = asyncio.create_task(self._force.wait())
         # The workers drain for `timeout` themselves; the margin lets them exit cleanly.
         await asyncio.wait({gone, forced}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
@@ -375,7 +348,7 @@ class Cluster:
         had queued on the slot's SO_REUSEPORT sockets, hands them to the other workers, and
         closes the sockets; returns how many it handed over. Under other policies: 0.
         """
-        if any(w.slot == slot for w in self.workers.values()):
+        if self.fleet.slot_taken(slot):
             raise AioclusterError(
                 f"slot {slot} still has a worker: disconnect it and wait for its exit first"
             )
@@ -386,24 +359,19 @@ class Cluster:
         self._check_ready()
 
     def _check_ready(self) -> None:
-        listening = [w for w in self.workers.values() if w.state == "listening"]
-        if not self._ready.is_set() and len(listening) >= self._size:
+        listening = self.fleet.listening()
+        if not self._ready.is_set() and listening >= self._size:
             self._ready.set()
-            log.info("ready: %d workers listening", len(listening))
+            log.info("ready: %d workers listening", listening)
 
     def _phase(self) -> Phase:
         if self.stopping:
             return "stopping"
         return "serving" if self._ready.is_set() else "starting"
 
-    def _counted(self, worker_id: int, total: int) -> None:
-        worker = self.workers.get(worker_id)
-        if worker is not None:
-            worker.count_accepted(total)
-
-    def _background(self, coro: Coroutine[Any, Any, None]) -> bool:
+    def _background(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> bool:
         """Run ``coro`` for the cluster's life; False (not run) once the cluster has stopped."""
         if self._tg is None:
             return False
-        self._tg.create_task(coro)
+        self._tg.create_task(coro, name=name)
         return True

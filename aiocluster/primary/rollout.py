@@ -68,16 +68,12 @@ class Rollout:
     def request_reload(self) -> None:
         """Start :meth:`reload` in the background."""
         if not self._stopped.is_set():
-            coro = self.reload()
-            if not self._background(coro):
-                coro.close()
+            self._run(self.reload())
 
     def retire(self, worker: WorkerProcess, reason: str) -> None:
         """Recycle ``worker`` (max requests, max memory) without losing a request."""
         if worker.retiring is None and worker.state == "listening":
-            coro = self.replace(worker, reason)
-            if not self._background(coro):
-                coro.close()
+            self._run(self.replace(worker, reason))
 
     async def replace(self, old: WorkerProcess, reason: str) -> bool:
         """Start a worker in ``old``'s slot; once it listens, drain ``old``. False if it fails."""
@@ -104,6 +100,10 @@ class Rollout:
         log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)
         old.disconnect()
         return True
+
+    def _run(self, coro: Coroutine[Any, Any, Any]) -> None:
+        if not self._background(coro):
+            coro.close()  # the cluster has ended: nothing to replace any more
 
     async def _reload_once(self) -> bool:
         if not await self._renew():
