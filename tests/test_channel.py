@@ -44,6 +44,8 @@ class Pair:
     b: Channel
     inbox_a: Inbox
     inbox_b: Inbox
+    #: ``a``'s socket, for writing what no Channel would send.
+    raw_a: socket.socket
 
 
 @pytest.fixture
@@ -54,7 +56,7 @@ async def pair() -> AsyncIterator[Pair]:
     b = Channel(sb, inbox_b, name="b")
     a.start()
     b.start()
-    yield Pair(a, b, inbox_a, inbox_b)
+    yield Pair(a, b, inbox_a, inbox_b, sa)
     a.close()
     b.close()
     for frame in inbox_a.frames + inbox_b.frames:
@@ -187,8 +189,7 @@ async def test_descriptors_stay_with_their_frames_under_load(pair: Pair) -> None
 
 
 async def test_garbage_from_the_peer_closes_the_channel(pair: Pair) -> None:
-    raw = pair.a._sock
-    raw.send(HEADER.pack(5, 0) + b"\xff\xfe{}}")
+    pair.raw_a.send(HEADER.pack(5, 0) + b"\xff\xfe{}}")
     await asyncio.wait_for(pair.b.wait_closed(), 5)
     assert isinstance(pair.b.close_reason, ProtocolError)
     with pytest.raises(ChannelClosed):
@@ -196,7 +197,7 @@ async def test_garbage_from_the_peer_closes_the_channel(pair: Pair) -> None:
 
 
 async def test_a_huge_length_is_refused_without_reading_it(pair: Pair) -> None:
-    pair.a._sock.send(HEADER.pack(0xFFFFFFFF, 0))
+    pair.raw_a.send(HEADER.pack(0xFFFFFFFF, 0))
     await asyncio.wait_for(pair.b.wait_closed(), 5)
     assert "more than the 1048576 allowed" in str(pair.b.close_reason)
 

@@ -233,6 +233,19 @@ async def test_a_failing_dup_leaks_no_earlier_copy(
 # --- the primary's message handling -------------------------------------------------------------
 
 
+class NoProcess:
+    """The process of a worker that is never started: it never exits, signals miss it."""
+
+    pid = 0
+
+    async def wait(self) -> int:
+        await asyncio.Event().wait()
+        return 0
+
+    def send_signal(self, sig: int) -> None:
+        raise ProcessLookupError
+
+
 class Fixture:
     """A Cluster that is not started and one Worker whose channel is a socketpair end."""
 
@@ -240,15 +253,20 @@ class Fixture:
         self.cluster = _primary.Cluster(
             ClusterConfig.build(workers=1, bind=["127.0.0.1:0"], timeout=0)
         )
-        self.worker = _child.Worker(self.cluster, 1, 1)
+        self.worker = _child.WorkerProcess(1, 1, on_event=lambda *args: None)
         ours, self.peer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.peer.setblocking(False)
-        self.worker._channel = Channel(ours, lambda frame: None, name="worker 1", max_fds=0)
-        self.worker._channel.start()
+        self.worker.attach(NoProcess(), ours, lambda frame: None)
+        self.cluster.workers[self.worker.id] = self.worker
 
     def feed(self, msg: dict[str, Any]) -> None:
-        self.cluster._on_frame(self.worker, Frame({"seq": 1, **msg}))
+        self.cluster.dispatcher.dispatch(self.worker, Frame({"seq": 1, **msg}))
         self.drain()
+
+    def make_ready(self) -> None:
+        """The cluster's one worker listens: the cluster serves (a bind error is the call's)."""
+        self.feed({"act": "listening", "address": "127.0.0.1:1"})
+        assert self.cluster.is_ready()
 
     def drain(self) -> None:
         """Read (and close the descriptors of) whatever the primary answered."""
@@ -261,8 +279,8 @@ class Fixture:
                 close_fds(array.array("i", data[: len(data) - len(data) % 4]))
 
     def close(self) -> None:
-        assert self.worker._channel is not None
-        self.worker._channel.close()
+        assert self.worker.channel is not None
+        self.worker.channel.close()
         self.peer.close()
         self.cluster.listens.handles.close_all()
 
@@ -349,19 +367,21 @@ async def test_a_huge_backlog_is_capped_not_a_crash(primary: Fixture) -> None:
 async def test_a_bind_error_after_ready_fails_the_call_not_the_cluster(primary: Fixture) -> None:
     taken = socket.create_server(("127.0.0.1", 0))
     busy = {**TCP, "port": taken.getsockname()[1]}
+    starting = Fixture()
     try:
-        primary.cluster._ready.set()
+        primary.make_ready()
         primary.feed({"act": "queryServer", "address": busy, "index": 0})
         assert not primary.cluster.stopping
-        primary.cluster._ready.clear()  # while starting, the same error stops the cluster
-        primary.feed({"act": "queryServer", "address": busy, "index": 0})
-        assert primary.cluster.stopping
+        # While the cluster starts, the same error stops it.
+        starting.feed({"act": "queryServer", "address": busy, "index": 0})
+        assert starting.cluster.stopping
     finally:
+        starting.close()
         taken.close()
 
 
 async def test_a_host_idna_refuses_is_a_bind_error(primary: Fixture) -> None:
-    primary.cluster._ready.set()
+    primary.make_ready()
     primary.feed({"act": "queryServer", "address": {**TCP, "host": "x" * 70}, "index": 0})
     primary.feed({"act": "queryServer", "address": {**TCP, "host": ".."}, "index": 0})
     assert len(primary.cluster.listens.handles) == 0
@@ -427,7 +447,7 @@ def test_property_a_message_is_handled_or_is_a_protocol_error(
         fixture = Fixture()
         try:
             # Only loopback port 0 and unix paths refused before bind can get this far.
-            fixture.cluster._ready.set()
+            fixture.make_ready()
             for msg in messages:
                 with contextlib.suppress(ProtocolError):
                     fixture.feed(msg)
@@ -495,8 +515,8 @@ def test_config_binds_are_pinned() -> None:
 
 
 def test_cut_off_reasons() -> None:
-    assert "broke the channel protocol" in str(_primary._cut_off_because(ProtocolError("x")))
-    assert "stopped reading" in str(_primary._cut_off_because(PeerNotReading("x")))
-    assert "could not handle (OverflowError" in str(_primary._cut_off_because(OverflowError()))
-    assert _primary._cut_off_because(ChannelClosed("peer closed the channel")) is None
-    assert _primary._cut_off_because(None) is None
+    assert "broke the channel protocol" in str(_child.cut_off_because(ProtocolError("x")))
+    assert "stopped reading" in str(_child.cut_off_because(PeerNotReading("x")))
+    assert "could not handle (OverflowError" in str(_child.cut_off_because(OverflowError()))
+    assert _child.cut_off_because(ChannelClosed("peer closed the channel")) is None
+    assert _child.cut_off_because(None) is None

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import random
 
+import pytest
+
 from aiocluster.primary.supervisor import (
+    ExitFacts,
     RestartPolicy,
     Supervisor,
+    describe_exit,
     free_slot,
     heartbeat_interval,
     request_limit,
@@ -81,7 +87,103 @@ def test_request_limit_with_jitter() -> None:
     assert request_limit(50, 0, rng) == 50
 
 
+def test_describe_exit() -> None:
+    assert describe_exit(0) == "exited with code 0"
+    assert describe_exit(-15) == "was killed by SIGTERM"
+    assert describe_exit(-200) == "was killed by signal 200"
+
+
 def test_free_slot() -> None:
     assert free_slot(set()) == 1
     assert free_slot({1, 2, 4}) == 3
     assert free_slot({1, 2, 3}) == 4
+
+
+# --- what to do about an exit -------------------------------------------------------------------
+
+CRASH = ExitFacts(name="worker 3 (pid 99)", returncode=1, slot=2, listened=True, uptime=60, size=2)
+
+
+def facts(**changes: object) -> ExitFacts:
+    return dataclasses.replace(CRASH, **changes)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("changes", "level", "message"),
+    [
+        ({"stopping": True}, logging.INFO, "worker 3 (pid 99) exited with code 1"),
+        ({"expected": True}, logging.INFO, "worker 3 (pid 99) exited with code 1"),
+        (
+            {"retiring": True},
+            logging.WARNING,
+            "worker 3 (pid 99) exited with code 1 while its successor starts",
+        ),
+        (
+            {"replacing": "worker 1 (pid 7)", "listened": False},
+            logging.ERROR,
+            "worker 3 (pid 99) exited with code 1 before it was listening; "
+            "worker 1 (pid 7) keeps serving",
+        ),
+        (
+            {"size": 1},
+            logging.WARNING,
+            "worker 3 (pid 99) exited with code 1; its slot is not needed any more",
+        ),
+        (
+            {"slot_taken": True, "slot_served": True},
+            logging.WARNING,
+            "worker 3 (pid 99) exited with code 1; its slot is not needed any more",
+        ),
+    ],
+    ids=["stopping", "expected", "retiring", "failed-replacement", "scaled-away", "slot-served"],
+)
+def test_exits_that_restart_nothing(changes: dict[str, object], level: int, message: str) -> None:
+    sup = Supervisor()
+    verdict = sup.decide(facts(**changes))
+    assert (verdict.action, verdict.level, verdict.message) == ("ignore", level, message)
+    assert not verdict.drain_slot
+    assert sup.streaks == {} and sup.boot_failures == 0  # none of them counts as a crash
+
+
+def test_an_unexpected_exit_restarts_with_backoff() -> None:
+    sup = Supervisor(RestartPolicy(backoff_base=0.5, stable_after=10))
+    first = sup.decide(facts(uptime=1))
+    second = sup.decide(facts(uptime=1))
+    assert (first.action, first.delay, first.level) == ("restart", 0, logging.WARNING)
+    assert first.message == (
+        "worker 3 (pid 99) exited with code 1 unexpectedly; "
+        "restarting slot 2 at once (crash 1 in a row)"
+    )
+    assert second.delay == 0.5
+    assert second.message.endswith("restarting slot 2 in 0.5s (crash 2 in a row)")
+
+
+def test_boot_failures_halt_the_cluster() -> None:
+    sup = Supervisor(RestartPolicy(max_boot_failures=2))
+    boot = facts(listened=False, uptime=0.1, returncode=-9)
+    first = sup.decide(boot)
+    assert first.action == "restart"
+    assert "was killed by SIGKILL before it was listening; restarting" in first.message
+    halt = sup.decide(boot)
+    assert (halt.action, halt.level) == ("halt", logging.ERROR)
+    assert halt.message == (
+        "worker 3 (pid 99) was killed by SIGKILL before it was listening, and 2 workers in a "
+        "row exited before listening: the application cannot start (see its error above); "
+        "stopping the cluster"
+    )
+
+
+@pytest.mark.parametrize(
+    ("changes", "drain"),
+    [
+        ({}, True),
+        ({"expected": True}, True),  # scaled down: it was asked to leave
+        ({"stopping": True}, False),  # the sockets close with the cluster
+        ({"slot_taken": True}, False),  # a worker still holds the slot's sockets
+        ({"size": 3}, False),  # the slot is still wanted
+        ({"reuseport": False}, False),  # no slot has sockets of its own
+    ],
+)
+def test_a_reuseport_slot_scaled_away_is_drained(changes: dict[str, object], drain: bool) -> None:
+    verdict = Supervisor().decide(facts(**{"reuseport": True, "size": 1, **changes}))
+    assert verdict.drain_slot is drain

@@ -193,6 +193,7 @@ class Balancer:
 
     ``count_handoffs``: the per-worker counts in :attr:`accepted` come from acknowledged
     handoffs (policy rr); otherwise from what the workers report they accepted themselves.
+    ``on_count(worker_id, total)`` hears every change of a worker's count.
     """
 
     def __init__(
@@ -206,12 +207,14 @@ class Balancer:
         max_unacked: int = MAX_FDS,
         max_queued: int = 64,
         stuck_after: float = 1.0,
+        on_count: Callable[[int, int], None] | None = None,
     ) -> None:
         #: Connections accepted by each worker (by id), dead ones included.
         self.accepted: dict[int, int] = {}
         self._balance: Balance = balance
         self._sticky = sticky
         self._count_handoffs = count_handoffs
+        self._on_count = on_count
         self._max_unacked = max_unacked
         self._max_queued = max_queued
         self._stuck_after = stuck_after
@@ -245,7 +248,12 @@ class Balancer:
             peer.open_reported = open_
             peer.adopted_reported = adopted
         if not self._count_handoffs:
-            self.accepted[worker_id] = accepted
+            self._count(worker_id, accepted)
+
+    def _count(self, worker_id: int, total: int) -> None:
+        self.accepted[worker_id] = total
+        if self._on_count is not None:
+            self._on_count(worker_id, total)
 
     # -- listens -----------------------------------------------------------------------------
 
@@ -487,7 +495,7 @@ class Balancer:
         took = count - len(refused)
         peer.acked += took
         if self._count_handoffs and took:
-            self.accepted[peer.id] = self.accepted.get(peer.id, 0) + took
+            self._count(peer.id, self.accepted.get(peer.id, 0) + took)
         if refused and reply is None:
             if not peer.lost:
                 peer.lost = True

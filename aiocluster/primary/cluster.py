@@ -10,47 +10,37 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import inspect
-import itertools
 import logging
-import os
 import signal
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import Coroutine
+from typing import Any
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, ChannelClosed, ConfigError, ProtocolError
-from aiocluster._role import ENV_WORKER_ID, ENV_WORKER_SLOT
-from aiocluster.primary.handles import MAX_HANDLES
+from aiocluster._errors import AioclusterError, ConfigError
+from aiocluster.primary.dispatch import Dispatcher
+from aiocluster.primary.events import EVENTS, Callback, Event, Events
+from aiocluster.primary.fleet import Fleet
 from aiocluster.primary.listens import Listens, Phase
-from aiocluster.primary.process import Worker
+from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.rollout import Rollout
+from aiocluster.primary.snapshot import snapshot
 from aiocluster.primary.starter import Starter, worker_argv
 from aiocluster.primary.supervisor import (
+    ExitFacts,
     RestartPolicy,
     Supervisor,
     free_slot,
-    heartbeat_interval,
-    request_limit,
 )
-from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
-from aiocluster.wire.channel import Channel, PeerNotReading, channel_pair
-from aiocluster.wire.codec import Frame
 
-__all__ = ["Cluster", "ClusterFailed"]
+__all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
 log = logging.getLogger("aiocluster.primary")
-
-Event = Literal["fork", "online", "listening", "disconnect", "exit", "message"]
-EVENTS: tuple[Event, ...] = ("fork", "online", "listening", "disconnect", "exit", "message")
 
 
 class ClusterFailed(AioclusterError):
     """The cluster stopped because it could not run: a bind error or a worker that cannot boot."""
-
-
-Callback = Callable[..., Any]
 
 
 class Cluster:
@@ -75,11 +65,13 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
-        #: Live workers by id.
-        self.workers: dict[int, Worker] = {}
         #: The listening sockets, and which workers serve each (policy rr: the balancer).
         self.listens = Listens(
-            config, phase=self._phase, fail=self._fail, background=self._background
+            config,
+            phase=self._phase,
+            fail=self._fail,
+            background=self._background,
+            counted=lambda worker_id, total: self.fleet.count_accepted(worker_id, total),
         )
         #: Starts worker processes: forks of a zygote, or fresh interpreters.
         self.starter = Starter(
@@ -90,30 +82,57 @@ class Cluster:
         self.binds: list[Address] = list(config.binds)
         #: Restarts after crashes (and hangs), per slot.
         self.restarts: collections.Counter[int] = collections.Counter()
-        #: Rolling reloads completed.
-        self.reloads = 0
         self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
-        self._reload_lock = asyncio.Lock()
-        self._reload_again = False
-        self._ids = itertools.count(1)
-        self._callbacks: dict[Event, list[Callback]] = {e: [] for e in EVENTS}
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._ready = asyncio.Event()
-        self._gone = asyncio.Event()  # set while no worker process is alive
-        self._gone.set()
         self._failure: str | None = None
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
+        self._events = Events(self._background)
+        self._build_parts(config)
+
+    def _build_parts(self, config: ClusterConfig) -> None:
+        # The parts that call back into the cluster, built once its own state exists.
+        #: The live worker processes; :attr:`workers` maps their ids to them.
+        self.fleet = Fleet(
+            config,
+            self.starter,
+            self.listens,
+            self._events,
+            dispatch=lambda worker, frame: self.dispatcher.dispatch(worker, frame),
+            background=self._background,
+            exited=self._after_exit,
+            stopped=self._stop,
+        )
+        #: Live workers by id.
+        self.workers: dict[int, WorkerProcess] = self.fleet.workers
+        #: Replaces workers without serving with fewer: reloads, recycling.
+        self.rollout = Rollout(
+            config.reload_batch,
+            renew=self.starter.renew,
+            serving=self.fleet.serving,
+            spawn=self.fleet.spawn,
+            refill=self._refill,
+            background=self._background,
+            stopped=self._stop,
+        )
+        #: Answers every worker's frames (``dispatch(worker, frame)``).
+        self.dispatcher = Dispatcher(
+            config,
+            self.listens,
+            self._events,
+            binds=lambda: self.binds,
+            listened=self._listened,
+            retire=self.rollout.retire,
+        )
 
     # -- public API --------------------------------------------------------------------------
 
     def on(self, event: Event, callback: Callback) -> None:
         """Call ``callback`` on every ``event`` (see the class docstring for the arguments)."""
-        if event not in self._callbacks:
-            raise ConfigError(f"unknown cluster event {event!r}; expected one of {EVENTS}")
-        self._callbacks[event].append(callback)
+        self._events.on(event, callback)
 
     async def start(self) -> None:
         """Start the workers; returns at once (see :meth:`wait_ready` and :meth:`wait`)."""
@@ -142,42 +161,11 @@ class Cluster:
 
     def status(self) -> dict[str, Any]:
         """A snapshot of the cluster for ``aiocluster status`` and the admin endpoint."""
-        now = asyncio.get_running_loop().time()
-        workers = [
-            {
-                "id": w.id,
-                "slot": w.slot,
-                "pid": w.pid,
-                "state": w.state,
-                "uptime": round(now - w.started_at, 3),
-                "restarts": self.restarts[w.slot],
-                "requests": int(w.stats.get("requests", 0)),
-                "connections": int(w.stats.get("connections", 0)),
-                "rss": int(w.stats.get("rss", 0)),
-                "lag": w.stats.get("lag", 0.0),
-                "accepted": w.accepted,
-                "listening": list(w.listening),
-            }
-            for w in sorted(self.workers.values(), key=lambda w: (w.slot, w.id))
-        ]
-        return {
-            "size": self._size,
-            "listening": sum(1 for w in self.workers.values() if w.state == "listening"),
-            "ready": self.is_ready(),
-            "stopping": self.stopping,
-            "reloads": self.reloads,
-            "restarts": sum(self.restarts.values()),
-            "uptime": round(now - self.started_at, 3),
-            "binds": [str(a) for a in self.binds],
-            "start": self.starter.method,
-            "zygote": self.starter.zygote_pid,
-            "workers": workers,
-        }
+        return snapshot(self, asyncio.get_running_loop().time())
 
     def is_ready(self) -> bool:
         """True while at least :attr:`size` workers are listening and no stop was asked for."""
-        listening = sum(1 for w in self.workers.values() if w.state == "listening")
-        return listening >= self._size and not self.stopping
+        return self.fleet.listening() >= self._size and not self.stopping
 
     @property
     def size(self) -> int:
@@ -192,7 +180,7 @@ class Cluster:
             raise AioclusterError("the cluster is not running")
         log.info("scaling from %d to %d workers", self._size, size)
         self._size = size
-        serving = sorted(self._serving(), key=lambda w: w.slot)
+        serving = sorted(self.fleet.serving(), key=lambda w: w.slot)
         for worker in serving[size:]:
             log.info("scaling down: draining %s (slot %d)", worker.describe(), worker.slot)
             self._supervisor.forget(worker.slot)
@@ -201,7 +189,7 @@ class Cluster:
         for _ in range(size - len(serving)):
             slot = free_slot(used)
             used.add(slot)
-            self._tg.create_task(self._spawn(slot))
+            self._tg.create_task(self.fleet.spawn(slot))
 
     async def reload(self) -> bool:
         """Replace every worker, ``config.reload_batch`` at a time; True once all are replaced.
@@ -210,21 +198,16 @@ class Cluster:
         cluster never serves with fewer workers. If a new worker fails to start, the reload stops
         there and the remaining old workers keep serving (returns False).
         """
-        if self._reload_lock.locked():
-            self._reload_again = True  # a reload asked for during one: run once more after
-            log.info("reload already in progress; another will follow it")
-            return False
-        async with self._reload_lock:
-            while True:
-                self._reload_again = False
-                ok = await self._reload_once()
-                if not ok or not self._reload_again or self.stopping:
-                    return ok
+        return await self.rollout.reload()
 
     def request_reload(self) -> None:
         """Start :meth:`reload` in the background (what SIGHUP does)."""
-        if self._tg is not None and not self.stopping:
-            self._tg.create_task(self.reload())
+        self.rollout.request_reload()
+
+    @property
+    def reloads(self) -> int:
+        """Rolling reloads completed."""
+        return self.rollout.reloads
 
     @property
     def stopping(self) -> bool:
@@ -271,7 +254,7 @@ class Cluster:
                 for slot in range(1, self._size + 1):
                     if self.stopping:
                         break  # stopped while the first workers started: start no more
-                    await self._spawn(slot)
+                    await self.fleet.spawn(slot)
                 await self._stop.wait()
                 await self._shutdown()
         finally:
@@ -279,211 +262,54 @@ class Cluster:
             self.listens.close()
             await self.starter.aclose()
 
-    def _serving(self) -> list[Worker]:
-        """Workers that serve, or will: neither draining nor on their way out."""
-        return [
-            w
-            for w in self.workers.values()
-            if w.state not in ("disconnecting", "dead")
-            and w.retiring is None
-            and w.replaces is None
-        ]
-
-    async def _spawn(self, slot: int, replaces: Worker | None = None) -> Worker:
-        assert self._tg is not None
-        worker = Worker(self, next(self._ids), slot)
-        worker.replaces = replaces
-        worker.request_limit = request_limit(
-            self.config.max_requests, self.config.max_requests_jitter
-        )
-        parent, child = channel_pair()
-        env = dict(os.environ)
-        env[ENV_WORKER_ID] = str(worker.id)
-        env[ENV_WORKER_SLOT] = str(slot)
-        try:
-            worker._process = await self.starter.start(worker.id, slot, env, child)
-        except BaseException:
-            parent.close()
-            raise
-        finally:
-            child.close()
-        worker._channel = Channel(
-            parent, lambda frame: self._on_frame(worker, frame), name=worker.describe(), max_fds=0
-        )
-        worker._channel.start()
-        self.workers[worker.id] = worker
-        self._gone.clear()
-        log.info("started %s", worker.describe())
-        self._emit("fork", worker)
-        self._tg.create_task(self._watch(worker), name=f"aiocluster-watch-{worker.id}")
-        if self._stop.is_set():
-            worker.disconnect()  # started while the cluster began to stop
-        return worker
-
-    async def _watch(self, worker: Worker) -> None:
-        assert worker._process is not None and worker._channel is not None
-        channel = worker._channel
-        exit_task = asyncio.create_task(worker._process.wait())
-        closed_task = asyncio.create_task(channel.wait_closed())
-        await asyncio.wait({exit_task, closed_task}, return_when=asyncio.FIRST_COMPLETED)
-        why = _cut_off_because(channel.close_reason)
-        if why is not None and not exit_task.done():
-            # Never trusted again, and maybe not even reading: it cannot be asked to leave.
-            log.error("%s %s; killing it", worker.describe(), why)
-            worker._signal(signal.SIGKILL)
-        returncode = await exit_task
-        closed_task.cancel()
-        channel.close()
-        self.listens.gone(worker)
-        if worker._hang is not None:
-            worker._hang.cancel()
-        worker.state = "dead"
-        worker.returncode = returncode
-        worker._exited.set()
-        self.workers.pop(worker.id, None)
-        if not self.workers:
-            self._gone.set()
-        self._emit("exit", worker, returncode)
-        self._after_exit(worker, returncode)
-
-    def _after_exit(self, worker: Worker, returncode: int) -> None:
-        how = _describe_status(returncode)
-        if (
-            self.config.policy == "reuseport"
-            and worker.slot > self._size
-            and not self.stopping
-            and not any(w.slot == worker.slot for w in self.workers.values())
-        ):
-            # Scaled down: serve what the kernel queued on the slot's socket, then close it.
+    def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
+        verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
+        if verdict.drain_slot:
             handed = self.drain_slot(worker.slot)
             log.info(
                 "slot %d retired: %d queued connections handed to other workers",
                 worker.slot,
                 handed,
             )
-        if self._stop.is_set() or worker.exited_after_disconnect:
-            log.info("%s %s", worker.describe(), how)
+        if verdict.action == "halt":
+            self._fail(verdict.message)
             return
-        if worker.retiring is not None:
-            log.warning("%s %s while its successor starts", worker.describe(), how)
-            return
-        if worker.replaces is not None:
-            # A replacement that never listened: the worker it was to replace keeps serving.
-            log.error(
-                "%s %s before it was listening; %s keeps serving",
-                worker.describe(),
-                how,
-                worker.replaces.describe(),
-            )
-            return
-        if worker.slot > self._size or any(w.slot == worker.slot for w in self._serving()):
-            log.warning("%s %s; its slot is not needed any more", worker.describe(), how)
-            return
-        uptime = asyncio.get_running_loop().time() - worker.started_at
-        decision = self._supervisor.exited(
-            worker.slot, listened=worker._listening.is_set(), uptime=uptime
+        log.log(verdict.level, "%s", verdict.message)
+        if verdict.action == "restart":
+            assert self._tg is not None
+            self._tg.create_task(self._restart(worker.slot, verdict.delay))
+
+    def _exit_facts(self, worker: WorkerProcess, returncode: int) -> ExitFacts:
+        return ExitFacts(
+            name=worker.describe(),
+            returncode=returncode,
+            slot=worker.slot,
+            listened=worker.has_listened,
+            uptime=asyncio.get_running_loop().time() - worker.started_at,
+            size=self._size,
+            stopping=self.stopping,
+            expected=worker.exited_after_disconnect,
+            retiring=worker.retiring is not None,
+            replacing=worker.replaces.describe() if worker.replaces is not None else None,
+            slot_taken=self.fleet.slot_taken(worker.slot),
+            slot_served=self.fleet.slot_served(worker.slot),
+            reuseport=self.config.policy == "reuseport",
         )
-        if decision.action == "halt":
-            self._fail(
-                f"{worker.describe()} {how} before it was listening, and {decision.reason}: "
-                "the application cannot start (see its error above); stopping the cluster"
-            )
-            return
-        when = "at once" if not decision.delay else f"in {decision.delay:g}s"
-        what = "unexpectedly" if worker._listening.is_set() else "before it was listening"
-        log.warning(
-            "%s %s %s; restarting slot %d %s (%s)",
-            worker.describe(),
-            how,
-            what,
-            worker.slot,
-            when,
-            decision.reason,
-        )
-        assert self._tg is not None
-        self._tg.create_task(self._restart(worker.slot, decision.delay))
 
     async def _restart(self, slot: int, delay: float) -> None:
         if delay:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(delay):
                     await self._stop.wait()
-        if self.stopping or slot > self._size or any(w.slot == slot for w in self._serving()):
+        if self.stopping or slot > self._size or self.fleet.slot_served(slot):
             return
         self.restarts[slot] += 1
-        await self._spawn(slot)
+        await self.fleet.spawn(slot)
 
-    async def _reload_once(self) -> bool:
-        if not await self.starter.renew():
-            log.error("reload stopped: the program failed to load; the old workers keep serving")
-            return False
-        old = sorted(self._serving(), key=lambda w: w.slot)
-        batch = self.config.reload_batch
-        log.info("reload: replacing %d workers, %d at a time", len(old), batch)
-        for i in range(0, len(old), batch):
-            results = await asyncio.gather(
-                *(self._replace(w, "reload") for w in old[i : i + batch])
-            )
-            if self.stopping:
-                return False
-            if not all(results):
-                log.error("reload stopped: a new worker could not start; the old ones keep serving")
-                return False
-        self.reloads += 1
-        log.info("reload complete: %d workers replaced", len(old))
-        return True
-
-    async def _replace(self, old: Worker, reason: str) -> bool:
-        """Start a worker in ``old``'s slot; once it listens, drain ``old``. False if it fails."""
-        if old.retiring is not None or old.state in ("disconnecting", "dead") or self.stopping:
-            return old.state != "dead" or self.stopping
-        old.retiring = reason
-        log.info("replacing %s (%s): starting its successor", old.describe(), reason)
-        new = await self._spawn(old.slot, replaces=old)
-        listening = asyncio.create_task(new._listening.wait())
-        exited = asyncio.create_task(new._exited.wait())
-        stopping = asyncio.create_task(self._stop.wait())
-        await asyncio.wait({listening, exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        for task in (listening, exited, stopping):
-            task.cancel()
-        if not new._listening.is_set() or self.stopping:
-            old.retiring = None
-            new.replaces = None
-            if old.state == "dead" and not self.stopping and self._tg is not None:
-                # The old worker died meanwhile and its successor failed: refill the slot.
-                self._after_exit(old, old.returncode or 0)
-            return False
-        new.replaces = None
-        log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)
-        old.disconnect()
-        return True
-
-    def _retire(self, worker: Worker, reason: str) -> None:
-        """Recycle ``worker`` (max requests, max memory) without losing a request."""
-        if worker.retiring is None and worker.state == "listening" and self._tg is not None:
-            self._tg.create_task(self._replace(worker, reason))
-
-    def _arm_hang_timer(self, worker: Worker) -> None:
-        if self.config.timeout <= 0 or worker.state == "dead":
-            return
-        if worker._hang is not None:
-            worker._hang.cancel()
-        loop = asyncio.get_running_loop()
-        worker._hang = loop.call_later(self.config.timeout, self._hung, worker)
-
-    def _hung(self, worker: Worker) -> None:
-        worker._hang = None
-        if worker.state == "dead":
-            return
-        log.error(
-            "%s is hung: no heartbeat from its event loop for %gs; dumping its stack, killing it",
-            worker.describe(),
-            self.config.timeout,
-        )
-        worker._signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
-        # The dump is written by a C signal handler as soon as the signal lands; half a second
-        # is ample for it before the kill.
-        asyncio.get_running_loop().call_later(0.5, worker._signal, signal.SIGKILL)
+    def _refill(self, worker: WorkerProcess) -> None:
+        """``worker`` died while its successor failed to start: its slot needs a worker."""
+        if self._tg is not None:
+            self._after_exit(worker, worker.returncode or 0)
 
     def _fail(self, reason: str) -> None:
         if self._failure is None:
@@ -499,7 +325,7 @@ class Cluster:
         # Our copies of the listening sockets go now: once the workers close theirs the
         # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
         self.listens.close_sockets()
-        gone = asyncio.create_task(self._gone.wait())
+        gone = asyncio.create_task(self.fleet.wait_gone())
         forced = asyncio.create_task(self._force.wait())
         # The workers drain for `timeout` themselves; the margin lets them exit cleanly.
         await asyncio.wait({gone, forced}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
@@ -507,66 +333,10 @@ class Cluster:
         reason = "stop forced" if self._force.is_set() else f"still running after {timeout:g}s"
         for worker in list(self.workers.values()):
             log.warning("killing %s: %s", worker.describe(), reason)
-            worker._signal(signal.SIGKILL)
+            worker.signal(signal.SIGKILL)
         await gone
         if self._force.is_set() and self._failure is None:
             self._failure = "stop forced: workers were killed without draining"
-
-    # -- channel requests --------------------------------------------------------------------
-
-    def _on_frame(self, worker: Worker, frame: Frame) -> None:
-        msg = frame.msg
-        act = msg["act"]
-        if act == proto.QUERY_SERVER:
-            self.listens.query(worker, frame)
-        elif act == proto.ONLINE:
-            if worker._announced:
-                raise ProtocolError(f"{worker.describe()} sent 'online' twice")
-            worker._announced = True
-            if worker.state == "starting":
-                worker.state = "online"
-            assert worker._channel is not None
-            worker._channel.reply(
-                frame,
-                {
-                    "graceful_timeout": self.config.graceful_timeout,
-                    "heartbeat": heartbeat_interval(self.config.timeout),
-                    "binds": [a.to_wire() for a in self.binds],
-                    **self.listens.settings(),
-                },
-            )
-            self._arm_hang_timer(worker)
-            self._emit("online", worker)
-        elif act == proto.LISTENING:
-            address = _require_address(msg)
-            if address in worker.listening:
-                return  # said twice: once is enough
-            if len(worker.listening) >= MAX_HANDLES:
-                # Servers from create_server() never report their close: forget the oldest.
-                del worker.listening[0]
-            worker.listening.append(address)
-            self.listens.joined(worker, msg)
-            log.info("%s listening on %s", worker.describe(), address)
-            if worker.state in ("starting", "online"):
-                worker.state = "listening"
-            worker._listening.set()
-            self._supervisor.listening()
-            self._emit("listening", worker, address)
-            self._check_ready()
-        elif act == proto.HEARTBEAT:
-            self._on_heartbeat(worker, msg)
-        elif act == proto.MESSAGE:
-            self._emit("message", worker, msg.get("data"))
-        elif act == proto.CLOSE:
-            address = _require_address(msg)
-            log.debug("%s closed %s", worker.describe(), address)
-            if address in worker.listening:
-                worker.listening.remove(address)
-            self.listens.left(worker, address, msg)
-        elif act == proto.LOAD:
-            self.listens.load_report(worker, msg)
-        else:
-            raise ProtocolError(f"unknown act {act!r} from {worker.describe()}")
 
     # -- scheduling policies -----------------------------------------------------------------
 
@@ -578,94 +348,30 @@ class Cluster:
         had queued on the slot's SO_REUSEPORT sockets, hands them to the other workers, and
         closes the sockets; returns how many it handed over. Under other policies: 0.
         """
-        if any(w.slot == slot for w in self.workers.values()):
+        if self.fleet.slot_taken(slot):
             raise AioclusterError(
                 f"slot {slot} still has a worker: disconnect it and wait for its exit first"
             )
         return self.listens.drain_slot(slot)
 
-    def _on_heartbeat(self, worker: Worker, msg: dict[str, Any]) -> None:
-        stats = {
-            key: value
-            for key in ("requests", "connections", "rss", "lag")
-            if (value := proto.optional_number(msg, key)) is not None
-        }
-        self._arm_hang_timer(worker)
-        worker.stats = stats
-        requests = int(worker.stats.get("requests", 0))
-        if worker.request_limit and requests >= worker.request_limit:
-            self._retire(worker, f"served {requests} requests, limit {worker.request_limit}")
-        rss = int(worker.stats.get("rss", 0))
-        if self.config.max_memory and rss > self.config.max_memory:
-            self._retire(worker, f"uses {rss >> 20} MiB, limit {self.config.max_memory >> 20} MiB")
+    def _listened(self, worker: WorkerProcess) -> None:
+        self._supervisor.listening()
+        self._check_ready()
 
     def _check_ready(self) -> None:
-        listening = [w for w in self.workers.values() if w.state == "listening"]
-        if not self._ready.is_set() and len(listening) >= self._size:
+        listening = self.fleet.listening()
+        if not self._ready.is_set() and listening >= self._size:
             self._ready.set()
-            log.info("ready: %d workers listening", len(listening))
+            log.info("ready: %d workers listening", listening)
 
     def _phase(self) -> Phase:
         if self.stopping:
             return "stopping"
         return "serving" if self._ready.is_set() else "starting"
 
-    def _background(self, coro: Coroutine[Any, Any, None]) -> None:
-        assert self._tg is not None
-        self._tg.create_task(coro)
-
-    # -- events ------------------------------------------------------------------------------
-
-    def _emit(self, event: Event, *args: Any) -> None:
-        for callback in self._callbacks[event]:
-            try:
-                result = callback(*args)
-                if inspect.isawaitable(result):
-                    if self._tg is not None:
-                        self._tg.create_task(_guard(event, result))
-                    else:
-                        close = getattr(result, "close", None)
-                        if close is not None:
-                            close()
-            except Exception:
-                log.exception("%r callback %r failed", event, callback)
-
-
-async def _guard(event: str, awaitable: Any) -> None:
-    try:
-        await awaitable
-    except Exception:
-        log.exception("%r callback failed", event)
-
-
-# A sockname is ``host:port`` or ``unix:`` and a path of at most 100 bytes.
-_MAX_ADDRESS = 300
-
-
-def _require_address(msg: dict[str, Any]) -> str:
-    address = proto.require(msg, "address", str)
-    if len(address) > _MAX_ADDRESS:
-        raise ProtocolError(f"{msg['act']!r}: address of {len(address)} characters")
-    return address
-
-
-def _cut_off_because(reason: BaseException | None) -> str | None:
-    """Why a worker whose channel closed for ``reason`` must be killed; None if it need not."""
-    if isinstance(reason, ProtocolError):
-        return f"broke the channel protocol ({reason})"
-    if isinstance(reason, PeerNotReading):
-        return f"stopped reading its channel ({reason})"
-    if reason is not None and not isinstance(reason, ChannelClosed):
-        # Our handler failed on its message: whatever it sent, it is cut off like a violation.
-        return f"sent a message the primary could not handle ({type(reason).__name__}: {reason})"
-    return None  # it closed its end (or we did): it is on its way out
-
-
-def _describe_status(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            name = signal.Signals(-returncode).name
-        except ValueError:
-            name = f"signal {-returncode}"
-        return f"was killed by {name}"
-    return f"exited with code {returncode}"
+    def _background(self, coro: Coroutine[Any, Any, None], name: str | None = None) -> bool:
+        """Run ``coro`` for the cluster's life; False (not run) once the cluster has stopped."""
+        if self._tg is None:
+            return False
+        self._tg.create_task(coro, name=name)
+        return True

@@ -19,7 +19,7 @@ from aiocluster._config import ClusterConfig
 from aiocluster._errors import ConfigError, ProtocolError
 from aiocluster.primary.balancer import Balancer
 from aiocluster.primary.handles import Handle, HandleTable
-from aiocluster.primary.process import Worker
+from aiocluster.primary.process import WorkerProcess
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.codec import Frame
@@ -47,15 +47,21 @@ class Listens:
         *,
         phase: Callable[[], Phase],
         fail: Callable[[str], None],
-        background: Callable[[Coroutine[Any, Any, None]], None],
+        background: Callable[[Coroutine[Any, Any, None]], bool],
+        counted: Callable[[int, int], None] | None = None,
     ) -> None:
         """``phase()`` says where the cluster is (:data:`Phase`); ``fail(reason)`` stops the
-        cluster as failed; ``background(coro)`` runs a task for the cluster's life."""
+        cluster as failed; ``background(coro)`` runs a task for the cluster's life (False:
+        that life is over); ``counted(worker_id, total)`` hears a worker's count of accepted
+        connections."""
         self.config = config
         self.handles = HandleTable()
         #: Hands out the connections the primary accepts (policy rr); counts every worker's.
         self.balancer = Balancer(
-            balance=config.balance, sticky=config.sticky, count_handoffs=config.policy == "rr"
+            balance=config.balance,
+            sticky=config.sticky,
+            count_handoffs=config.policy == "rr",
+            on_count=counted,
         )
         self._phase = phase
         self._fail = fail
@@ -68,7 +74,7 @@ class Listens:
         """What a worker is told about the policy when it comes online."""
         return {"policy": self.config.policy, "balance": self.config.balance}
 
-    def query(self, worker: Worker, frame: Frame) -> None:
+    def query(self, worker: WorkerProcess, frame: Frame) -> None:
         """Answer ``worker``'s queryServer ``frame``: a grant, or the error (never raises one
         for a bind failure; a malformed request raises :class:`ProtocolError`)."""
         msg = frame.msg
@@ -85,29 +91,31 @@ class Listens:
         if needs_resolver(address) and not self.handles.exists(address, index, slot=slot):
             # A host name: resolving it may wait on DNS, which must not stall this loop (the
             # heartbeats of every worker are read here).
-            self._background(self._resolve_and_listen(worker, frame, address, index, backlog))
+            resolving = self._resolve_and_listen(worker, frame, address, index, backlog)
+            if not self._background(resolving):
+                resolving.close()
             return
         self._listen(worker, frame, address, index, backlog, None)
 
-    def joined(self, worker: Worker, msg: dict[str, Any]) -> None:
+    def joined(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         """``worker`` serves the listen its ``listening`` message names."""
         handle = msg.get("handle")
-        if isinstance(handle, int) and worker._channel is not None:
-            name = worker.describe()
-            self.balancer.join(worker.id, worker.slot, name, worker._channel, handle)
+        channel = worker.channel
+        if isinstance(handle, int) and channel is not None:
+            self.balancer.join(worker.id, worker.slot, worker.describe(), channel, handle)
 
-    def left(self, worker: Worker, address: str, msg: dict[str, Any]) -> None:
+    def left(self, worker: WorkerProcess, address: str, msg: dict[str, Any]) -> None:
         """``worker`` stopped serving ``address`` (its ``close`` message)."""
         self.handles.release(worker.id, address)
         handle = msg.get("handle")
         if isinstance(handle, int):
             self.balancer.part(worker.id, handle)
 
-    def gone(self, worker: Worker) -> None:
+    def gone(self, worker: WorkerProcess) -> None:
         """``worker`` exited: it holds no listen any more."""
         self.handles.release(worker.id)
 
-    def load_report(self, worker: Worker, msg: dict[str, Any]) -> None:
+    def load_report(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         """A worker's counters of handed-over connections (policy rr's least-conn)."""
         counts = [proto.require(msg, key, int) for key in ("accepted", "open", "adopted")]
         if min(counts) < 0:
@@ -130,11 +138,11 @@ class Listens:
 
     # -- answering queryServer ---------------------------------------------------------------
 
-    def _slot(self, worker: Worker) -> int | None:
+    def _slot(self, worker: WorkerProcess) -> int | None:
         return worker.slot if self.config.policy == "reuseport" else None
 
     async def _resolve_and_listen(
-        self, worker: Worker, frame: Frame, address: Address, index: int, backlog: int
+        self, worker: WorkerProcess, frame: Frame, address: Address, index: int, backlog: int
     ) -> None:
         try:
             resolved = await resolve_async(address)
@@ -146,7 +154,7 @@ class Listens:
 
     def _listen(
         self,
-        worker: Worker,
+        worker: WorkerProcess,
         frame: Frame,
         address: Address,
         index: int,
@@ -176,11 +184,10 @@ class Listens:
             log.info("listening on %s", handle.describe())
         self._grant(worker, frame, handle)
 
-    def _refuse(self, worker: Worker, frame: Frame, address: Address, err: OSError) -> None:
-        assert worker._channel is not None
+    def _refuse(self, worker: WorkerProcess, frame: Frame, address: Address, err: OSError) -> None:
         code = err.errno or 0
         text = err.strerror or str(err)
-        worker._channel.reply(frame, {"errno": code, "error": text, "address": str(address)})
+        worker.reply(frame, {"errno": code, "error": text, "address": str(address)})
         phase = self._phase()
         if phase == "stopping":
             log.debug("%s cannot listen on %s: %s", worker.describe(), address, text)
@@ -193,12 +200,11 @@ class Listens:
         else:
             self._fail(f"cannot listen on {address}: [Errno {code}] {text}")
 
-    def _grant(self, worker: Worker, frame: Frame, handle: Handle) -> None:
+    def _grant(self, worker: WorkerProcess, frame: Frame, handle: Handle) -> None:
         """Answer a queryServer: the socket, or under rr only the handle id (we accept)."""
-        assert worker._channel is not None
         msg = {"errno": 0, "sockname": handle.sockname, "handle": handle.id}
         if self.config.policy == "rr":
             self.balancer.serve(handle)
-            worker._channel.reply(frame, {**msg, "accept": "primary"})
+            worker.reply(frame, {**msg, "accept": "primary"})
         else:
-            worker._channel.reply(frame, msg, [handle.sock.fileno()])
+            worker.reply(frame, msg, [handle.sock.fileno()])

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 
 from aiocluster._config import StartMethod
 from aiocluster._errors import ChannelClosed
-from aiocluster._role import ENV_CHANNEL_FD, ENV_ZYGOTE_FD
+from aiocluster._role import ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_SLOT, ENV_ZYGOTE_FD
 from aiocluster._zygote import take_preforked
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, channel_pair
@@ -235,6 +235,21 @@ class Starter:
                     if zygote is not None:
                         return await zygote.fork(worker_id, slot, channel_end)
         return await spawn(self._argv, env, channel_end)
+
+    async def launch(self, worker_id: int, slot: int) -> tuple[ProcessHandle, socket.socket]:
+        """Start worker ``worker_id`` for ``slot`` with its channel: the process, and our end."""
+        parent, child = channel_pair()
+        env = dict(os.environ)
+        env[ENV_WORKER_ID] = str(worker_id)
+        env[ENV_WORKER_SLOT] = str(slot)
+        try:
+            process = await self.start(worker_id, slot, env, child)
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
+        return process, parent
 
     async def _current(self) -> Zygote | None:
         if self._zygote is not None and self._zygote.alive:

@@ -1,20 +1,26 @@
 """Supervision policy, as pure code: when to restart, how long to wait, when to give up.
 
-The primary feeds it facts (a worker exited, after how long, whether it ever listened) and acts
-on its decisions; nothing here touches a process, a clock or a socket, so every rule is tested
-without either.
+The primary feeds it facts (a worker exited, after how long, whether it ever listened, what the
+cluster was doing then) and acts on its :class:`Verdict`; nothing here touches a process, a
+clock or a socket, so every rule is tested without either.
 """
 
 from __future__ import annotations
 
+import logging
 import random
+import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
 __all__ = [
     "Decision",
+    "ExitFacts",
     "RestartPolicy",
     "Supervisor",
+    "Verdict",
+    "describe_exit",
+    "free_slot",
     "heartbeat_interval",
     "request_limit",
 ]
@@ -43,6 +49,50 @@ class Decision:
     reason: str = ""
 
 
+@dataclass(frozen=True, slots=True)
+class ExitFacts:
+    """What the primary knows when a worker has exited (the worker no longer counted live)."""
+
+    #: How logs name the worker (``worker 3 (pid 1234)``), and its exit status (negative: the
+    #: signal that killed it).
+    name: str
+    returncode: int
+    slot: int
+    #: It reported a listen at some point; how long it ran.
+    listened: bool
+    uptime: float
+    #: The cluster's size, and whether a stop was asked for.
+    size: int
+    stopping: bool = False
+    #: It was asked to leave (disconnect, kill): its exit is expected.
+    expected: bool = False
+    #: It was being replaced (reload, recycling) and its successor is still starting.
+    retiring: bool = False
+    #: It was a replacement for the worker so named, and never listened.
+    replacing: str | None = None
+    #: Another live worker has its slot; one that serves (not draining, not leaving) has it.
+    slot_taken: bool = False
+    slot_served: bool = False
+    #: Policy reuseport: the slot has sockets of its own, which a slot scaled away must drain.
+    reuseport: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What to do about a worker that exited: the log line (or the failure), and what next.
+
+    ``ignore``: log ``message`` at ``level``, nothing more. ``restart``: log it, start a worker
+    in the slot after ``delay`` seconds. ``halt``: the cluster fails with ``message``. In every
+    case ``drain_slot``: first hand what the slot's own sockets queued to the others.
+    """
+
+    action: Literal["ignore", "restart", "halt"]
+    message: str
+    level: int = logging.INFO
+    delay: float = 0.0
+    drain_slot: bool = False
+
+
 @dataclass
 class Supervisor:
     """Restart bookkeeping for one cluster: boot failures in a row, crash streaks per slot."""
@@ -68,6 +118,40 @@ class Supervisor:
         streak = 1 if uptime >= self.policy.stable_after else self.streaks.get(slot, 0) + 1
         self.streaks[slot] = streak
         return Decision("restart", self._backoff(streak), f"crash {streak} in a row")
+
+    def decide(self, facts: ExitFacts) -> Verdict:
+        """The one rule for every exit; only an unexpected one counts toward a restart."""
+        # Scaled down: what the kernel queued on the slot's sockets is served by the others.
+        drain = (
+            facts.reuseport
+            and facts.slot > facts.size
+            and not facts.stopping
+            and not facts.slot_taken
+        )
+        ended = f"{facts.name} {describe_exit(facts.returncode)}"
+        if facts.stopping or facts.expected:
+            return Verdict("ignore", ended, logging.INFO, drain_slot=drain)
+        if facts.retiring:
+            message = f"{ended} while its successor starts"
+            return Verdict("ignore", message, logging.WARNING, drain_slot=drain)
+        if facts.replacing is not None:
+            # A replacement that never listened: the worker it was to replace keeps serving.
+            message = f"{ended} before it was listening; {facts.replacing} keeps serving"
+            return Verdict("ignore", message, logging.ERROR, drain_slot=drain)
+        if facts.slot > facts.size or facts.slot_served:
+            message = f"{ended}; its slot is not needed any more"
+            return Verdict("ignore", message, logging.WARNING, drain_slot=drain)
+        decision = self.exited(facts.slot, listened=facts.listened, uptime=facts.uptime)
+        if decision.action == "halt":
+            message = (
+                f"{ended} before it was listening, and {decision.reason}: "
+                "the application cannot start (see its error above); stopping the cluster"
+            )
+            return Verdict("halt", message, logging.ERROR, drain_slot=drain)
+        when = "at once" if not decision.delay else f"in {decision.delay:g}s"
+        what = "unexpectedly" if facts.listened else "before it was listening"
+        message = f"{ended} {what}; restarting slot {facts.slot} {when} ({decision.reason})"
+        return Verdict("restart", message, logging.WARNING, decision.delay, drain)
 
     def forget(self, slot: int) -> None:
         """The slot is gone (scaled down): drop its history."""
@@ -96,6 +180,17 @@ def request_limit(max_requests: int, jitter: int, rng: random.Random | None = No
     if max_requests <= 0:
         return 0
     return max_requests + ((rng or random).randint(0, jitter) if jitter > 0 else 0)
+
+
+def describe_exit(returncode: int) -> str:
+    """``exited with code 1``, ``was killed by SIGKILL``: how logs say a worker ended."""
+    if returncode < 0:
+        try:
+            name = signal.Signals(-returncode).name
+        except ValueError:
+            name = f"signal {-returncode}"
+        return f"was killed by {name}"
+    return f"exited with code {returncode}"
 
 
 def free_slot(used: set[int]) -> int:

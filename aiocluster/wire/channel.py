@@ -106,6 +106,10 @@ class Channel:
         """True once the channel is closed, for whatever reason."""
         return self._closed
 
+    def fileno(self) -> int:
+        """The channel socket's descriptor (-1 once closed); the channel keeps owning it."""
+        return self._sock.fileno()
+
     @property
     def close_reason(self) -> BaseException | None:
         """Why the channel closed: None for a local close, else the error or EOF that did it."""

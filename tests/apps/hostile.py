@@ -129,8 +129,12 @@ KINDS: dict[str, Callable[[socket.socket], None]] = {
 async def inject(request: web.Request) -> web.Response:
     kind = request.query["kind"]
     say(f"inject kind={kind}")
-    channel = link().channel
-    KINDS[kind](channel._sock)
+    # A second socket object on the channel's own descriptor, let go of (not closed) after.
+    raw_channel = socket.socket(fileno=link().channel.fileno())
+    try:
+        KINDS[kind](raw_channel)
+    finally:
+        raw_channel.detach()
     return web.json_response({"worker": aiocluster.worker_id(), "pid": os.getpid()})
 
 

@@ -1,0 +1,122 @@
+"""The live worker processes: starting one, watching it until it exits, finding them by slot.
+
+What to do once one exited (restart, halt, nothing) is the cluster's business, told through
+the ``exited`` callback; which ones exist and how they came and went is this module's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from aiocluster._config import ClusterConfig
+from aiocluster.primary.events import Events
+from aiocluster.primary.listens import Listens
+from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.starter import Starter
+from aiocluster.primary.supervisor import request_limit
+from aiocluster.wire.codec import Frame
+
+__all__ = ["Fleet"]
+
+log = logging.getLogger("aiocluster.primary")
+
+
+class Fleet:
+    """The cluster's live workers by id, each watched by a task until it exits.
+
+    ``dispatch(worker, frame)`` answers a worker's frames; ``background(coro, name)`` runs a
+    task for the cluster's life; ``exited(worker, returncode)`` hears each exit, once the
+    worker is no longer counted live; ``stopped`` is set once a stop was asked for.
+    """
+
+    def __init__(
+        self,
+        config: ClusterConfig,
+        starter: Starter,
+        listens: Listens,
+        events: Events,
+        *,
+        dispatch: Callable[[WorkerProcess, Frame], None],
+        background: Callable[[Coroutine[Any, Any, None], str], bool],
+        exited: Callable[[WorkerProcess, int], None],
+        stopped: asyncio.Event,
+    ) -> None:
+        #: Live workers by id.
+        self.workers: dict[int, WorkerProcess] = {}
+        self._config = config
+        self._starter = starter
+        self._listens = listens
+        self._events = events
+        self._dispatch = dispatch
+        self._background = background
+        self._exited = exited
+        self._stopped = stopped
+        self._ids = itertools.count(1)
+        self._gone = asyncio.Event()  # set while no worker process is alive
+        self._gone.set()
+
+    async def spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
+        """Start a worker in ``slot`` (``replaces``: the one it is to take over from)."""
+        worker = WorkerProcess(next(self._ids), slot, on_event=self._events.emit)
+        worker.replaces = replaces
+        worker.request_limit = request_limit(
+            self._config.max_requests, self._config.max_requests_jitter
+        )
+        process, sock = await self._starter.launch(worker.id, slot)
+        worker.attach(process, sock, lambda frame: self._dispatch(worker, frame))
+        self.workers[worker.id] = worker
+        self._gone.clear()
+        log.info("started %s", worker.describe())
+        self._events.emit("fork", worker)
+        watching = self._watch(worker)
+        if not self._background(watching, f"aiocluster-watch-{worker.id}"):
+            watching.close()
+            raise RuntimeError("a worker was started after the cluster ended")
+        if self._stopped.is_set():
+            worker.disconnect()  # started while the cluster began to stop
+        return worker
+
+    def serving(self) -> list[WorkerProcess]:
+        """Workers that serve, or will: neither draining nor on their way out."""
+        return [
+            w
+            for w in self.workers.values()
+            if w.state not in ("disconnecting", "dead")
+            and w.retiring is None
+            and w.replaces is None
+        ]
+
+    def slot_taken(self, slot: int) -> bool:
+        """True while a live worker has ``slot`` (serving or not)."""
+        return any(w.slot == slot for w in self.workers.values())
+
+    def slot_served(self, slot: int) -> bool:
+        """True while a worker that serves (see :meth:`serving`) has ``slot``."""
+        return any(w.slot == slot for w in self.serving())
+
+    def listening(self) -> int:
+        """How many workers are listening now."""
+        return sum(1 for w in self.workers.values() if w.state == "listening")
+
+    def count_accepted(self, worker_id: int, total: int) -> None:
+        """Worker ``worker_id`` has accepted ``total`` connections (ignored once it is gone)."""
+        worker = self.workers.get(worker_id)
+        if worker is not None:
+            worker.count_accepted(total)
+
+    async def wait_gone(self) -> None:
+        """Wait until no worker process is alive."""
+        await self._gone.wait()
+
+    async def _watch(self, worker: WorkerProcess) -> None:
+        returncode = await worker.watch()
+        self._listens.gone(worker)
+        self.workers.pop(worker.id, None)
+        if not self.workers:
+            self._gone.set()
+        self._events.emit("exit", worker, returncode)
+        self._exited(worker, returncode)
