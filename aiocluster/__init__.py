@@ -28,11 +28,11 @@ if TYPE_CHECKING:  # real attributes for type checkers; imported on first use at
     from aiocluster._entry import supervise as supervise
     from aiocluster._errors import AioclusterError as AioclusterError
     from aiocluster._errors import ChannelClosed as ChannelClosed
+    from aiocluster._errors import ClusterFailed as ClusterFailed
     from aiocluster._errors import ConfigError as ConfigError
     from aiocluster._errors import NotInCluster as NotInCluster
     from aiocluster._errors import ProtocolError as ProtocolError
     from aiocluster.primary.cluster import Cluster as Cluster
-    from aiocluster.primary.cluster import ClusterFailed as ClusterFailed
     from aiocluster.primary.process import Worker as Worker
     from aiocluster.wire.address import Address as Address
     from aiocluster.worker.adopt import HandedServer as HandedServer
@@ -83,7 +83,7 @@ _HOMES = {
     "ChannelClosed": "_errors",
     "Cluster": "primary.cluster",
     "ClusterConfig": "_config",
-    "ClusterFailed": "primary.cluster",
+    "ClusterFailed": "_errors",
     "ConfigError": "_errors",
     "HandedServer": "worker.adopt",
     "NotInCluster": "_errors",

@@ -65,7 +65,11 @@ class ClusterConfig:
     workers: int
     #: Where to listen: ``bind``, ``host``/``port`` and ``path`` together.
     binds: tuple[Address, ...]
+    #: Seconds a drain may spend on in-flight work; then cleanup gets ``cleanup_timeout`` more.
     graceful_timeout: float
+    cleanup_timeout: float
+    #: Seconds open websockets get in a drain before they are closed with 1001.
+    ws_grace: float
     backlog: int
     argv: tuple[str, ...] | None
     #: Seconds without a heartbeat from a worker's event loop before it is killed (0: never).

@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import socket
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -20,11 +21,20 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias
 
 from aiocluster._appspec import NotImported
 from aiocluster._config import ClusterConfig, default_start
-from aiocluster._errors import APP_ERROR_STATUS, AioclusterError, AppLoadError, ConfigError
+from aiocluster._errors import (
+    APP_ERROR_STATUS,
+    AioclusterError,
+    AppErrorReport,
+    AppLoadError,
+    ClusterFailed,
+    ConfigError,
+)
 from aiocluster._logging import ensure_logging, set_level
 from aiocluster._options import run_settings
-from aiocluster._role import become_worker
+from aiocluster._role import become_worker, identity
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
+from aiocluster.wire import messages as proto
+from aiocluster.wire.codec import encode
 from aiocluster.worker.link import is_primary, is_worker
 from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
 
@@ -185,6 +195,8 @@ def run(
             exit_for_app_error(err)
         sys.stderr.write(f"aiocluster: error: {err}\n")
         sys.exit(2)
+    except ClusterFailed as err:
+        sys.exit(err.status)  # the cluster logged why, once
     except AioclusterError as err:
         ensure_logging()
         log.error("%s", err)
@@ -216,16 +228,59 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
 
 
 def exit_for_app_error(err: AppLoadError) -> NoReturn:
-    """In a worker or the zygote: say once what is wrong with the application, and exit.
+    """In a worker or the zygote: report what is wrong with the application, and exit.
 
-    The exit status tells the primary that retrying cannot help (see :class:`AppLoadError`).
-    The traceback is shown when the application itself raised (an error at its import).
+    The report goes to the primary, which says it once however many workers found the same
+    (they boot in parallel); the exit status tells it that retrying cannot help (see
+    :class:`AppLoadError`). The traceback is kept when the application itself raised.
     """
-    if err.__cause__ is not None:
-        traceback.print_exception(err.__cause__)
-    sys.stderr.write(f"aiocluster: error: {err}\n")
+    cause = err.__cause__
+    report = AppErrorReport(
+        str(err)[: proto.MAX_ERROR_LINE],
+        _app_traceback(cause)[-proto.MAX_TRACEBACK :] if cause else "",
+    )
+    if not _tell_primary(
+        {"act": proto.APP_ERROR, "error": report.error, "traceback": report.traceback}
+    ):
+        sys.stderr.write(report.text())  # no primary to say it (or it is not listening)
     sys.stderr.flush()
     os._exit(APP_ERROR_STATUS)
+
+
+def _app_traceback(error: BaseException) -> str:
+    """``error``'s traceback without the frames of the import machinery and of aiocluster."""
+    shown = traceback.TracebackException.from_exception(error)
+    ours = os.path.dirname(os.path.abspath(__file__))
+    shown.stack = traceback.StackSummary.from_list(
+        [
+            frame
+            for frame in shown.stack
+            if not frame.filename.startswith(("<frozen ", ours))
+            and os.path.basename(os.path.dirname(frame.filename)) != "importlib"
+        ]
+    )
+    return "".join(shown.format())
+
+
+def _tell_primary(msg: dict[str, object]) -> bool:
+    """Write one frame on this process's channel to the primary, blocking; False if it fails.
+
+    Only for a process about to exit: the frame bypasses the channel's own queue.
+    """
+    fd = identity().channel_fd
+    if fd is None:
+        return False
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return False
+    with sock:
+        sock.settimeout(2.0)
+        try:
+            sock.sendall(encode(msg))
+        except OSError:
+            return False
+    return True
 
 
 def _run_loop(coro: Coroutine[Any, Any, None], *, use_uvloop: bool) -> None:

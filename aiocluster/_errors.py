@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 
 class AioclusterError(Exception):
     """Base class of every error aiocluster raises itself."""
@@ -36,9 +38,35 @@ class AppLoadError(ConfigError):
     """
 
 
+@dataclass(frozen=True, slots=True)
+class AppErrorReport:
+    """What a worker or the zygote found wrong with the application, for the primary to say."""
+
+    #: One line: what is wrong and what to do.
+    error: str
+    #: The application's own traceback, when it raised (may be empty).
+    traceback: str = ""
+
+    def text(self) -> str:
+        """The report as the user reads it: the traceback, then ``aiocluster: error: ...``."""
+        return f"{self.traceback}aiocluster: error: {self.error}\n"
+
+
 #: The exit status of a worker or zygote that found an :class:`AppLoadError` (gunicorn's
 #: APP_LOAD_ERROR): the primary halts on it rather than retry.
 APP_ERROR_STATUS = 4
+
+
+class ClusterFailed(AioclusterError):
+    """The cluster stopped because it could not run: a bind error, a worker that cannot boot.
+
+    ``status`` is the exit status ``aiocluster.run()`` ends with: 2 when the application cannot
+    be loaded (nothing a restart could fix), else 1.
+    """
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class NotInCluster(AioclusterError):

@@ -463,9 +463,28 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "graceful_timeout",
         seconds,
-        "how long a stopping or reloaded worker may finish in-flight requests before it is killed",
+        "how long a stopping or reloaded worker may finish in-flight requests (streams "
+        "included) before their handlers are cancelled; one deadline for the whole drain",
         SUPERVISION,
         default=30.0,
+        metavar="SECONDS",
+    ),
+    Option(
+        "cleanup_timeout",
+        seconds,
+        "how long on_cleanup/cleanup_ctx teardown may take after the graceful deadline; the "
+        "primary kills a draining worker only after both",
+        SUPERVISION,
+        default=5.0,
+        metavar="SECONDS",
+    ),
+    Option(
+        "ws_grace",
+        seconds,
+        "how long a draining worker lets open websockets finish a message before it closes "
+        "them with 1001 (going away)",
+        SUPERVISION,
+        default=1.0,
         metavar="SECONDS",
     ),
     Option(

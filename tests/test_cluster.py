@@ -398,7 +398,7 @@ async def test_cli_app_of_the_wrong_kind_is_a_clear_boot_failure(
     c = await start_cluster(
         *cli("run", "webapp:not_an_app", "-w", "1", "-b", "127.0.0.1:0"), ready=False
     )
-    assert await c.wait() == 1
+    assert await c.wait() == 2
     assert "not an aiohttp Application; pass --factory" in c.output
 
 

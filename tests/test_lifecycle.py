@@ -8,7 +8,10 @@ so that a regression to "waits the whole graceful timeout" (or twice it) fails.
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 
@@ -17,6 +20,7 @@ import pytest
 
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli
+from .test_cluster import free_port, get_json
 
 WS_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -177,3 +181,71 @@ async def test_an_app_that_configures_logging_keeps_its_format(
         assert r.status == 200
     await c.wait_for(r"^OWNFMT webapp: app-log-line mine", timeout=5)
     assert not any("INFO webapp: app-log-line" in line for line in c.lines)
+
+
+def events_of(c: ClusterProcess, worker: int) -> list[str]:
+    """The SYNC event lines of ``worker``, in the order the primary emitted them."""
+    pattern = re.compile(rf"^SYNC (\w+) worker={worker} connected=(\w+)$")
+    return [f"{m[1]}:{m[2]}" for line in c.lines if (m := pattern.match(line))]
+
+
+async def test_disconnect_is_emitted_once_for_every_worker_before_its_exit(
+    start_cluster: StartCluster,
+) -> None:
+    """Node's contract: 'disconnect' when the channel closes, however the worker ends."""
+    port = free_port()
+    c = await start_cluster(sys.executable, "script_app.py", str(port))
+    pids = c.worker_pids
+    os.kill(pids[1], signal.SIGKILL)  # a crash
+    await c.wait_for(r"^SYNC exit worker=1 ")
+    await c.wait_for(r"worker 3 \(pid \d+\) listening on")  # its replacement
+    data = await get_json(f"http://127.0.0.1:{port}/send?text=disconnect-me&wait=no")
+    asked = int(str(data["worker"]))  # disconnect() asked for
+    await c.wait_for(rf"^SYNC exit worker={asked} ")
+    assert await c.stop() == 0  # the rest at the stop
+    for worker in c.worker_pids:
+        assert events_of(c, worker) == ["disconnect:False", "exit:False"], (worker, c.output)
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+@pytest.mark.parametrize(
+    ("app", "extra", "says"),
+    [
+        ("webapp:not_an_app", [], "is a function, not an aiohttp Application"),
+        ("webapp:no_such_thing", [], "module 'webapp' has no attribute 'no_such_thing'"),
+        ("webapp:not_an_app", ["--factory"], "returned str, not an aiohttp Application"),
+        ("webapp:app", ["--protocol"], "it is an aiohttp Application"),
+        ("raises_at_import:app", [], "importing 'raises_at_import' failed"),
+    ],
+)
+async def test_an_app_that_cannot_load_is_reported_once_and_never_retried(
+    start_cluster: StartCluster, start: str, app: str, extra: list[str], says: str
+) -> None:
+    c = await start_cluster(
+        *cli("run", app, *extra, "-w", "3", "-b", "127.0.0.1:0", "--start", start), ready=False
+    )
+    assert await c.wait(timeout=15) == 2
+    errors = [line for line in c.lines if line.startswith("aiocluster: error: ")]
+    assert len(errors) == 1, c.output
+    assert says in errors[0]
+    assert c.count("Traceback") == (1 if app.startswith("raises") else 0), c.output
+    assert "restarting slot" not in c.output
+    assert "cannot load the application; stopping the cluster" in c.output
+
+
+async def test_a_worker_that_will_not_exit_is_killed_after_deadline_and_allowance(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0"),
+        *("--graceful-timeout", "1", "--cleanup-timeout", "1", "-t", "0"),
+    )
+    blocked = asyncio.create_task(get_json(f"{c.url}/block?s=30"))  # blocks the worker's loop
+    await c.wait_for("TEST block-started")
+    began = time.monotonic()
+    c.signal(signal.SIGTERM)
+    await c.wait_for(r"killing worker 1 \(pid \d+\): still running 3s after it was told to drain")
+    assert 2.5 < time.monotonic() - began < 6
+    assert await c.wait(timeout=5) == 0
+    with pytest.raises(aiohttp.ClientError):
+        await blocked

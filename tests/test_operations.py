@@ -433,3 +433,44 @@ async def test_a_taken_admin_or_control_address_is_one_line(
     assert len(errors) == 1, c.output
     assert ("admin endpoint" if which == "admin" else "control") in errors[0]
     assert "Traceback" not in c.output
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> dict[str, float]:
+    """One /metrics scrape: ``name{labels}`` -> value."""
+    async with session.get(url) as r:
+        assert r.status == 200
+        text = await r.text()
+    found = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            found[f"{sample.name}{{{labels}}}"] = sample.value
+    return found
+
+
+async def test_request_totals_never_go_backwards_across_a_reload(
+    start_cluster: StartCluster,
+) -> None:
+    admin = free_port()
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--admin", f"127.0.0.1:{admin}"),
+        *("--timeout", "0.4"),  # heartbeats, which carry the counters, every 0.1 s
+    )
+    metrics_url = f"http://127.0.0.1:{admin}/metrics"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(20):
+            async with s.get(f"{c.url}/") as r:
+                assert r.status == 200
+        before: dict[str, float] = {}
+        async with asyncio.timeout(10):
+            while before.get("aiocluster_requests_total{}", 0) < 20:
+                before = await scrape(s, metrics_url)
+                await asyncio.sleep(0.1)  # the next heartbeat
+        c.signal(signal.SIGHUP)
+        await c.wait_for("reload complete")
+        await c.wait_for(r"worker 1 \(pid \d+\) exited with code 0")
+        after = await scrape(s, metrics_url)
+    assert after["aiocluster_requests_total{}"] >= before["aiocluster_requests_total{}"] >= 20
+    assert after["aiocluster_slot_requests_total{slot=1}"] >= 20
+    # The exited worker's own series is gone; its count lives on in the totals.
+    assert "aiocluster_worker_requests_total{slot=1,worker=1}" not in after

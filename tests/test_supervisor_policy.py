@@ -187,3 +187,20 @@ def test_boot_failures_halt_the_cluster() -> None:
 def test_a_reuseport_slot_scaled_away_is_drained(changes: dict[str, object], drain: bool) -> None:
     verdict = Supervisor().decide(facts(**{"reuseport": True, "size": 1, **changes}))
     assert verdict.drain_slot is drain
+
+
+def test_an_app_that_cannot_load_halts_at_once_with_status_2_until_the_cluster_served() -> None:
+    cannot_load = facts(returncode=4, listened=False, uptime=0.2)
+    verdict = Supervisor().decide(cannot_load)
+    assert (verdict.action, verdict.status) == ("halt", 2)
+    assert verdict.message == (
+        "worker 3 (pid 99) exited with code 4: it cannot load the application; stopping the cluster"
+    )
+    # Once the cluster has served, the others keep serving: a boot failure like any.
+    later = Supervisor().decide(dataclasses.replace(cannot_load, ready_once=True))
+    assert (later.action, later.status) == ("restart", 1)
+    # A replacement in a reload that cannot load: the old worker keeps serving.
+    replacing = dataclasses.replace(cannot_load, replacing="worker 1 (pid 7)")
+    assert Supervisor().decide(replacing).action == "ignore"
+    # Status 4 from a worker that did listen is a crash like any other.
+    assert Supervisor().decide(facts(returncode=4)).action == "restart"

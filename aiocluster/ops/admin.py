@@ -94,9 +94,29 @@ class ClusterCollector(Collector):
         )
         yield CounterMetricFamily(
             "aiocluster_requests",
-            "Requests served by the live workers.",
-            sum(w["requests"] for w in status["workers"]),
+            "Requests served by every worker the cluster ran (exited ones included).",
+            status["totals"]["requests"],
         )
+        yield CounterMetricFamily(
+            "aiocluster_accepted_connections",
+            "Connections accepted by every worker the cluster ran (exited ones included).",
+            status["totals"]["accepted"],
+        )
+        slot_requests = CounterMetricFamily(
+            "aiocluster_slot_requests",
+            "Requests served by the workers of the slot, exited ones included.",
+            labels=["slot"],
+        )
+        slot_accepted = CounterMetricFamily(
+            "aiocluster_slot_accepted_connections",
+            "Connections accepted by the workers of the slot, exited ones included.",
+            labels=["slot"],
+        )
+        for slot in status["slots"]:
+            slot_requests.add_metric([str(slot["slot"])], float(slot["requests"]))
+            slot_accepted.add_metric([str(slot["slot"])], float(slot["accepted"]))
+        yield slot_requests
+        yield slot_accepted
         yield GaugeMetricFamily(
             "aiocluster_open_connections",
             "Connections open on all workers.",

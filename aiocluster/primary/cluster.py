@@ -13,19 +13,20 @@ import contextlib
 import logging
 import signal
 import socket
+import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, ConfigError
+from aiocluster._errors import AioclusterError, AppErrorReport, ClusterFailed, ConfigError
 from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.fleet import Fleet
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.rollout import Rollout
-from aiocluster.primary.snapshot import snapshot
-from aiocluster.primary.starter import Starter, worker_argv
+from aiocluster.primary.snapshot import Totals, snapshot
+from aiocluster.primary.starter import AppUnloadable, Starter, worker_argv
 from aiocluster.primary.supervisor import (
     ExitFacts,
     RestartPolicy,
@@ -37,10 +38,6 @@ from aiocluster.wire.address import Address
 __all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
 log = logging.getLogger("aiocluster.primary")
-
-
-class ClusterFailed(AioclusterError):
-    """The cluster stopped because it could not run: a bind error or a worker that cannot boot."""
 
 
 class Cluster:
@@ -82,12 +79,17 @@ class Cluster:
         self.binds: list[Address] = list(config.binds)
         #: Restarts after crashes (and hangs), per slot.
         self.restarts: collections.Counter[int] = collections.Counter()
+        #: What exited workers had counted, so the cluster's totals never go backwards.
+        self.totals = Totals()
         self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._ready = asyncio.Event()
         self._failure: str | None = None
+        self._failure_status = 1
+        self._app_error_said = False
+        self._app_error_logged: AppErrorReport | None = None
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._events = Events(self._background)
@@ -150,7 +152,9 @@ class Cluster:
             ready.cancel()
         if not self._ready.is_set():
             await self._main
-            raise ClusterFailed(self._failure or "the cluster stopped before it was ready")
+            raise ClusterFailed(
+                self._failure or "the cluster stopped before it was ready", self._failure_status
+            )
 
     def adopt_listeners(self, socks: list[socket.socket]) -> None:
         """Serve these listening sockets (socket activation) instead of binding ``config.binds``."""
@@ -228,7 +232,7 @@ class Cluster:
         assert self._main is not None, "start() the cluster first"
         await asyncio.shield(self._main)
         if self._failure is not None:
-            raise ClusterFailed(self._failure)
+            raise ClusterFailed(self._failure, self._failure_status)
 
     async def aclose(self) -> None:
         """Stop gracefully and wait until every worker is reaped and every socket closed."""
@@ -254,7 +258,12 @@ class Cluster:
                 for slot in range(1, self._size + 1):
                     if self.stopping:
                         break  # stopped while the first workers started: start no more
-                    await self.fleet.spawn(slot)
+                    try:
+                        await self.fleet.spawn(slot)
+                    except AppUnloadable as err:
+                        self._app_error(err.report)
+                        self._fail(f"{err}; stopping the cluster", status=2)
+                        break
                 await self._stop.wait()
                 await self._shutdown()
         finally:
@@ -263,6 +272,7 @@ class Cluster:
             await self.starter.aclose()
 
     def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
+        self.totals.retire(worker)
         verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
         if verdict.drain_slot:
             handed = self.drain_slot(worker.slot)
@@ -271,8 +281,19 @@ class Cluster:
                 worker.slot,
                 handed,
             )
+        if verdict.action == "halt" and verdict.status == 2:
+            self._app_error(worker.app_error)
+        elif (
+            worker.app_error is not None
+            and worker.app_error != self._app_error_logged
+            and not self.stopping  # the halt said it already, or nobody waits for it
+        ):
+            # A boot that failed once the cluster served (a reload into broken code, a
+            # restart of new code): the cluster goes on, so the report is a log line.
+            self._app_error_logged = worker.app_error
+            log.error("%s reported:\n%s", worker.describe(), worker.app_error.text().rstrip())
         if verdict.action == "halt":
-            self._fail(verdict.message)
+            self._fail(verdict.message, verdict.status)
             return
         log.log(verdict.level, "%s", verdict.message)
         if verdict.action == "restart":
@@ -294,6 +315,7 @@ class Cluster:
             slot_taken=self.fleet.slot_taken(worker.slot),
             slot_served=self.fleet.slot_served(worker.slot),
             reuseport=self.config.policy == "reuseport",
+            ready_once=self._ready.is_set(),
         )
 
     async def _restart(self, slot: int, delay: float) -> None:
@@ -311,15 +333,29 @@ class Cluster:
         if self._tg is not None:
             self._after_exit(worker, worker.returncode or 0)
 
-    def _fail(self, reason: str) -> None:
+    def _app_error(self, report: AppErrorReport | None) -> None:
+        """Say, once, what a worker or the zygote reported wrong with the application."""
+        if report is not None and not self._app_error_said:
+            self._app_error_said = True
+            sys.stderr.write(report.text())
+            sys.stderr.flush()
+
+    def _fail(self, reason: str, status: int = 1) -> None:
         if self._failure is None:
             self._failure = reason
+            self._failure_status = status
             log.error("%s", reason)
         self._stop.set()
 
     async def _shutdown(self) -> None:
-        timeout = self.config.graceful_timeout
-        log.info("stopping %d workers (graceful timeout %gs)", len(self.workers), timeout)
+        log.info(
+            "stopping %d workers (graceful timeout %gs, cleanup %gs)",
+            len(self.workers),
+            self.config.graceful_timeout,
+            self.config.cleanup_timeout,
+        )
+        # Each worker told to drain kills itself past its own drain limit (see Fleet): no
+        # second timeout here to stack on the first.
         for worker in list(self.workers.values()):
             worker.disconnect()
         # Our copies of the listening sockets go now: once the workers close theirs the
@@ -327,16 +363,15 @@ class Cluster:
         self.listens.close_sockets()
         gone = asyncio.create_task(self.fleet.wait_gone())
         forced = asyncio.create_task(self._force.wait())
-        # The workers drain for `timeout` themselves; the margin lets them exit cleanly.
-        await asyncio.wait({gone, forced}, timeout=timeout + 5, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({gone, forced}, return_when=asyncio.FIRST_COMPLETED)
         forced.cancel()
-        reason = "stop forced" if self._force.is_set() else f"still running after {timeout:g}s"
-        for worker in list(self.workers.values()):
-            log.warning("killing %s: %s", worker.describe(), reason)
-            worker.signal(signal.SIGKILL)
+        if self._force.is_set():
+            for worker in list(self.workers.values()):
+                log.warning("killing %s: stop forced", worker.describe())
+                worker.signal(signal.SIGKILL)
         await gone
-        if self._force.is_set() and self._failure is None:
-            self._failure = "stop forced: workers were killed without draining"
+        if self._force.is_set():
+            self._fail("stop forced: workers were killed without draining")
 
     # -- scheduling policies -----------------------------------------------------------------
 
@@ -362,6 +397,7 @@ class Cluster:
         listening = self.fleet.listening()
         if not self._ready.is_set() and listening >= self._size:
             self._ready.set()
+            self.starter.served()
             log.info("ready: %d workers listening", listening)
 
     def _phase(self) -> Phase:

@@ -62,6 +62,7 @@ class Dispatcher:
             proto.MESSAGE: self._message,
             proto.CLOSE: self._close,
             proto.LOAD: self._load,
+            proto.APP_ERROR: self._app_error,
         }
 
     def dispatch(self, worker: WorkerProcess, frame: Frame) -> None:
@@ -78,6 +79,8 @@ class Dispatcher:
             frame,
             {
                 "graceful_timeout": self.config.graceful_timeout,
+                "cleanup_timeout": self.config.cleanup_timeout,
+                "ws_grace": self.config.ws_grace,
                 "heartbeat": heartbeat_interval(self.config.timeout),
                 "binds": [a.to_wire() for a in self._binds()],
                 **self.listens.settings(),
@@ -85,6 +88,9 @@ class Dispatcher:
         )
         worker.arm_hang_timer(self.config.timeout)
         self._events.emit("online", worker)
+
+    def _app_error(self, worker: WorkerProcess, frame: Frame) -> None:
+        worker.report_app_error(proto.app_error_report(frame.msg))
 
     def _listening(self, worker: WorkerProcess, frame: Frame) -> None:
         address = _require_address(frame.msg)

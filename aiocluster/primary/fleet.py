@@ -20,7 +20,16 @@ from aiocluster.primary.starter import Starter
 from aiocluster.primary.supervisor import request_limit
 from aiocluster.wire.codec import Frame
 
-__all__ = ["Fleet"]
+__all__ = ["DRAIN_MARGIN", "Fleet", "drain_limit"]
+
+#: Seconds a drained worker gets, past its deadline and cleanup allowance, to exit.
+DRAIN_MARGIN = 1.0
+
+
+def drain_limit(config: ClusterConfig) -> float:
+    """How long a worker told to drain may take before the primary kills it."""
+    return config.graceful_timeout + config.cleanup_timeout + DRAIN_MARGIN
+
 
 log = logging.getLogger("aiocluster.primary")
 
@@ -61,7 +70,9 @@ class Fleet:
 
     async def spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
         """Start a worker in ``slot`` (``replaces``: the one it is to take over from)."""
-        worker = WorkerProcess(next(self._ids), slot, on_event=self._events.emit)
+        worker = WorkerProcess(
+            next(self._ids), slot, on_event=self._events.emit, drain_limit=drain_limit(self._config)
+        )
         worker.replaces = replaces
         worker.request_limit = request_limit(
             self._config.max_requests, self._config.max_requests_jitter

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-from aiocluster._errors import ChannelClosed, ProtocolError
+from aiocluster._errors import AppErrorReport, ChannelClosed, ProtocolError
 from aiocluster.primary.handles import MAX_HANDLES
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, PeerNotReading
@@ -38,11 +38,16 @@ EventSink = Callable[..., None]
 class WorkerProcess:
     """The primary's view of one worker process (Node's ``cluster.Worker``).
 
-    ``on_event(name, worker, *args)`` hears the events the worker itself causes (today only
-    ``disconnect``); the cluster emits the others.
+    ``on_event(name, worker, *args)`` hears the events the worker itself causes: ``disconnect``,
+    once, when its channel closes (Node's contract: whether it was asked to leave, exited, or
+    was killed), always before the cluster's ``exit``. ``drain_limit`` is how long it may take
+    to exit once told to drain (the graceful timeout, the cleanup allowance and a margin):
+    then it is killed.
     """
 
-    def __init__(self, worker_id: int, slot: int, *, on_event: EventSink) -> None:
+    def __init__(
+        self, worker_id: int, slot: int, *, on_event: EventSink, drain_limit: float = 0.0
+    ) -> None:
         self.id = worker_id
         self.slot = slot
         self.state: WorkerState = "starting"
@@ -60,6 +65,8 @@ class WorkerProcess:
         self.retiring: str | None = None
         #: Requests after which this worker is recycled (0: never).
         self.request_limit = 0
+        #: What the worker reported wrong with the application, before it exited (status 4).
+        self.app_error: AppErrorReport | None = None
         self.started_at = asyncio.get_running_loop().time()
         self._on_event = on_event
         self._accepted = 0
@@ -68,6 +75,9 @@ class WorkerProcess:
         self._exited = asyncio.Event()
         self._listening = asyncio.Event()
         self._hang: asyncio.TimerHandle | None = None
+        self._drain_limit = drain_limit
+        self._overdue: asyncio.TimerHandle | None = None
+        self._disconnected = False  # the disconnect event went out
         self._announced = False  # sent `online`
 
     def __repr__(self) -> str:
@@ -119,7 +129,9 @@ class WorkerProcess:
         self.exited_after_disconnect = True
         if self.state != "disconnecting":
             self.state = "disconnecting"
-            self._on_event("disconnect", self)
+            if self._drain_limit > 0:
+                loop = asyncio.get_running_loop()
+                self._overdue = loop.call_later(self._drain_limit, self._drain_overdue)
         if self._channel is not None:
             with contextlib.suppress(ChannelClosed):
                 self._channel.send({"act": proto.DISCONNECT})
@@ -190,6 +202,11 @@ class WorkerProcess:
         if address in self.listening:
             self.listening.remove(address)
 
+    def report_app_error(self, report: AppErrorReport) -> None:
+        """It reported that the application cannot be loaded (the first report counts)."""
+        if self.app_error is None:
+            self.app_error = report
+
     def record_stats(self, stats: dict[str, float]) -> None:
         """Its event loop's latest report (requests, connections, rss, lag)."""
         self.stats = stats
@@ -226,14 +243,36 @@ class WorkerProcess:
         if why is not None and not exit_task.done():
             log.error("%s %s; killing it", self.describe(), why)
             self.signal(signal.SIGKILL)
+        if closed_task.done():
+            self._channel_closed()  # it closed its end (drained), or was cut off: before exit
         returncode = await exit_task
         closed_task.cancel()
         channel.close()
+        self._channel_closed()
         self.cancel_hang_timer()
+        if self._overdue is not None:
+            self._overdue.cancel()
+            self._overdue = None
         self.state = "dead"
         self.returncode = returncode
         self._exited.set()
         return returncode
+
+    def _channel_closed(self) -> None:
+        if not self._disconnected:
+            self._disconnected = True
+            self._on_event("disconnect", self)
+
+    def _drain_overdue(self) -> None:
+        self._overdue = None
+        if self.state != "dead":
+            log.warning(
+                "killing %s: still running %gs after it was told to drain "
+                "(graceful timeout, cleanup allowance and a margin)",
+                self.describe(),
+                self._drain_limit,
+            )
+            self.signal(signal.SIGKILL)
 
     def _hung(self, timeout: float) -> None:
         self._hang = None

@@ -9,12 +9,43 @@ if TYPE_CHECKING:
     from aiocluster.primary.cluster import Cluster
     from aiocluster.primary.process import WorkerProcess
 
-__all__ = ["snapshot"]
+__all__ = ["COUNTERS", "Totals", "snapshot"]
+
+#: The per-worker counters whose cluster and slot totals never go backwards.
+COUNTERS = ("requests", "accepted")
+
+
+class Totals:
+    """What workers that exited had counted, per slot: so totals keep it (monotonic)."""
+
+    def __init__(self) -> None:
+        self._retired: dict[int, dict[str, int]] = {}
+
+    def retire(self, worker: WorkerProcess) -> None:
+        """``worker`` exited: keep its last counts (what it served since its last report is
+        not known, so it is not counted: totals stay monotonic, not exact)."""
+        slot = self._retired.setdefault(worker.slot, dict.fromkeys(COUNTERS, 0))
+        for key, value in _counts(worker).items():
+            slot[key] += value
+
+    def by_slot(self, live: list[WorkerProcess]) -> dict[int, dict[str, int]]:
+        """Every slot's totals: what its exited workers counted, plus its live ones."""
+        slots = {slot: dict(counts) for slot, counts in self._retired.items()}
+        for worker in live:
+            slot = slots.setdefault(worker.slot, dict.fromkeys(COUNTERS, 0))
+            for key, value in _counts(worker).items():
+                slot[key] += value
+        return dict(sorted(slots.items()))
+
+
+def _counts(worker: WorkerProcess) -> dict[str, int]:
+    return {"requests": int(worker.stats.get("requests", 0)), "accepted": worker.accepted}
 
 
 def snapshot(cluster: Cluster, now: float) -> dict[str, Any]:
     """``cluster``'s status at loop time ``now``: its totals and one entry per live worker."""
     workers = sorted(cluster.workers.values(), key=lambda w: (w.slot, w.id))
+    slots = cluster.totals.by_slot(workers)
     return {
         "size": cluster.size,
         "listening": sum(1 for w in workers if w.state == "listening"),
@@ -27,6 +58,9 @@ def snapshot(cluster: Cluster, now: float) -> dict[str, Any]:
         "start": cluster.starter.method,
         "zygote": cluster.starter.zygote_pid,
         "workers": [_worker(w, cluster.restarts[w.slot], now) for w in workers],
+        # Counters over the cluster's life: exited workers' counts stay in them.
+        "totals": {key: sum(counts[key] for counts in slots.values()) for key in COUNTERS},
+        "slots": [{"slot": slot, **counts} for slot, counts in slots.items()],
     }
 
 

@@ -26,7 +26,13 @@ from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from aiocluster._config import StartMethod
-from aiocluster._errors import ChannelClosed
+from aiocluster._errors import (
+    APP_ERROR_STATUS,
+    AioclusterError,
+    AppErrorReport,
+    ChannelClosed,
+    ProtocolError,
+)
 from aiocluster._role import ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_SLOT, ENV_ZYGOTE_FD
 from aiocluster._zygote import take_preforked
 from aiocluster.wire import messages as proto
@@ -34,6 +40,7 @@ from aiocluster.wire.channel import Channel, channel_pair
 from aiocluster.wire.codec import Frame
 
 __all__ = [
+    "AppUnloadable",
     "ProcessHandle",
     "Starter",
     "spawn",
@@ -103,11 +110,31 @@ class ForkedProcess:
         signal.pidfd_send_signal(self._pidfd, sig)
 
 
+class AppUnloadable(AioclusterError):
+    """The zygote said the application cannot be loaded, before the cluster ever served."""
+
+    def __init__(self, message: str, report: AppErrorReport | None) -> None:
+        super().__init__(message)
+        #: What the zygote reported (None: it exited without a report).
+        self.report = report
+
+
 class ZygoteUnavailable(Exception):
     """The zygote cannot fork workers: it refused (why), failed to load, or is gone."""
 
-    def __init__(self, why: str, *, loaded: bool) -> None:
+    def __init__(
+        self,
+        why: str,
+        *,
+        loaded: bool,
+        status: int | None = None,
+        report: AppErrorReport | None = None,
+    ) -> None:
         super().__init__(why)
+        #: The zygote's exit status, if it exited while loading.
+        self.status = status
+        #: What it reported wrong with the application, if it did.
+        self.report = report
         #: True when the program loaded but forking is unsafe there (use spawn, no error).
         self.loaded = loaded
 
@@ -154,14 +181,28 @@ class Zygote:
         await asyncio.wait(first, return_when=asyncio.FIRST_COMPLETED)
         if not self._answer.done():
             await self.aclose()
+            status = self._exit.result()
             raise ZygoteUnavailable(
-                f"the zygote exited with status {self._exit.result()} while loading the program",
+                f"the zygote exited with status {status} while loading the program",
                 loaded=False,
+                status=status,
             )
         msg = self._answer.result().msg
         if msg.get("act") == proto.ZYGOTE_UNABLE:
             await self.aclose()
             raise ZygoteUnavailable(str(msg.get("why", "no reason given")), loaded=True)
+        if msg.get("act") == proto.APP_ERROR:
+            try:
+                report: AppErrorReport | None = proto.app_error_report(msg)
+            except ProtocolError:
+                report = None
+            await self.aclose()
+            raise ZygoteUnavailable(
+                "the zygote cannot load the application",
+                loaded=False,
+                status=APP_ERROR_STATUS,
+                report=report,
+            )
 
     def _on_frame(self, frame: Frame) -> None:
         if not self._answer.done():
@@ -213,6 +254,8 @@ class Starter:
         self._starting: asyncio.Task[Zygote | None] | None = None
         # The last zygote failed to load the program: spawn until a reload tries again.
         self._failed = False
+        # Until the cluster has served, an application that cannot load ends it.
+        self._served = False
 
     @property
     def zygote_pid(self) -> int | None:
@@ -266,11 +309,18 @@ class Starter:
             self._zygote = zygote
         return zygote
 
+    def served(self) -> None:
+        """The cluster has served: from now on a zygote that cannot load the application is a
+        reason to spawn workers (which retry), not to stop."""
+        self._served = True
+
     async def _new_zygote(self) -> Zygote | None:
         try:
             zygote = _take_preforked() or await Zygote.spawn(self._argv)
             await zygote.ready()
         except ZygoteUnavailable as err:
+            if err.status == APP_ERROR_STATUS and not self._served:
+                raise AppUnloadable(str(err), err.report) from None
             if err.loaded:
                 log.warning("start method fork is not available (%s); spawning workers", err)
                 self.method = "spawn"
@@ -293,7 +343,10 @@ class Starter:
                 log.warning("start method fork is not available (%s); spawning workers", err)
                 self.method = "spawn"
                 return True
-            log.error("reload: %s", err)
+            if err.report is not None:
+                log.error("reload: the new code cannot be loaded:\n%s", err.report.text().rstrip())
+            else:
+                log.error("reload: %s", err)
             return False
         old, self._zygote, self._failed = self._zygote, zygote, False
         log.info("zygote (pid %s) loaded the program; forking workers from it", zygote.pid)

@@ -13,6 +13,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Literal
 
+from aiocluster._errors import APP_ERROR_STATUS
+
 __all__ = [
     "Decision",
     "ExitFacts",
@@ -75,6 +77,8 @@ class ExitFacts:
     slot_served: bool = False
     #: Policy reuseport: the slot has sockets of its own, which a slot scaled away must drain.
     reuseport: bool = False
+    #: Every worker was listening at some point: the cluster has served.
+    ready_once: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,6 +95,8 @@ class Verdict:
     level: int = logging.INFO
     delay: float = 0.0
     drain_slot: bool = False
+    #: For ``halt``: the exit status the cluster ends with (2: the application cannot load).
+    status: int = 1
 
 
 @dataclass
@@ -141,6 +147,12 @@ class Supervisor:
         if facts.slot > facts.size or facts.slot_served:
             message = f"{ended}; its slot is not needed any more"
             return Verdict("ignore", message, logging.WARNING, drain_slot=drain)
+        if facts.returncode == APP_ERROR_STATUS and not facts.listened and not facts.ready_once:
+            # The worker said the application cannot load: no retry can fix that. Once the
+            # cluster has served, the same exit is a boot failure like any (new code on disk
+            # broke a restart: the others keep serving while it retries, then halts).
+            message = f"{ended}: it cannot load the application; stopping the cluster"
+            return Verdict("halt", message, logging.ERROR, drain_slot=drain, status=2)
         decision = self.exited(facts.slot, listened=facts.listened, uptime=facts.uptime)
         if decision.action == "halt":
             message = (

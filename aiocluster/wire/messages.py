@@ -7,14 +7,17 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from aiocluster._errors import ProtocolError
+from aiocluster._errors import AppErrorReport, ProtocolError
 
 __all__ = [
+    "APP_ERROR",
     "CLOSE",
     "DISCONNECT",
     "HEARTBEAT",
     "LISTENING",
     "LOAD",
+    "MAX_ERROR_LINE",
+    "MAX_TRACEBACK",
     "MESSAGE",
     "NEWCONN",
     "ONLINE",
@@ -22,6 +25,7 @@ __all__ = [
     "ZYGOTE_FORK",
     "ZYGOTE_READY",
     "ZYGOTE_UNABLE",
+    "app_error_report",
     "optional_number",
     "require",
 ]
@@ -35,6 +39,9 @@ LISTENING = "listening"  # address, and the handle id now served
 CLOSE = "close"  # address, and the handle id no longer served
 LOAD = "load"  # counters: accepted (in all), open (adopted, still open), adopted
 HEARTBEAT = "heartbeat"  # from the worker's event loop: lag, requests, connections, rss
+# worker or zygote -> primary, once, just before it exits with status 4: the application
+# cannot be loaded. error (one line), traceback (text, may be empty); the primary says it once
+APP_ERROR = "appError"
 # both ways
 MESSAGE = "message"
 # primary -> worker
@@ -51,6 +58,10 @@ ZYGOTE_UNABLE = "zygoteUnable"
 # primary -> zygote: request with one fd, the new worker's channel end, and its id and slot;
 # the reply carries the worker's pid, or errno and error
 ZYGOTE_FORK = "fork"
+
+#: The longest ``appError`` texts the primary keeps (a line; a traceback).
+MAX_ERROR_LINE = 4096
+MAX_TRACEBACK = 65536
 
 T = TypeVar("T")
 
@@ -84,3 +95,14 @@ def optional_number(msg: dict[str, Any], key: str) -> float | None:
             f"{msg.get('act')!r}: field {key!r} must be a number in 0..2**63, got {value!r:.40}"
         )
     return float(value)
+
+
+def app_error_report(msg: dict[str, Any]) -> AppErrorReport:
+    """The report an ``appError`` frame carries, its texts cut to their bounds."""
+    error = require(msg, "error", str)
+    trace = msg.get("traceback", "")
+    if not isinstance(trace, str):
+        raise ProtocolError(
+            f"'appError': field 'traceback' must be str, not {type(trace).__name__}"
+        )
+    return AppErrorReport(error[:MAX_ERROR_LINE], trace[-MAX_TRACEBACK:])

@@ -29,9 +29,19 @@ def main() -> None:
 
             cluster.on(event, report)  # type: ignore[arg-type]
 
+        def in_order(event: str) -> None:
+            def report(worker: aiocluster.Worker, *args: object) -> None:
+                # A plain callback runs at once, in the order the cluster emits.
+                line = f"SYNC {event} worker={worker.id} connected={worker.is_connected()}"
+                sys.stderr.write(line + "\n")
+
+            cluster.on(event, report)  # type: ignore[arg-type]
+
         cluster.on("message", on_message)
         for event in ("fork", "online", "listening", "disconnect", "exit"):
             show(event)
+        for event in ("disconnect", "exit"):
+            in_order(event)
 
     aiocluster.run(
         make_app, host="127.0.0.1", port=port, workers=2, graceful_timeout=5, on_primary=on_primary
