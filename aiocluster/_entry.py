@@ -13,6 +13,7 @@ import dataclasses
 import inspect
 import logging
 import os
+import ssl
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -22,8 +23,9 @@ from aiocluster._appspec import NotImported
 from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import APP_ERROR_STATUS, AioclusterError, AppLoadError, ConfigError
 from aiocluster._logging import ensure_logging, set_level
-from aiocluster._options import run_settings
+from aiocluster._options import default_workers, run_settings
 from aiocluster._role import become_worker
+from aiocluster._tls import check_tls
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.worker.link import is_primary, is_worker
 from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
@@ -44,6 +46,7 @@ async def serve(
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
@@ -71,22 +74,28 @@ async def serve(
     slot). See docs/policies.md.
 
     ``access_log`` None means ``$AIOCLUSTER_ACCESS_LOG``, else off.
+
+    TLS: ``certfile`` and ``keyfile`` (options), which each new worker reads afresh, or a ready
+    ``ssl_context`` (as ``web.run_app`` takes), used as it is.
     """
     if is_zygote():
         refuse("aiocluster.serve() was awaited in the program's own event loop")
     if config is None:
         config = ClusterConfig.build(**options)
+    own = run_settings(access_log=access_log, ssl_context=ssl_context)
     if is_worker():
         ensure_logging()
         if protocol:
-            await serve_protocol_worker(app, config)  # type: ignore[arg-type]
+            await serve_protocol_worker(app, config, ssl_context=own["ssl_context"])  # type: ignore[arg-type]
         else:
-            log_requests = run_settings(access_log=access_log)["access_log"]
-            await serve_app_worker(app, config, access_log=log_requests)
+            await serve_app_worker(
+                app, config, access_log=own["access_log"], ssl_context=own["ssl_context"]
+            )
         return
     # aiohttp Applications are callable too: the primary need not import aiohttp to check.
     if not callable(app):
         raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
+    check_tls(config, own["ssl_context"])
     await supervise(config, on_primary=on_primary)
 
 
@@ -113,6 +122,14 @@ async def supervise(
     from aiocluster.primary.cluster import Cluster
 
     ensure_logging()
+    cpus = default_workers()
+    if config.workers > 4 * cpus:
+        log.warning(
+            "%d workers for %d CPUs: more than 4 per CPU only adds memory and context switches; "
+            "one per CPU is usually best",
+            config.workers,
+            cpus,
+        )
     cluster = Cluster(config)
     if on_primary is not None:
         result = on_primary(cluster)
@@ -137,6 +154,7 @@ def run(
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
     log_level: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
@@ -162,6 +180,9 @@ def run(
         use_uvloop = not own["no_uvloop"]
         if config is None:
             config = ClusterConfig.build(**options)
+        if is_primary():
+            # Before the zygote's fork: a bad file is one line and status 2.
+            check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
         if is_zygote():
             app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
         elif is_primary():
@@ -177,6 +198,7 @@ def run(
             protocol=protocol,
             on_primary=on_primary,
             access_log=own["access_log"],
+            ssl_context=ssl_context,
             config=config,
         )
         _run_loop(cluster, use_uvloop=use_uvloop)
