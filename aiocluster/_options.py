@@ -434,7 +434,7 @@ class Option:
         if isinstance(raw, str):
             raw = raw.replace(",", " ").split()
         if not isinstance(raw, Iterable):
-            raise ConfigError(f"must be a list, not {raw!r}")
+            raw = [raw]  # one item: its check says what an item may be
         return tuple(self.check(item) for item in raw)
 
     def default_value(self) -> Any:
