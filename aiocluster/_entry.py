@@ -166,6 +166,10 @@ def run(
     set up none) left None come from ``$AIOCLUSTER_NO_UVLOOP``, ``$AIOCLUSTER_ACCESS_LOG`` and
     ``$AIOCLUSTER_LOG_LEVEL``, like the command line's.
 
+    ``ssl_context``: a ready :class:`ssl.SSLContext` for every listen (as ``web.run_app``
+    takes), instead of the ``certfile``/``keyfile`` options, which each new worker reads
+    afresh.
+
     Workers start by ``config.start``: on Linux by default ``fork``, from a zygote forked here,
     before any event loop runs, that loads the application once; workers are forked from it
     and go on from this call as workers. ``start="spawn"`` starts each as a new interpreter.

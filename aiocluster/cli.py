@@ -2,8 +2,8 @@
 
 The options of ``run`` are made from the table in :mod:`aiocluster._options`. Each can also
 come from the environment as ``AIOCLUSTER_<OPTION>`` (dashes as underscores:
-``AIOCLUSTER_WORKERS=4``, ``AIOCLUSTER_BIND="127.0.0.1:8000 unix:/run/a.sock"``); an option on
-the command line wins over the environment.
+``AIOCLUSTER_WORKERS=4``, ``AIOCLUSTER_BIND="127.0.0.1:8000 unix:/run/a.sock"``) or from a
+TOML config file; the command line wins over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -191,12 +191,16 @@ def build_parser() -> Parser:
         allow_abbrev=False,
         help="serve an application on a cluster of workers",
         description="Serve APP on N worker processes sharing the listening sockets. Every "
-        "option can also be set in the environment, as shown in [env: ...].",
+        "option can also be set in the environment, as shown in [env: ...], or in a TOML "
+        "config file (-c, or [tool.aiocluster] in ./pyproject.toml): the command line wins "
+        "over the environment, which wins over the file.",
         epilog="examples:\n"
         "  aiocluster run myapp:app -w 4 -b 127.0.0.1:8080\n"
         "  aiocluster run myapp:make_app --factory -b unix:/run/myapp.sock\n"
         "  aiocluster run echo:EchoProtocol --protocol -b 127.0.0.1:9000\n"
         "  AIOCLUSTER_WORKERS=8 aiocluster run myapp:app --admin 127.0.0.1:9100\n"
+        "  aiocluster run myapp:app -c aiocluster.toml --print-config\n"
+        "  aiocluster run myapp:app -b 0.0.0.0:8443 --certfile cert.pem --keyfile key.pem\n"
         "\n"
         "signals to the primary: TERM/INT drain and stop (twice: at once), HUP reloads every\n"
         "worker, TTIN adds a worker, TTOU removes one.",
@@ -206,7 +210,8 @@ def build_parser() -> Parser:
         "app",
         metavar="APP",
         help="module:attribute — an aiohttp Application (or, with --factory, a callable "
-        "returning one; with --protocol, an asyncio protocol factory)",
+        "returning one; with --protocol, an asyncio protocol factory); "
+        'module:create_app("x", debug=True) calls a factory with literal arguments',
     )
     run_cmd.add_argument(
         "--print-config",

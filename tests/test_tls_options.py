@@ -34,6 +34,14 @@ def write_cert(ca: trustme.CA, folder: Path, stem: str = "server") -> tuple[Path
     return cert_path, key_path
 
 
+def https_run(cert: Path, key: Path, *args: str) -> list[str]:
+    """``aiocluster run client_app:app`` on a free port with this certificate and key."""
+    return cli(
+        "run", "client_app:app", "-b", "127.0.0.1:0", "--certfile", str(cert),
+        "--keyfile", str(key), *args,
+    )  # fmt: skip
+
+
 def trusting(*cas: trustme.CA) -> ssl.SSLContext:
     client = ssl.create_default_context()
     for ca in cas:
@@ -83,21 +91,8 @@ async def test_client_certificates_required(start_cluster: StartCluster, tmp_pat
     cert, key = write_cert(ca, tmp_path)
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     c = await start_cluster(
-        *cli(
-            "run",
-            "client_app:app",
-            "-w",
-            "1",
-            "-b",
-            "127.0.0.1:0",
-            "--certfile",
-            str(cert),
-            "--keyfile",
-            str(key),
-            "--ca-certs",
-            str(tmp_path / "ca.pem"),
-            "--cert-reqs",
-            "required",
+        *https_run(
+            cert, key, "-w", "1", "--ca-certs", str(tmp_path / "ca.pem"), "--cert-reqs", "required"
         )
     )
     url = f"https://{c.address}/client"
@@ -115,22 +110,7 @@ async def test_a_reload_rotates_the_certificate_without_a_failed_request(
 ) -> None:
     old_ca, new_ca = trustme.CA(), trustme.CA()
     cert, key = write_cert(old_ca, tmp_path)
-    c = await start_cluster(
-        *cli(
-            "run",
-            "client_app:app",
-            "-w",
-            "2",
-            "-b",
-            "127.0.0.1:0",
-            "--certfile",
-            str(cert),
-            "--keyfile",
-            str(key),
-            "--graceful-timeout",
-            "10",
-        )
-    )
+    c = await start_cluster(*https_run(cert, key, "-w", "2", "--graceful-timeout", "10"))
     url = f"https://{c.address}/client"
     await get_client(url, trusting(old_ca))
     # Renewed files, as certbot leaves them; the running workers keep the old certificate.
