@@ -17,11 +17,13 @@ from aiocluster._options import (
     POLICIES,
     START_METHODS,
     Balance,
+    CertReqs,
     Policy,
     Scope,
     Settings,
     StartMethod,
     arguments,
+    config_file,
     default_start,
     default_workers,
     environment,
@@ -98,6 +100,16 @@ class ClusterConfig:
     #: or as fresh interpreters (``spawn``). None: ``fork`` for programs that enter through
     #: ``aiocluster.run()`` or the CLI, on Linux; ``spawn`` otherwise.
     start: StartMethod | None
+    #: TLS: the certificate chain and its key (None: plain TCP), read by each worker at start.
+    certfile: str | None
+    keyfile: str | None
+    #: TLS: the authorities client certificates must come from, and whether clients need one.
+    ca_certs: str | None
+    cert_reqs: CertReqs
+    #: aiohttp apps: take the client's address, scheme and host from forwarding headers, when
+    #: the peer is one of ``forwarded_allow_ips`` (networks, or ``*``).
+    proxy_headers: bool
+    forwarded_allow_ips: tuple[str, ...]
 
     @classmethod
     def build(cls, **options: object) -> ClusterConfig:
@@ -111,7 +123,7 @@ class ClusterConfig:
         with none of them the cluster listens on 127.0.0.1:8000.
         """
         layer = arguments(options, BUILD_SCOPES)
-        return cls.from_settings(resolve(layer, environment(), scopes=BUILD_SCOPES))
+        return cls.from_settings(resolve(layer, environment(), config_file(), scopes=BUILD_SCOPES))
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ClusterConfig:
@@ -129,6 +141,17 @@ class ClusterConfig:
             raise ConfigError(
                 "sticky chooses the worker from the client address; it cannot be combined with "
                 f"balance {balance!r}"
+            )
+        if settings["certfile"] is None:
+            needs = [name for name in ("keyfile", "ca_certs") if settings[name] is not None]
+            if settings["cert_reqs"] != "none":
+                needs.append("cert_reqs")
+            if needs:
+                raise ConfigError(f"{' and '.join(needs)} need certfile (the server's certificate)")
+        if settings["cert_reqs"] != "none" and settings["ca_certs"] is None:
+            raise ConfigError(
+                f"cert_reqs {settings['cert_reqs']!r} needs ca_certs: the authorities that client "
+                "certificates are checked against"
             )
         fields: dict[str, Any] = settings.of("config")
         return cls(binds=_binds(settings), **fields)

@@ -14,6 +14,7 @@ import inspect
 import logging
 import os
 import socket
+import ssl
 import sys
 import traceback
 from collections.abc import Callable, Coroutine
@@ -30,8 +31,9 @@ from aiocluster._errors import (
     ConfigError,
 )
 from aiocluster._logging import ensure_logging, set_level
-from aiocluster._options import run_settings
+from aiocluster._options import default_workers, run_settings
 from aiocluster._role import become_worker, identity
+from aiocluster._tls import check_tls
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.wire import messages as proto
 from aiocluster.wire.codec import encode
@@ -54,6 +56,7 @@ async def serve(
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
@@ -81,22 +84,28 @@ async def serve(
     slot). See docs/policies.md.
 
     ``access_log`` None means ``$AIOCLUSTER_ACCESS_LOG``, else off.
+
+    TLS: ``certfile`` and ``keyfile`` (options), which each new worker reads afresh, or a ready
+    ``ssl_context`` (as ``web.run_app`` takes), used as it is.
     """
     if is_zygote():
         refuse("aiocluster.serve() was awaited in the program's own event loop")
     if config is None:
         config = ClusterConfig.build(**options)
+    own = run_settings(access_log=access_log, ssl_context=ssl_context)
     if is_worker():
         ensure_logging()
         if protocol:
-            await serve_protocol_worker(app, config)  # type: ignore[arg-type]
+            await serve_protocol_worker(app, config, ssl_context=own["ssl_context"])  # type: ignore[arg-type]
         else:
-            log_requests = run_settings(access_log=access_log)["access_log"]
-            await serve_app_worker(app, config, access_log=log_requests)
+            await serve_app_worker(
+                app, config, access_log=own["access_log"], ssl_context=own["ssl_context"]
+            )
         return
     # aiohttp Applications are callable too: the primary need not import aiohttp to check.
     if not callable(app):
         raise ConfigError(f"cannot serve {app!r}: expected an aiohttp Application or a factory")
+    check_tls(config, own["ssl_context"])
     await supervise(config, on_primary=on_primary)
 
 
@@ -123,6 +132,14 @@ async def supervise(
     from aiocluster.primary.cluster import Cluster
 
     ensure_logging()
+    cpus = default_workers()
+    if config.workers > 4 * cpus:
+        log.warning(
+            "%d workers for %d CPUs: more than 4 per CPU only adds memory and context switches; "
+            "one per CPU is usually best",
+            config.workers,
+            cpus,
+        )
     cluster = Cluster(config)
     if on_primary is not None:
         result = on_primary(cluster)
@@ -147,6 +164,7 @@ def run(
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
     log_level: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
     config: ClusterConfig | None = None,
     **options: Any,
 ) -> None:
@@ -157,6 +175,10 @@ def run(
     ``access_log`` and ``log_level`` (the level of aiocluster's log handler, when the program
     set up none) left None come from ``$AIOCLUSTER_NO_UVLOOP``, ``$AIOCLUSTER_ACCESS_LOG`` and
     ``$AIOCLUSTER_LOG_LEVEL``, like the command line's.
+
+    ``ssl_context``: a ready :class:`ssl.SSLContext` for every listen (as ``web.run_app``
+    takes), instead of the ``certfile``/``keyfile`` options, which each new worker reads
+    afresh.
 
     Workers start by ``config.start``: on Linux by default ``fork``, from a zygote forked here,
     before any event loop runs, that loads the application once; workers are forked from it
@@ -172,6 +194,9 @@ def run(
         use_uvloop = not own["no_uvloop"]
         if config is None:
             config = ClusterConfig.build(**options)
+        if is_primary():
+            # Before the zygote's fork: a bad file is one line and status 2.
+            check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
         if is_zygote():
             app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
         elif is_primary():
@@ -187,6 +212,7 @@ def run(
             protocol=protocol,
             on_primary=on_primary,
             access_log=own["access_log"],
+            ssl_context=ssl_context,
             config=config,
         )
         _run_loop(cluster, use_uvloop=use_uvloop)

@@ -9,9 +9,9 @@ used, the default, the help, its ``--help`` group, and its scope: a field of
 command's flags and its ``--help`` are all made from this table, and :func:`environment` is the
 one place that reads ``AIOCLUSTER_*`` option variables.
 
-:func:`resolve` merges :class:`Layer` values, first layer first (an explicit argument, then the
-environment), over the defaults, and records where each value came from; a config file will be
-one more layer.
+:func:`resolve` merges :class:`Layer` values, first layer first (an explicit argument or the
+command line, then the environment, then a config file: see :mod:`aiocluster._configfile`),
+over the defaults, and records where each value came from.
 
 Workers and the zygote load this module and the command line loads it before forking its
 zygote, so it imports only the standard library and aiocluster's pure modules.
@@ -19,21 +19,27 @@ zygote, so it imports only the standard library and aiocluster's pure modules.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import ipaddress
 import math
 import os
+import re
 import socket
+import ssl
 import sys
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
+from aiocluster._configfile import read_table
 from aiocluster._errors import ConfigError
 from aiocluster.wire.address import Address, parse_bind
 
 __all__ = [
     "APP",
     "BALANCES",
+    "CERT_REQS",
     "DEFAULT_POLICY",
     "ENV_PREFIX",
     "LOG_LEVELS",
@@ -41,10 +47,13 @@ __all__ = [
     "OPERATIONS",
     "OPTIONS",
     "POLICIES",
+    "PROXY",
     "SERVING",
     "START_METHODS",
     "SUPERVISION",
+    "TLS",
     "Balance",
+    "CertReqs",
     "Group",
     "Layer",
     "Option",
@@ -54,9 +63,12 @@ __all__ = [
     "StartMethod",
     "arguments",
     "boolean",
+    "config_file",
+    "default_name",
     "default_start",
     "default_workers",
     "environment",
+    "name_from",
     "one_of",
     "option",
     "parse_size",
@@ -85,13 +97,18 @@ BALANCES: tuple[Balance, ...] = ("round-robin", "least-conn")
 StartMethod = Literal["fork", "spawn"]
 START_METHODS: tuple[StartMethod, ...] = ("fork", "spawn")
 
+CertReqs = Literal["none", "optional", "required"]
+#: Whether a TLS server asks clients for a certificate (checked against ``ca_certs``).
+CERT_REQS: tuple[CertReqs, ...] = ("none", "optional", "required")
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 NAME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 Scope = Literal["config", "address", "run", "command"]
-#: ``value``: one value; ``flag``: a boolean (a bare ``--flag``); ``list``: repeatable, each
-#: item checked (the environment gives several separated by spaces or commas).
-Kind = Literal["value", "flag", "list"]
+#: ``value``: one value; ``flag``: a boolean (a bare ``--flag``), off by default; ``switch``:
+#: a boolean with ``--flag`` and ``--no-flag``; ``list``: repeatable, each item checked (the
+#: environment gives several separated by spaces or commas).
+Kind = Literal["value", "flag", "switch", "list"]
 
 
 def default_start() -> StartMethod:
@@ -105,6 +122,35 @@ def default_workers() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # macOS has no sched_getaffinity
         return max(1, os.cpu_count() or 1)
+
+
+def name_from(program: str) -> str:
+    """A cluster name made from a program's name: ``myapp.web:app`` or ``/srv/hello.py``.
+
+    The APP module (``myapp.web``), or the script's file name without ``.py`` (``hello``; the
+    package's name for a ``__main__.py``), with any character a name may not use made ``-``.
+    ``default`` when nothing is left.
+    """
+    if program.startswith("-"):  # python -c, -m without a file: no name to take
+        return "default"
+    module, sep, _ = program.partition(":")
+    if sep:
+        stem = module
+    else:
+        path = os.path.abspath(program) if program else ""
+        stem = os.path.splitext(os.path.basename(path))[0]
+        if stem == "__main__":
+            stem = os.path.basename(os.path.dirname(path))
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", stem).strip("-.")
+    return name or "default"
+
+
+def default_name() -> str:
+    """The default cluster name of this program: its script's name (see :func:`name_from`).
+
+    The command line names its clusters after the APP module instead.
+    """
+    return name_from(sys.argv[0] if sys.argv else "")
 
 
 def reuseport_problem(platform: str = sys.platform, *, has_option: bool = True) -> str | None:
@@ -251,6 +297,49 @@ def _argv(value: object) -> tuple[str, ...]:
     return items
 
 
+def _path(value: object) -> str:
+    # Checked when used (the primary reads TLS files at start): a path only has to be a path.
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    return _text(value)
+
+
+def _ssl_context(value: object) -> ssl.SSLContext:
+    if not isinstance(value, ssl.SSLContext):
+        raise ConfigError(f"must be an ssl.SSLContext, not {type(value).__name__}")
+    return value
+
+
+def _peers(value: object) -> tuple[str, ...]:
+    """Trusted proxies: ``*``, or IP addresses and networks, separated by commas or spaces."""
+    if isinstance(value, str):
+        items: list[object] = list(value.replace(",", " ").split())
+    elif isinstance(value, Iterable):
+        items = list(value)
+    else:
+        raise ConfigError(
+            f"must be addresses or networks (e.g. 127.0.0.1,10.0.0.0/8), not {value!r}"
+        )
+    peers = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"must be addresses or networks as text, not {item!r}")
+        if item == "*":
+            peers.append(item)
+            continue
+        try:
+            network = ipaddress.ip_network(item, strict=False)
+            # One address stays as written: ``--print-config`` shows 127.0.0.1, not /32.
+            peers.append(str(network.network_address if "/" not in item else network))
+        except ValueError:
+            raise ConfigError(
+                f"{item!r} is not an IP address or network (e.g. 127.0.0.1, 10.0.0.0/8, ::1, *)"
+            ) from None
+    if not peers:
+        raise ConfigError("name at least one address or network, or '*' for any")
+    return tuple(peers)
+
+
 def _policy(value: object) -> Policy:
     policy = one_of(POLICIES)(value)
     if policy == "reuseport":
@@ -286,6 +375,8 @@ class Group:
 
 APP = Group("what APP is", exclusive=True)
 SERVING = Group("serving")
+TLS = Group("TLS (HTTPS)")
+PROXY = Group("behind a proxy")
 SUPERVISION = Group("supervision")
 OPERATIONS = Group("operations")
 
@@ -343,7 +434,7 @@ class Option:
         if isinstance(raw, str):
             raw = raw.replace(",", " ").split()
         if not isinstance(raw, Iterable):
-            raise ConfigError(f"must be a list, not {raw!r}")
+            raw = [raw]  # one item: its check says what an item may be
         return tuple(self.check(item) for item in raw)
 
     def default_value(self) -> Any:
@@ -354,6 +445,8 @@ class Option:
         """The default as ``--help`` states it, or None to state none (flags are off)."""
         if self.kind == "flag":
             return None
+        if self.kind == "switch":
+            return "on" if self.default_value() else "off"
         value = self.default_value()
         if self.shown is not None:
             return self.shown.format(value)
@@ -461,6 +554,65 @@ OPTIONS: tuple[Option, ...] = (
         default=False,
     ),
     Option(
+        "certfile",
+        _path,
+        "serve HTTPS (TLS) with this PEM certificate chain; every new worker reads it afresh, "
+        "so 'aiocluster reload' rotates certificates",
+        TLS,
+        metavar="FILE",
+    ),
+    Option(
+        "keyfile",
+        _path,
+        "the private key of --certfile (default: in the certfile)",
+        TLS,
+        metavar="FILE",
+    ),
+    Option(
+        "ca_certs",
+        _path,
+        "PEM file of the certificate authorities that client certificates must come from",
+        TLS,
+        metavar="FILE",
+    ),
+    Option(
+        "cert_reqs",
+        one_of(CERT_REQS),
+        "ask clients for a certificate: 'none', 'optional' (checked if sent) or 'required' "
+        "(needs --ca-certs)",
+        TLS,
+        default="none",
+        choices=CERT_REQS,
+    ),
+    Option(
+        "ssl_context",
+        _ssl_context,
+        "a ready ssl.SSLContext for every listen, instead of certfile and keyfile",
+        TLS,
+        scope="run",
+        cli=False,
+    ),
+    Option(
+        "proxy_headers",
+        boolean,
+        "for connections from --forwarded-allow-ips, take the client's address, scheme and "
+        "host from X-Forwarded-For/-Proto/-Host or Forwarded (RFC 7239); from any other peer "
+        "those headers are ignored (aiohttp apps)",
+        PROXY,
+        kind="switch",
+        default=True,
+    ),
+    Option(
+        "forwarded_allow_ips",
+        _peers,
+        "the proxies whose forwarding headers are trusted: addresses or networks (CIDR), "
+        "separated by commas, or '*' for any (Unix socket peers are always trusted)",
+        PROXY,
+        default=("127.0.0.1",),
+        metavar="IPS",
+        shown="127.0.0.1",
+    ),
+    Option(
         "graceful_timeout",
         seconds,
         "how long a stopping or reloaded worker may finish in-flight requests (streams "
@@ -547,13 +699,25 @@ OPTIONS: tuple[Option, ...] = (
         cli=False,
     ),
     Option(
+        "config",
+        _path,
+        "read options from this TOML file (keys named as the options, e.g. workers = 4); "
+        "without it, from [tool.aiocluster] in ./pyproject.toml if there is one. The command "
+        "line and the environment win over the file",
+        OPERATIONS,
+        scope="command",
+        short="-c",
+        metavar="FILE",
+    ),
+    Option(
         "name",
         _cluster_name,
         "the cluster's name; picks the control socket that 'aiocluster status' and the "
         "other commands use",
         OPERATIONS,
-        default="default",
+        default_factory=default_name,
         short="-n",
+        shown="the APP module, or the script's name",
     ),
     Option(
         "control",
@@ -600,23 +764,34 @@ def option(name: str) -> Option:
 
 # -- resolving: layers of values over the defaults ---------------------------------------------
 
-Origin = Literal["argument", "command line", "environment", "default"]
+Origin = Literal["argument", "command line", "environment", "config file", "default"]
 
 
 @dataclass(frozen=True, slots=True)
 class Layer:
-    """Raw option values from one place, by option name (None: not given there)."""
+    """Raw option values from one place, by option name (None: not given there).
+
+    ``source`` names the place more closely where there are several: a config file's path.
+    """
 
     origin: Origin
     values: Mapping[str, object]
+    source: str | None = None
 
     def where(self, opt: Option, raw: object) -> str:
-        """How an error names the value: ``AIOCLUSTER_X='v'``, ``--x v`` or ``x='v'``."""
+        """How an error names the value: ``AIOCLUSTER_X='v'``, ``--x v``, ``x='v'``, or
+        ``FILE: x = 'v'``."""
         if self.origin == "environment":
             return f"{opt.env}={raw!r}"
         if self.origin == "command line":
             return f"{opt.flag} {raw}"
+        if self.origin == "config file":
+            return f"{self.source}: {opt.name} = {raw!r}"
         return f"{opt.name}={raw!r}"
+
+    def described(self) -> str:
+        """Where the layer's values come from, for ``--print-config``."""
+        return f"{self.origin} {self.source}" if self.source else self.origin
 
 
 @dataclass(frozen=True, slots=True)
@@ -625,6 +800,8 @@ class Settings:
 
     values: Mapping[str, Any]
     origins: Mapping[str, Origin]
+    #: Where each value came from, in words (``config file ./aiocluster.toml``).
+    sources: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
@@ -634,6 +811,14 @@ class Settings:
         return {
             name: value for name, value in self.values.items() if _BY_NAME[name].scope in scopes
         }
+
+    def replace(self, name: str, value: Any, origin: Origin, source: str) -> Settings:
+        """These settings with ``name`` set to ``value`` (already checked), from ``source``."""
+        return Settings(
+            {**self.values, name: value},
+            {**self.origins, name: origin},
+            {**self.sources, name: source},
+        )
 
 
 def environment(environ: Mapping[str, str] | None = None) -> Layer:
@@ -646,6 +831,37 @@ def environment(environ: Mapping[str, str] | None = None) -> Layer:
         "environment",
         {opt.name: env[opt.env] for opt in OPTIONS if opt.env is not None and env.get(opt.env)},
     )
+
+
+def config_file(path: str | None = None, environ: Mapping[str, str] | None = None) -> Layer:
+    """The options of a config file: ``path``, else ``$AIOCLUSTER_CONFIG``, else
+    ``[tool.aiocluster]`` in ``./pyproject.toml`` (none of them: an empty layer).
+
+    Keys are option names (``graceful_timeout`` or ``graceful-timeout``), for every option of
+    the command line. A key that is no option is a ConfigError naming the file and the key;
+    a bad value is one when :func:`resolve` checks it.
+    """
+    env = os.environ if environ is None else environ
+    table = read_table(path or env.get(option("config").env or "") or None)
+    if table is None:
+        return Layer("config file", {})
+    accepted = [opt.name for opt in OPTIONS if opt.cli and opt.name != "config"]
+    values: dict[str, object] = {}
+    for key, value in table.values.items():
+        name = key.replace("-", "_")
+        if name in accepted:
+            values[name] = value
+            continue
+        if name == "config":
+            why = "a config file cannot name another one"
+        elif name in _BY_NAME:
+            why = f"{name!r} is a keyword of the Python API only (use bind)"
+        else:
+            near = difflib.get_close_matches(name, accepted, n=3)
+            hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
+            why = f"unknown key {key!r}{hint} (the keys are the options of 'aiocluster run')"
+        raise ConfigError(f"{table.path}: {why}")
+    return Layer("config file", values, table.path)
 
 
 def arguments(
@@ -673,7 +889,7 @@ _SCOPE_TEXT: dict[Scope, str] = {
     "config": "a ClusterConfig option",
     "address": "a ClusterConfig option",
     "run": "an option of aiocluster.run() and the command line, not of ClusterConfig",
-    "command": "a command-line option (it says what APP names)",
+    "command": "a command-line option only",
 }
 
 
@@ -686,6 +902,7 @@ def resolve(*layers: Layer, scopes: Collection[Scope] | None = None) -> Settings
     """
     values: dict[str, Any] = {}
     origins: dict[str, Origin] = {}
+    sources: dict[str, str] = {}
     for opt in OPTIONS:
         if scopes is not None and opt.scope not in scopes:
             continue
@@ -698,12 +915,13 @@ def resolve(*layers: Layer, scopes: Collection[Scope] | None = None) -> Settings
             except ConfigError as err:
                 raise ConfigError(f"{layer.where(opt, raw)}: {err}") from None
             origins[opt.name] = layer.origin
+            sources[opt.name] = layer.described()
             break
         else:
             values[opt.name] = opt.default_value()
-            origins[opt.name] = "default"
+            origins[opt.name] = sources[opt.name] = "default"
     _check_exclusive(values, origins)
-    return Settings(values, origins)
+    return Settings(values, origins, sources)
 
 
 def _check_exclusive(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> None:
@@ -720,13 +938,16 @@ def _check_exclusive(values: Mapping[str, Any], origins: Mapping[str, Origin]) -
 def _source(opt: Option, origin: Origin) -> str:
     if origin == "environment":
         return f"{opt.env} is set"
+    if origin == "config file":
+        return f"{opt.name} = true in the config file"
     return f"{opt.flag} is given" if origin == "command line" else f"{opt.name}=True"
 
 
 def run_settings(**given: object) -> Settings:
     """The run-level options (``no_uvloop``, ``access_log``, ``log_level``) for ``run()``.
 
-    ``given`` (None: not given) wins over ``AIOCLUSTER_<NAME>``, which wins over the default.
+    ``given`` (None: not given) wins over ``AIOCLUSTER_<NAME>``, which wins over the config
+    file, which wins over the default.
     """
     scopes: tuple[Scope, ...] = ("run",)
-    return resolve(arguments(given, scopes), environment(), scopes=scopes)
+    return resolve(arguments(given, scopes), environment(), config_file(), scopes=scopes)

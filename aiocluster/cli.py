@@ -2,8 +2,8 @@
 
 The options of ``run`` are made from the table in :mod:`aiocluster._options`. Each can also
 come from the environment as ``AIOCLUSTER_<OPTION>`` (dashes as underscores:
-``AIOCLUSTER_WORKERS=4``, ``AIOCLUSTER_BIND="127.0.0.1:8000 unix:/run/a.sock"``); an option on
-the command line wins over the environment.
+``AIOCLUSTER_WORKERS=4``, ``AIOCLUSTER_BIND="127.0.0.1:8000 unix:/run/a.sock"``) or from a
+TOML config file; the command line wins over the environment, which wins over the file.
 """
 
 from __future__ import annotations
@@ -21,8 +21,19 @@ from aiocluster._appspec import NotImported, check_module, split_spec
 from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import AppLoadError, ConfigError
 from aiocluster._logging import set_level
-from aiocluster._options import OPTIONS, Option, Settings, arguments, environment, option, resolve
+from aiocluster._options import (
+    OPTIONS,
+    Option,
+    Settings,
+    arguments,
+    config_file,
+    environment,
+    name_from,
+    option,
+    resolve,
+)
 from aiocluster._role import Role, role
+from aiocluster._tls import check_tls
 from aiocluster._zygote import prefork_zygote
 
 # Only what parsing the command line needs is imported up here: ``run`` forks its zygote as
@@ -72,6 +83,8 @@ def _argument(opt: Option) -> dict[str, Any]:
     }
     if opt.kind == "flag":
         return {**kwargs, "action": "store_true"}
+    if opt.kind == "switch":
+        return {**kwargs, "action": argparse.BooleanOptionalAction}
     return {
         **kwargs,
         "action": "append" if opt.kind == "list" else "store",
@@ -96,10 +109,53 @@ def _add_run_options(cmd: argparse.ArgumentParser) -> None:
 def command_settings(
     args: argparse.Namespace, environ: Mapping[str, str] | None = None
 ) -> Settings:
-    """Every option of ``run``: the command line's, else ``environ``'s, else the default."""
+    """Every option of ``run``: the command line's, else ``environ``'s, else the config
+    file's, else the default (the cluster's name: after the APP module)."""
     given = {opt.name: getattr(args, opt.name) for opt in OPTIONS if hasattr(args, opt.name)}
     command_line = arguments(given, ("config", "address", "run", "command"), "command line")
-    return resolve(command_line, environment(environ))
+    env = environment(environ)
+    file = config_file(getattr(args, "config", None), environ)
+    settings = resolve(command_line, env, file)
+    if settings.origins["name"] == "default":
+        settings = settings.replace("name", name_from(args.app), "default", "default (APP)")
+    return settings
+
+
+def format_settings(settings: Settings, config: ClusterConfig) -> str:
+    """``--print-config``: each option's effective value as TOML, and where it came from.
+
+    The output can be a config file: options not set are comments.
+    """
+    effective = {
+        **settings.values,
+        "bind": [str(address) for address in config.binds],
+        "start": config.start,
+    }
+    lines = [
+        "# The effective configuration (TOML); after each value, where it came from.",
+        "# Precedence: command line > environment (AIOCLUSTER_*) > config file > default.",
+    ]
+    rows = []
+    for opt in OPTIONS:
+        if not opt.cli or opt.name == "config":
+            continue
+        value = effective[opt.name]
+        source = settings.sources.get(opt.name, settings.origins[opt.name])
+        text = f"# {opt.name} is not set" if value is None else f"{opt.name} = {_toml(value)}"
+        rows.append((text, source))
+    width = max(len(text) for text, _ in rows)
+    lines += [f"{text.ljust(width)}  # {source}" for text, source in rows]
+    return "\n".join(lines)
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml(item) for item in value) + "]"
+    return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
 def _add_target_options(cmd: argparse.ArgumentParser) -> None:
@@ -107,8 +163,9 @@ def _add_target_options(cmd: argparse.ArgumentParser) -> None:
     where.add_argument(
         "-n",
         "--name",
-        default="default",
-        help="the cluster's name, which picks its control socket (default: default)",
+        default=None,
+        help="the cluster's name, which picks its control socket (default: the one cluster "
+        "of yours that is running)",
     )
     where.add_argument(
         "--control",
@@ -122,6 +179,8 @@ def build_parser() -> Parser:
     """The ``aiocluster`` command line: ``run`` from the option table, and the control commands."""
     parser = Parser(
         prog="aiocluster",
+        # --reload must never be taken for --reload-batch, nor any flag for a longer one.
+        allow_abbrev=False,
         description="Run an asyncio server on a cluster of worker processes "
         "(Node's cluster model: one primary owns the sockets, N workers serve).",
     )
@@ -129,14 +188,19 @@ def build_parser() -> Parser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run_cmd = commands.add_parser(
         "run",
+        allow_abbrev=False,
         help="serve an application on a cluster of workers",
         description="Serve APP on N worker processes sharing the listening sockets. Every "
-        "option can also be set in the environment, as shown in [env: ...].",
+        "option can also be set in the environment, as shown in [env: ...], or in a TOML "
+        "config file (-c, or [tool.aiocluster] in ./pyproject.toml): the command line wins "
+        "over the environment, which wins over the file.",
         epilog="examples:\n"
         "  aiocluster run myapp:app -w 4 -b 127.0.0.1:8080\n"
         "  aiocluster run myapp:make_app --factory -b unix:/run/myapp.sock\n"
         "  aiocluster run echo:EchoProtocol --protocol -b 127.0.0.1:9000\n"
         "  AIOCLUSTER_WORKERS=8 aiocluster run myapp:app --admin 127.0.0.1:9100\n"
+        "  aiocluster run myapp:app -c aiocluster.toml --print-config\n"
+        "  aiocluster run myapp:app -b 0.0.0.0:8443 --certfile cert.pem --keyfile key.pem\n"
         "\n"
         "signals to the primary: TERM/INT drain and stop (twice: at once), HUP reloads every\n"
         "worker, TTIN adds a worker, TTOU removes one.",
@@ -146,7 +210,13 @@ def build_parser() -> Parser:
         "app",
         metavar="APP",
         help="module:attribute — an aiohttp Application (or, with --factory, a callable "
-        "returning one; with --protocol, an asyncio protocol factory)",
+        "returning one; with --protocol, an asyncio protocol factory); "
+        'module:create_app("x", debug=True) calls a factory with literal arguments',
+    )
+    run_cmd.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration, and where each value came from, then exit",
     )
     _add_run_options(run_cmd)
 
@@ -208,6 +278,12 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             # The primary never imports the application: the zygote or the workers do.
             check_module(module)
         config = ClusterConfig.from_settings(settings)
+        if args.print_config:
+            config = dataclasses.replace(config, start=config.start or default_start())
+            print(format_settings(settings, config))
+            return
+        if primary:
+            check_tls(config)
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")
     # Installed by run() once the application is imported (in the zygote, after the fork).
@@ -229,11 +305,24 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 
 def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from aiocluster.ops.control import ControlError, call, control_path
+    from aiocluster.ops.control import ControlError, call, control_path, running_clusters
     from aiocluster.ops.status import format_status, wait_for_exit
 
     try:
-        path = control_path(args.name, args.control)
+        if args.name is None and args.control is None:
+            running = running_clusters()
+            if len(running) > 1 and args.command == "status":
+                _print_statuses(running, as_json=args.json)
+                return
+            if len(running) > 1:
+                parser.exit(
+                    2,
+                    f"aiocluster: error: {len(running)} clusters are running "
+                    f"({', '.join(running)}): say which with --name\n",
+                )
+            path = next(iter(running.values()), None) or control_path("default")
+        else:
+            path = control_path(args.name or "default", args.control)
         if args.command == "status":
             reply = call(path, {"act": "status"})
             if args.json:
@@ -253,3 +342,31 @@ def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             print("stopped")
     except (ControlError, ConfigError) as err:
         parser.exit(1, f"aiocluster: error: {err}\n")
+
+
+def _print_statuses(running: Mapping[str, Any], *, as_json: bool) -> None:
+    """``aiocluster status`` with several clusters running and no --name: each of them."""
+    from aiocluster.ops.control import ControlError, call
+    from aiocluster.ops.status import format_status
+
+    statuses: dict[str, Any] = {}
+    for name, path in running.items():
+        try:
+            statuses[name] = call(path, {"act": "status"}, timeout=10)
+        except ControlError as err:  # it stopped meanwhile
+            statuses[name] = {"error": str(err)}
+    if as_json:
+        print(
+            json.dumps(
+                {name: reply.get("status", reply) for name, reply in statuses.items()}, indent=2
+            )
+        )
+        return
+    blocks = [
+        format_status(reply["name"], reply["pid"], reply["status"])
+        if "status" in reply
+        else f"cluster {name}: {reply['error']}"
+        for name, reply in statuses.items()
+    ]
+    print(f"{len(running)} clusters are running (pick one with --name):\n")
+    print("\n\n".join(blocks))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -32,8 +33,10 @@ class KeepAliveLoad:
         concurrency: int = 8,
         max_requests: int = 50_000,
         max_seconds: float = 40.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.url = url
+        self.ssl_context = ssl_context
         self.concurrency = concurrency
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -76,7 +79,7 @@ class KeepAliveLoad:
         result = self.result
         while not self._stop.is_set() and result.ok + result.failed < self.max_requests:
             try:
-                async with session.get(self.url) as response:
+                async with session.get(self.url, ssl=self.ssl_context or True) as response:
                     data = await response.json()
                     if response.status != 200:
                         raise AssertionError(f"status {response.status}")

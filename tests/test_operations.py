@@ -130,7 +130,7 @@ NOBODY = 65534
 @as_nobody
 async def test_another_user_is_refused(start_cluster: StartCluster) -> None:
     c = await start_cluster(*cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0"))
-    path = Path(c.runtime_dir) / "aiocluster" / "default.sock"
+    path = Path(c.runtime_dir) / "aiocluster" / "webapp.sock"
     os.chmod(c.runtime_dir, 0o755)  # let them reach our 0700 directory's parent
     probe = (
         "import socket, sys\n"

@@ -23,6 +23,7 @@ from aiocluster._options import (
     Option,
     Scope,
     arguments,
+    boolean,
     default_workers,
     environment,
     option,
@@ -34,7 +35,9 @@ from aiocluster.cli import command_settings as cli_settings
 from aiocluster.wire.address import Address
 
 from .conftest import StartCluster
-from .harness import cli
+from .harness import APPS, cli
+
+EMPTY_TOML = APPS / "empty.toml"
 
 
 class Sample(NamedTuple):
@@ -73,6 +76,15 @@ SAMPLES: dict[str, Sample] = {
     "admin": Sample("127.0.0.1:9100", "127.0.0.1:9100", Address.tcp("127.0.0.1", 9100)),
     "log_level": Sample("WARNING", "warning", "warning"),
     "access_log": Sample("1", True, True),
+    "certfile": Sample("/srv/tls/cert.pem", "/srv/tls/cert.pem", "/srv/tls/cert.pem"),
+    "keyfile": Sample("/srv/tls/key.pem", "/srv/tls/key.pem", "/srv/tls/key.pem"),
+    "ca_certs": Sample("/srv/tls/ca.pem", "/srv/tls/ca.pem", "/srv/tls/ca.pem"),
+    "cert_reqs": Sample("required", "required", "required"),
+    "proxy_headers": Sample("off", False, False),
+    "forwarded_allow_ips": Sample(
+        "10.0.0.0/8, 127.0.0.1", ["10.0.0.0/8", "127.0.0.1"], ("10.0.0.0/8", "127.0.0.1")
+    ),
+    "config": Sample(str(EMPTY_TOML), str(EMPTY_TOML), str(EMPTY_TOML)),
 }
 
 #: A bad value as text for each command-line option, and what the error must say.
@@ -99,13 +111,23 @@ BAD: dict[str, tuple[str, str]] = {
     "admin": ("127.0.0.1:http", "is not a number"),
     "log_level": ("loud", "must be one of debug, info, warning"),
     "access_log": ("perhaps", "expected 1/0, true/false"),
+    "cert_reqs": ("maybe", "must be one of none, optional, required"),
+    "proxy_headers": ("perhaps", "expected 1/0, true/false"),
+    "forwarded_allow_ips": ("10.0.0.300", "'10.0.0.300' is not an IP address or network"),
 }
-#: Options for which no text is wrong (an empty variable counts as unset).
-ANY_TEXT = {"control"}
+#: Options for which no text is wrong (an empty variable counts as unset; files are read when
+#: used, see tests/test_conventions.py).
+ANY_TEXT = {"control", "certfile", "keyfile", "ca_certs", "config"}
 
 CLI_OPTIONS = [opt for opt in OPTIONS if opt.cli]
 #: What ClusterConfig.build needs besides the option tested (balance and sticky need rr).
-COMPANIONS: dict[str, dict[str, object]] = {"balance": {"policy": "rr"}, "sticky": {"policy": "rr"}}
+COMPANIONS: dict[str, dict[str, object]] = {
+    "balance": {"policy": "rr"},
+    "sticky": {"policy": "rr"},
+    "keyfile": {"certfile": "/srv/tls/cert.pem"},
+    "ca_certs": {"certfile": "/srv/tls/cert.pem"},
+    "cert_reqs": {"certfile": "/srv/tls/cert.pem", "ca_certs": "/srv/tls/ca.pem"},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -121,6 +143,8 @@ def parse_run(*args: str) -> Any:
 
 
 def flag_args(opt: Option, text: str) -> list[str]:
+    if opt.kind == "switch":
+        return [opt.flag] if boolean(text) else ["--no-" + opt.flag.removeprefix("--")]
     return [opt.flag] if opt.kind == "flag" else [opt.flag, text]
 
 
@@ -146,7 +170,13 @@ def test_names_flags_and_variables_are_unique_and_derived() -> None:
         assert opt.flag == "--" + opt.name.replace("_", "-")
         assert opt.env == "AIOCLUSTER_" + opt.name.upper()
     # Python-only keywords have neither a flag nor a variable.
-    assert {opt.name for opt in OPTIONS if not opt.cli} == {"host", "port", "path", "argv"}
+    assert {opt.name for opt in OPTIONS if not opt.cli} == {
+        "host",
+        "port",
+        "path",
+        "argv",
+        "ssl_context",
+    }
     assert all(opt.env is None and not opt.flags for opt in OPTIONS if not opt.cli)
 
 
@@ -308,7 +338,9 @@ def test_a_bad_keyword_is_one_clear_line(name: str) -> None:
     assert why in message and "\n" not in message
 
 
-@pytest.mark.parametrize("name", sorted(name for name in BAD if option(name).kind != "flag"))
+@pytest.mark.parametrize(
+    "name", sorted(name for name in BAD if option(name).kind not in ("flag", "switch"))
+)
 def test_a_bad_flag_is_one_clear_line(capsys: pytest.CaptureFixture[str], name: str) -> None:
     opt = option(name)
     text, why = BAD[name]

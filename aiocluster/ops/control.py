@@ -25,7 +25,7 @@ from aiocluster._config import NAME_CHARS
 from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
 from aiocluster.wire.codec import HEADER, Decoder, Message, encode
 
-__all__ = ["ControlServer", "call", "control_path"]
+__all__ = ["ControlServer", "call", "control_path", "running_clusters"]
 
 log = logging.getLogger("aiocluster.control")
 
@@ -48,13 +48,33 @@ def control_path(name: str = "default", path: str | None = None) -> Path:
         return Path(path)
     if not name or not set(name) <= NAME_CHARS:
         raise ConfigError(f"cluster name {name!r} may use only letters, digits, '.', '_', '-'")
+    return _control_dir() / f"{name}.sock"
+
+
+def _control_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
-    base = (
-        Path(runtime) / "aiocluster"
-        if runtime
-        else Path(tempfile.gettempdir()) / (f"aiocluster-{os.getuid()}")
-    )
-    return base / f"{name}.sock"
+    if runtime:
+        return Path(runtime) / "aiocluster"
+    return Path(tempfile.gettempdir()) / f"aiocluster-{os.getuid()}"
+
+
+def running_clusters() -> dict[str, Path]:
+    """The clusters of this user that are running: name -> control socket, by name.
+
+    Those whose control socket is in the per-user directory (not ``--control PATH``) and
+    answers; a socket file left by a killed primary does not count.
+    """
+    directory = _control_dir()
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return {}
+    found = {}
+    for entry in names:
+        path = directory / entry
+        if entry.endswith(".sock") and _is_alive(path):
+            found[entry.removesuffix(".sock")] = path
+    return found
 
 
 def _private_dir(directory: Path) -> None:

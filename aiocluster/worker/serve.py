@@ -13,12 +13,14 @@ import errno
 import inspect
 import logging
 import signal
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import AppLoadError
+from aiocluster._tls import server_context
 from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
 from aiocluster.worker.adopt import start_server
 from aiocluster.worker.link import link, listen
@@ -64,12 +66,25 @@ async def resolve_app(target: AppTarget) -> web.Application:
     return result
 
 
-async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_log: bool) -> None:
+async def serve_app_worker(
+    target: AppTarget,
+    config: ClusterConfig,
+    *,
+    access_log: bool,
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Serve an aiohttp app on the cluster's listens until told to stop, then drain it.
+
+    TLS: ``ssl_context``, else one built now from ``config``'s files (read afresh by every
+    worker, so a reload rotates certificates). Forwarding headers are believed as
+    ``config.proxy_headers`` and ``forwarded_allow_ips`` say.
+    """
     # Imported here: the primary, and workers serving bare protocols, never load aiohttp.
     from aiohttp import web
 
     from aiocluster.web import ClusterSite
     from aiocluster.worker.drain import OpenWebsockets, drain_app
+    from aiocluster.worker.proxy import proxy_middleware
 
     current = link()
     runner: web.AppRunner | None = None
@@ -78,8 +93,15 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
     async def start() -> None:
         nonlocal runner
         app = await resolve_app(target)
+        tls = ssl_context or server_context(config)
         if not websockets.attach(app):
             log.warning("the application is frozen already: its websockets are not closed on drain")
+        if config.proxy_headers:
+            if app.frozen:
+                log.warning("the application is frozen already: proxy headers are not applied")
+            else:
+                # First, so that every other middleware sees the client as the proxy says.
+                app.middlewares.insert(0, proxy_middleware(config.forwarded_allow_ips))
         runner = web.AppRunner(
             app,
             handle_signals=False,
@@ -91,7 +113,8 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
         assert server is not None
         current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
         for address in current.binds or config.binds:
-            await ClusterSite(runner, address=address, backlog=config.backlog).start()
+            site = ClusterSite(runner, address=address, ssl_context=tls, backlog=config.backlog)
+            await site.start()
 
     drained = False
     with _stop_signals(current.stopping):
@@ -109,8 +132,12 @@ async def serve_app_worker(target: AppTarget, config: ClusterConfig, *, access_l
 
 
 async def serve_protocol_worker(
-    factory: Callable[[], asyncio.BaseProtocol], config: ClusterConfig
+    factory: Callable[[], asyncio.BaseProtocol],
+    config: ClusterConfig,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
+    """Serve an asyncio protocol factory on the cluster's listens (TLS as for an app)."""
     if _is_aiohttp_app(factory):
         raise AppLoadError(
             f"cannot serve {factory!r} as a protocol: it is an aiohttp Application "
@@ -124,10 +151,12 @@ async def serve_protocol_worker(
     servers: list[asyncio.AbstractServer] = []
 
     async def start() -> None:
+        tls = ssl_context or server_context(config)
         for address in current.binds or config.binds:
-            servers.append(
-                await create_server(tracker.wrap(factory), address=address, backlog=config.backlog)
+            server = await create_server(
+                tracker.wrap(factory), address=address, backlog=config.backlog, ssl=tls
             )
+            servers.append(server)
 
     with _stop_signals(current.stopping):
         await current.ensure_online()

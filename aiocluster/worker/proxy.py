@@ -1,0 +1,199 @@
+"""Proxy headers: the client's address, scheme and host, as a trusted proxy forwards them.
+
+Behind nginx every connection comes from nginx; it says who the client was in
+``X-Forwarded-For``, ``X-Forwarded-Proto`` and ``X-Forwarded-Host``, or in RFC 7239's
+``Forwarded``. Those headers are believed only on a connection from a trusted peer (one of
+``forwarded_allow_ips``, or a Unix socket: only local processes allowed by its file mode reach
+one); from anyone else they are ignored, or any client could say it is anyone.
+
+The client is the nearest address in the chain that is not itself a trusted proxy: walking the
+list from the right (the proxy next to us appended the last entry) skips the proxies we trust,
+so a client cannot hide behind an address it wrote itself at the left. The scheme and host
+are taken from the same hop (or from the only one a proxy kept).
+
+aiohttp-remotes was considered: its strict middleware answers 400 to an untrusted peer, its
+relaxed and filtered ones believe the headers from any peer, and none reads ``Forwarded`` and
+``X-Forwarded-*`` behind one setting, so this small module does what uvicorn and gunicorn do.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from aiohttp import web
+    from aiohttp.typedefs import Middleware
+
+__all__ = ["Forwarded", "TrustedPeers", "forwarded", "proxy_middleware"]
+
+log = logging.getLogger("aiocluster.worker")
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+_SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+
+class TrustedPeers:
+    """The peers whose forwarding headers are believed: networks, or ``*`` for any."""
+
+    def __init__(self, peers: Iterable[str]) -> None:
+        peers = list(peers)
+        self.anyone = "*" in peers
+        self.networks: tuple[Network, ...] = tuple(
+            ipaddress.ip_network(peer, strict=False) for peer in peers if peer != "*"
+        )
+
+    def __contains__(self, host: object) -> bool:
+        """True for a trusted IP address (text); None, a Unix socket's peer, is trusted."""
+        if host is None:
+            return True
+        if self.anyone:
+            return True
+        address = _ip(host)
+        if address is None:
+            return False
+        return any(address in network for network in self.networks)
+
+
+def _ip(host: object) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    if not isinstance(host, str):
+        return None
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped  # ::ffff:127.0.0.1 on a dual-stack socket
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarded:
+    """What the proxies say of the client (None: they say nothing of it)."""
+
+    remote: str | None = None
+    scheme: str | None = None
+    host: str | None = None
+
+
+def _split(values: Iterable[str]) -> list[str]:
+    """Every comma-separated item of headers that may repeat, in order."""
+    return [item.strip() for value in values for item in value.split(",") if item.strip()]
+
+
+def _node(value: str) -> str:
+    """The address of an RFC 7239 node: ``"[2001:db8::1]:4711"`` -> ``2001:db8::1``."""
+    value = value.strip().strip('"')
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") == 1:  # IPv4 (or a name) with a port
+        return value.partition(":")[0]
+    return value
+
+
+def _pick(hops: Sequence[str], trusted: TrustedPeers) -> int | None:
+    """Which hop, from the left, is the client: the rightmost that is not a trusted proxy."""
+    if not hops:
+        return None
+    for index in range(len(hops) - 1, -1, -1):
+        if hops[index] not in trusted:
+            return index
+    return 0  # every hop is a trusted proxy: the first is as far as they say
+
+
+def _at(items: Sequence[str], index: int, hops: int) -> str | None:
+    """The item of hop ``index`` of ``hops``, or the last item of a proxy that kept fewer."""
+    if not items:
+        return None
+    offset = hops - 1 - index  # counted from the right, where every proxy appends
+    return items[-1 - offset] if offset < len(items) else items[0]
+
+
+def forwarded(
+    peer: str | None,
+    trusted: TrustedPeers,
+    headers: Mapping[str, Sequence[str]],
+    elements: Sequence[Mapping[str, str]] = (),
+) -> Forwarded:
+    """What to believe of the client, for a connection from ``peer``.
+
+    ``headers`` maps lower-case ``x-forwarded-for``/``-proto``/``-host`` to every value
+    received; ``elements`` are the parsed ``Forwarded`` elements (aiohttp's
+    ``request.forwarded``), which win over the ``X-Forwarded-*`` headers when present.
+    Nothing is believed unless ``peer`` is trusted.
+    """
+    if peer not in trusted:
+        return Forwarded()
+    if elements:
+        hops = [_node(element.get("for", "")) for element in elements]
+        index = _pick(hops, trusted)
+        assert index is not None
+        element = elements[index]
+        scheme = element.get("proto")
+        host = element.get("host")
+        return Forwarded(hops[index] or None, _scheme(scheme), host or None)
+    fors = _split(headers.get("x-forwarded-for", ()))
+    protos = _split(headers.get("x-forwarded-proto", ()))
+    hosts = _split(headers.get("x-forwarded-host", ()))
+    index = _pick(fors, trusted)
+    if index is None:  # no address: the proxy's own hop for the scheme and host
+        return Forwarded(
+            None, _scheme(protos[-1] if protos else None), hosts[-1] if hosts else None
+        )
+    return Forwarded(
+        _node(fors[index]) or None,
+        _scheme(_at(protos, index, len(fors))),
+        _at(hosts, index, len(fors)),
+    )
+
+
+def _scheme(value: str | None) -> str | None:
+    return None if value is None else _SCHEMES.get(value.strip().lower())
+
+
+Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+
+
+def proxy_middleware(peers: Iterable[str]) -> Middleware:
+    """An aiohttp middleware setting ``request.remote``, ``scheme`` (so ``secure``) and
+    ``host`` from the forwarding headers of a trusted peer."""
+    from aiohttp import web
+
+    trusted = TrustedPeers(peers)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        transport = request.transport
+        if transport is None:  # the connection is gone already
+            return await handler(request)
+        sock = transport.get_extra_info("socket")
+        peername = transport.get_extra_info("peername")
+        peer: str | None
+        if sock is not None and sock.family == socket.AF_UNIX:
+            peer = None  # a Unix socket: trusted
+        elif isinstance(peername, tuple) and peername:
+            peer = str(peername[0])
+        else:
+            return await handler(request)  # no address to trust
+        headers = {
+            name: request.headers.getall(name, [])
+            for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+        }
+        says = forwarded(peer, trusted, headers, request.forwarded)
+        changes: dict[str, str] = {}
+        if says.remote is not None:
+            changes["remote"] = says.remote
+        if says.scheme is not None:
+            changes["scheme"] = says.scheme
+        if says.host is not None:
+            changes["host"] = says.host
+        if changes:
+            request = request.clone(**changes)  # type: ignore[arg-type]
+        return await handler(request)
+
+    return middleware
