@@ -306,3 +306,17 @@ async def test_protocol_and_a_different_interface_exclude_each_other(
     )
     assert await c.wait(timeout=10) == 2
     assert "aiocluster: error: --protocol and --interface asgi exclude each other" in c.output
+
+
+async def test_the_starlette_example(start_cluster: StartCluster) -> None:
+    root = APPS.parent.parent
+    c = await start_cluster(
+        sys.executable, "examples/starlette_app.py", cwd=root, env={"PORT": "0"}
+    )
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        async with s.get(f"{c.url}/") as r:
+            assert (await r.text()).startswith("Hello from worker ")
+        async with s.ws_connect(f"{c.url}/ws") as ws:
+            await ws.send_str("ping")
+            assert await ws.receive_str() == "ping"
+    assert await c.stop() == 0
