@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiocluster._errors import AppLoadError, ConfigError
+from aiocluster._kinds import Interface, check_interface, classify
 
 __all__ = [
     "AppSpec",
@@ -130,31 +131,36 @@ def load_app(spec: str) -> Any:
     return obj
 
 
-def check_kind(target: Any, spec: str, *, factory: bool, protocol: bool) -> Any:
-    """Check that what ``spec`` names is what ``--factory``/``--protocol`` said it is."""
-    if factory or protocol:
+def check_kind(target: Any, spec: str, *, factory: bool, interface: Interface) -> Any:
+    """Check that what ``spec`` names is what ``--factory``/``--interface`` said it is."""
+    if interface == "protocol" or factory:
         if not callable(target):
-            what = "protocol factory" if protocol else "factory"
+            what = "protocol factory" if interface == "protocol" else "factory"
             raise AppLoadError(f"{spec} is a {type(target).__name__}, not a callable {what}")
-        return target
-    # Only here: a protocol server never loads aiohttp (~200 ms of its start).
-    from aiohttp import web
-
-    if not isinstance(target, web.Application):
+        if interface == "protocol":
+            return target
+    kind = classify(target, spec)
+    if factory and kind != "factory":
+        label = "an ASGI" if kind == "asgi" else "an aiohttp"
+        raise AppLoadError(f"{spec} is {label} application itself, not a factory: drop --factory")
+    if kind == "factory" and not factory:
         raise AppLoadError(
-            f"{spec} is a {type(target).__name__}, not an aiohttp Application; pass --factory "
-            "if it builds one, or --protocol if it is an asyncio protocol factory"
+            f"{spec} is a {type(target).__name__}, not an aiohttp Application or an ASGI "
+            "application; "
+            "pass --factory if it builds one, or --interface protocol if it is an asyncio "
+            "protocol factory"
         )
+    check_interface(kind, interface, spec)
     return target
 
 
 class NotImported:
     """Stands for the application in the primary, which never imports it."""
 
-    def __init__(self, spec: str, *, factory: bool = False, protocol: bool = False) -> None:
+    def __init__(self, spec: str, *, factory: bool = False, interface: Interface = "auto") -> None:
         self.spec = spec
         self.factory = factory
-        self.protocol = protocol
+        self.interface = interface
 
     def load(self) -> Any:
         """Import the application (in a worker, or in the zygote) and check its kind.
@@ -167,7 +173,7 @@ class NotImported:
             load_app(self.spec),
             self.spec,
             factory=self.factory or parsed.calls,
-            protocol=self.protocol,
+            interface=self.interface,
         )
         if parsed.args is not None:
             return functools.partial(target, *parsed.args, **parsed.kwargs)

@@ -30,6 +30,7 @@ from aiocluster._errors import (
     ClusterFailed,
     ConfigError,
 )
+from aiocluster._kinds import INTERFACES, Interface, classify
 from aiocluster._logging import ensure_logging, set_level
 from aiocluster._options import default_workers, run_settings
 from aiocluster._role import become_worker, identity
@@ -38,7 +39,12 @@ from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.wire import messages as proto
 from aiocluster.wire.codec import encode
 from aiocluster.worker.link import is_primary, is_worker
-from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
+from aiocluster.worker.serve import (
+    AppTarget,
+    asgi_support,
+    serve_app_worker,
+    serve_protocol_worker,
+)
 
 if TYPE_CHECKING:
     from aiocluster.primary.cluster import Cluster
@@ -53,6 +59,7 @@ PrimaryHook: TypeAlias = "Callable[[Cluster], Any]"
 async def serve(
     app: AppTarget,
     *,
+    interface: Interface = "auto",
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
@@ -83,6 +90,12 @@ async def serve(
     address with ``sticky``), or ``"reuseport"`` (Linux: one SO_REUSEPORT socket per worker
     slot). See docs/policies.md.
 
+    ``app`` is an aiohttp Application, an ASGI 3 application (Starlette, FastAPI...: served
+    with uvicorn's protocols, ``pip install 'aiocluster[asgi]'``), or a factory returning
+    either (sync or async); ``interface`` (``"auto"``, ``"aiohttp"``, ``"asgi"``,
+    ``"protocol"``) says which instead of looking at it; ``"protocol"`` (or ``protocol=True``)
+    serves an asyncio protocol factory.
+
     ``access_log`` None means ``$AIOCLUSTER_ACCESS_LOG``, else off.
 
     TLS: ``certfile`` and ``keyfile`` (options), which each new worker reads afresh, or a ready
@@ -90,16 +103,18 @@ async def serve(
     """
     if is_zygote():
         refuse("aiocluster.serve() was awaited in the program's own event loop")
+    interface = _interface(interface, protocol=protocol)
     if config is None:
         config = ClusterConfig.build(**options)
     own = run_settings(access_log=access_log, ssl_context=ssl_context)
     if is_worker():
         ensure_logging()
-        if protocol:
-            await serve_protocol_worker(app, config, ssl_context=own["ssl_context"])  # type: ignore[arg-type]
+        tls = own["ssl_context"]
+        if interface == "protocol":
+            await serve_protocol_worker(app, config, ssl_context=tls)  # type: ignore[arg-type]
         else:
             await serve_app_worker(
-                app, config, access_log=own["access_log"], ssl_context=own["ssl_context"]
+                app, config, access_log=own["access_log"], interface=interface, ssl_context=tls
             )
         return
     # aiohttp Applications are callable too: the primary need not import aiohttp to check.
@@ -160,6 +175,7 @@ def run(
     app: AppTarget,
     *,
     use_uvloop: bool | None = None,
+    interface: Interface = "auto",
     protocol: bool = False,
     on_primary: PrimaryHook | None = None,
     access_log: bool | None = None,
@@ -191,6 +207,7 @@ def run(
             log_level=log_level,
         )
         set_level(own["log_level"])
+        interface = _interface(interface, protocol=protocol)
         use_uvloop = not own["no_uvloop"]
         if config is None:
             config = ClusterConfig.build(**options)
@@ -198,18 +215,18 @@ def run(
             # Before the zygote's fork: a bad file is one line and status 2.
             check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
         if is_zygote():
-            app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+            app = _zygote(app, use_uvloop=use_uvloop, interface=interface)
         elif is_primary():
             if config.start is None:
                 config = dataclasses.replace(config, start=default_start())
             if config.start == "fork" and prefork_zygote():
-                app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+                app = _zygote(app, use_uvloop=use_uvloop, interface=interface)
         # After the zygote's fork and its import of the application: logging the
         # application configures at import wins over ours, in the zygote and every worker.
         ensure_logging()
         cluster = serve(
             app,
-            protocol=protocol,
+            interface=interface,
             on_primary=on_primary,
             access_log=own["access_log"],
             ssl_context=ssl_context,
@@ -229,8 +246,23 @@ def run(
         sys.exit(1)
 
 
-def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
-    """In the zygote: load what workers run, then fork them; returns in each forked worker."""
+def _interface(interface: Interface, *, protocol: bool) -> Interface:
+    """``interface``, with ``protocol=True`` as the alias of ``"protocol"`` it is."""
+    if interface not in INTERFACES:
+        raise ConfigError(f"interface must be one of {', '.join(INTERFACES)}, not {interface!r}")
+    if protocol:
+        if interface not in ("auto", "protocol"):
+            raise ConfigError(f"protocol=True and interface={interface!r} exclude each other")
+        return "protocol"
+    return interface
+
+
+def _zygote(app: AppTarget, *, use_uvloop: bool, interface: Interface) -> AppTarget:
+    """In the zygote: load what workers run, then fork them; returns in each forked worker.
+
+    What cannot be served (an ASGI 2 app, a synchronous callable, a missing extra) is found
+    here, once, rather than by every worker.
+    """
     try:
         if isinstance(app, NotImported):
             app = app.load()
@@ -239,9 +271,13 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
         if use_uvloop:
             with contextlib.suppress(ImportError):
                 import uvloop  # noqa: F401
-        if not protocol:
-            from aiocluster import web  # noqa: F401
-            from aiocluster.worker import drain  # noqa: F401
+        if interface != "protocol":
+            kind = classify(app)
+            if kind == "asgi" or interface == "asgi":
+                asgi_support()
+            else:
+                from aiocluster import web  # noqa: F401
+                from aiocluster.worker import drain  # noqa: F401
     except AppLoadError as err:
         exit_for_app_error(err)
     except BaseException:

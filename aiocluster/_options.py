@@ -34,6 +34,7 @@ from typing import Any, Literal, TypeVar
 
 from aiocluster._configfile import read_table
 from aiocluster._errors import ConfigError
+from aiocluster._kinds import INTERFACES
 from aiocluster.wire.address import Address, parse_bind
 
 __all__ = [
@@ -367,7 +368,8 @@ def _log_level(value: object) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Group:
-    """A heading of ``aiocluster run --help``; ``exclusive``: at most one of its flags is on."""
+    """A heading of ``aiocluster run --help``; ``exclusive``: at most one of its flags is on
+    (its options that take a value are not part of that)."""
 
     title: str
     exclusive: bool = False
@@ -459,9 +461,20 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option(
+        "interface",
+        one_of(INTERFACES),
+        "what APP is: an aiohttp Application, an ASGI 3 application (Starlette, FastAPI...; "
+        "needs pip install 'aiocluster[asgi]'), or an asyncio protocol factory; 'auto' tells "
+        "by looking at it",
+        APP,
+        scope="command",
+        default="auto",
+        choices=INTERFACES,
+    ),
+    Option(
         "factory",
         boolean,
-        "APP is a callable (sync or async) returning the Application",
+        "APP is a callable (sync or async) returning the application",
         APP,
         scope="command",
         kind="flag",
@@ -470,7 +483,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "protocol",
         boolean,
-        "APP is an asyncio protocol factory served with loop.create_server",
+        "APP is an asyncio protocol factory served with loop.create_server (the same as "
+        "--interface protocol)",
         APP,
         scope="command",
         kind="flag",
@@ -925,7 +939,11 @@ def resolve(*layers: Layer, scopes: Collection[Scope] | None = None) -> Settings
 
 
 def _check_exclusive(values: Mapping[str, Any], origins: Mapping[str, Origin]) -> None:
-    on = [opt for opt in OPTIONS if opt.group.exclusive and values.get(opt.name)]
+    on = [
+        opt
+        for opt in OPTIONS
+        if opt.group.exclusive and opt.kind == "flag" and values.get(opt.name)
+    ]
     for group in {opt.group for opt in on}:
         both = [opt for opt in on if opt.group == group]
         if len(both) > 1:

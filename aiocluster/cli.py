@@ -20,6 +20,7 @@ from aiocluster import __version__
 from aiocluster._appspec import NotImported, check_module, split_spec
 from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import AppLoadError, ConfigError
+from aiocluster._kinds import Interface
 from aiocluster._logging import set_level
 from aiocluster._options import (
     OPTIONS,
@@ -40,7 +41,7 @@ from aiocluster._zygote import prefork_zygote
 # soon as the arguments are checked, and loads the rest of aiocluster while the zygote loads
 # the application.
 
-__all__ = ["Parser", "build_parser", "command_settings", "main"]
+__all__ = ["Parser", "app_interface", "build_parser", "command_settings", "main"]
 
 
 class Parser(argparse.ArgumentParser):
@@ -100,9 +101,10 @@ def _add_run_options(cmd: argparse.ArgumentParser) -> None:
     groups = list(dict.fromkeys(opt.group for opt in OPTIONS if opt.cli))
     for group in groups:
         heading = cmd.add_argument_group(group.title)
-        target = heading.add_mutually_exclusive_group() if group.exclusive else heading
+        flags = heading.add_mutually_exclusive_group() if group.exclusive else heading
         for opt in OPTIONS:
             if opt.cli and opt.group == group:
+                target = flags if opt.kind == "flag" else heading
                 target.add_argument(*opt.flags, **_argument(opt))
 
 
@@ -158,6 +160,16 @@ def _toml(value: object) -> str:
     return json.dumps(str(value))  # a JSON string is a TOML basic string
 
 
+def app_interface(settings: Settings) -> Interface:
+    """``--interface``, with ``--protocol`` as the alias of ``--interface protocol`` it is."""
+    interface: Interface = settings["interface"]
+    if settings["protocol"]:
+        if interface not in ("auto", "protocol"):
+            raise ConfigError(f"--protocol and --interface {interface} exclude each other")
+        return "protocol"
+    return interface
+
+
 def _add_target_options(cmd: argparse.ArgumentParser) -> None:
     where = cmd.add_argument_group("which cluster")
     where.add_argument(
@@ -197,6 +209,7 @@ def build_parser() -> Parser:
         epilog="examples:\n"
         "  aiocluster run myapp:app -w 4 -b 127.0.0.1:8080\n"
         "  aiocluster run myapp:make_app --factory -b unix:/run/myapp.sock\n"
+        "  aiocluster run main:app -w 4 --policy rr     # a FastAPI/Starlette app (ASGI)\n"
         "  aiocluster run echo:EchoProtocol --protocol -b 127.0.0.1:9000\n"
         "  AIOCLUSTER_WORKERS=8 aiocluster run myapp:app --admin 127.0.0.1:9100\n"
         "  aiocluster run myapp:app -c aiocluster.toml --print-config\n"
@@ -209,9 +222,9 @@ def build_parser() -> Parser:
     run_cmd.add_argument(
         "app",
         metavar="APP",
-        help="module:attribute — an aiohttp Application (or, with --factory, a callable "
-        "returning one; with --protocol, an asyncio protocol factory); "
-        'module:create_app("x", debug=True) calls a factory with literal arguments',
+        help="module:attribute — an aiohttp Application or an ASGI 3 application (or, with "
+        "--factory, a callable returning one; with --interface protocol, an asyncio protocol "
+        'factory); module:create_app("x", debug=True) calls a factory with literal arguments',
     )
     run_cmd.add_argument(
         "--print-config",
@@ -263,9 +276,9 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     sys.path.insert(0, os.getcwd())
     try:
         settings = command_settings(args)
-        factory, protocol = settings["factory"], settings["protocol"]
+        factory, interface = settings["factory"], app_interface(settings)
         module, _ = split_spec(args.app)
-        target: Any = NotImported(args.app, factory=factory, protocol=protocol)
+        target: Any = NotImported(args.app, factory=factory, interface=interface)
         primary = role() is Role.PRIMARY
         if not primary:
             try:
@@ -298,7 +311,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         target,
         use_uvloop=not settings["no_uvloop"],
         config=config,
-        protocol=protocol,
+        interface=interface,
         access_log=settings["access_log"],
         log_level=settings["log_level"],
     )

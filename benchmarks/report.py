@@ -277,7 +277,16 @@ def checks(rows: dict[str, Row]) -> list[Target]:
                 label = f"{name} / {best} (the faster Node)"
                 out.append(Target(name, best, mode, "≥ 1.3", _at_least(1.3), label))
             out.append(Target(name, "nginx", mode, "close to 1", _at_least(0.9)))
-    rr_rows = sorted(n for n in rows if n.startswith("aiocluster-") and n.endswith("-rr"))
+    # Issue 14: the same ASGI app, the same protocol implementation as uvicorn's.
+    for name in sorted(n for n in rows if n.startswith("aiocluster-asgi")):
+        for mode in ("keepalive", "close"):
+            out.append(Target(name, "uvicorn-asgi", mode, "≥ 1.0", _at_least(1.0)))
+            out.append(Target(name, "gunicorn-asgi", mode, "≥ 1.0", _at_least(1.0)))
+    rr_rows = sorted(
+        n
+        for n in rows
+        if n.startswith("aiocluster-") and n.endswith("-rr") and not n.startswith("aiocluster-asgi")
+    )
     for name in rr_rows:
         out.append(Target(name, "node-cluster-rr", "close", "≥ 1.5", _at_least(1.5)))
     if not rr_rows:

@@ -181,7 +181,12 @@ def aiocluster_row(
         *(["--policy", policy] if policy else []),
         *(["--start", start] if start else []),
     ]
-    what = "aiohttp hello app" if "--protocol" not in flags else "bare asyncio protocol"
+    if "--protocol" in flags:
+        what = "bare asyncio protocol"
+    elif spec.startswith("hello_asgi"):
+        what = "ASGI hello app, uvicorn's httptools protocol"
+    else:
+        what = "aiohttp hello app"
     return Server(
         name=name,
         family="aiocluster",
@@ -215,6 +220,8 @@ def build_servers() -> tuple[list[Server], list[str]]:
     rows = [
         aiocluster_row("aiocluster-aiohttp", "hello_aiohttp:app"),
         aiocluster_row("aiocluster-protocol", "bare_protocol:HelloProtocol", "--protocol"),
+        # The same ASGI app as uvicorn-asgi, gunicorn-asgi and granian-asgi (the asgi extra).
+        aiocluster_row("aiocluster-asgi", "hello_asgi:app"),
     ]
     help_text, why = aiocluster_help()
     if why:
@@ -233,6 +240,7 @@ def build_servers() -> tuple[list[Server], list[str]]:
         rows.append(
             aiocluster_row(f"aiocluster-aiohttp-{policy}", "hello_aiohttp:app", policy=policy)
         )
+        rows.append(aiocluster_row(f"aiocluster-asgi-{policy}", "hello_asgi:app", policy=policy))
         rows.append(
             aiocluster_row(
                 f"aiocluster-protocol-{policy}",
@@ -287,6 +295,30 @@ def build_servers() -> tuple[list[Server], list[str]]:
                 "warning",
             ],
             missing=_need_venv("uvicorn"),
+            reload_signal=signal.SIGHUP,
+        ),
+        Server(
+            name="gunicorn-asgi",
+            family="peer",
+            describe="gunicorn -k asgi (gunicorn's own ASGI worker, gunicorn >= 27) "
+            "--asgi-loop uvloop, the same ASGI app",
+            argv=lambda ctx: [
+                ctx.bin("gunicorn"),
+                "hello_asgi:app",
+                "-k",
+                "asgi",
+                "--asgi-loop",
+                "uvloop",
+                "-w",
+                str(ctx.workers),
+                "-b",
+                f"{HOST}:{ctx.port}",
+                "--backlog",
+                "2048",
+                "--log-level",
+                "warning",
+            ],
+            missing=_need_venv("gunicorn"),
             reload_signal=signal.SIGHUP,
         ),
         Server(
@@ -1001,6 +1033,10 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
 #: Exact names first, then globs; rows matching nothing run last, in table order.
 RUN_ORDER = (
     "uvicorn-asgi",
+    "aiocluster-asgi",
+    "gunicorn-asgi",
+    "aiocluster-asgi-rr",
+    "aiocluster-asgi-reuseport",
     "aiocluster-aiohttp",
     "aiocluster-aiohttp-spawn",
     "gunicorn-aiohttp",
@@ -1054,7 +1090,16 @@ def machine() -> dict[str, Any]:
                 cpu = line.split(":", 1)[1].strip()
                 break
     versions = {}
-    for dist in ("aiocluster", "aiohttp", "uvloop", "gunicorn", "uvicorn", "httptools", "granian"):
+    for dist in (
+        "aiocluster",
+        "aiohttp",
+        "uvloop",
+        "gunicorn",
+        "uvicorn",
+        "httptools",
+        "websockets",
+        "granian",
+    ):
         try:
             versions[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -21,7 +21,8 @@ class LoadResult:
 
 
 class KeepAliveLoad:
-    """``concurrency`` clients sending requests back to back over keep-alive connections.
+    """``concurrency`` clients sending requests back to back over keep-alive connections
+    (with ``fresh_connections``, a new connection for every request).
 
     Runs until :meth:`stop`, ``max_requests`` in all, or ``max_seconds``, whichever comes first.
     """
@@ -34,9 +35,11 @@ class KeepAliveLoad:
         max_requests: int = 50_000,
         max_seconds: float = 40.0,
         ssl_context: ssl.SSLContext | None = None,
+        fresh_connections: bool = False,
     ) -> None:
         self.url = url
         self.ssl_context = ssl_context
+        self.fresh_connections = fresh_connections
         self.concurrency = concurrency
         self.max_requests = max_requests
         self.max_seconds = max_seconds
@@ -68,7 +71,7 @@ class KeepAliveLoad:
                 await self._progress.wait()
 
     async def _run(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.concurrency)
+        connector = aiohttp.TCPConnector(limit=self.concurrency, force_close=self.fresh_connections)
         timeout = aiohttp.ClientTimeout(total=10)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
             with contextlib.suppress(TimeoutError):

@@ -399,7 +399,7 @@ async def test_cli_app_of_the_wrong_kind_is_a_clear_boot_failure(
         *cli("run", "webapp:not_an_app", "-w", "1", "-b", "127.0.0.1:0"), ready=False
     )
     assert await c.wait() == 2
-    assert "not an aiohttp Application; pass --factory" in c.output
+    assert "not an aiohttp Application or an ASGI application; pass --factory" in c.output
 
 
 async def test_example_from_the_readme(start_cluster: StartCluster) -> None:

@@ -41,6 +41,7 @@ SHARED = (
     "_configfile",
     "_options",
     "_errors",
+    "_kinds",
     "_logging",
     "_appspec",
     "_role",

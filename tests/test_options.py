@@ -49,6 +49,7 @@ class Sample(NamedTuple):
 
 
 SAMPLES: dict[str, Sample] = {
+    "interface": Sample("asgi", "asgi", "asgi"),
     "factory": Sample("1", True, True),
     "protocol": Sample("yes", True, True),
     "workers": Sample("3", 3, 3),
@@ -89,6 +90,7 @@ SAMPLES: dict[str, Sample] = {
 
 #: A bad value as text for each command-line option, and what the error must say.
 BAD: dict[str, tuple[str, str]] = {
+    "interface": ("wsgi", "'wsgi'"),
     "factory": ("perhaps", "expected 1/0, true/false"),
     "protocol": ("perhaps", "expected 1/0, true/false"),
     "workers": ("0", "must be at least 1, not 0"),

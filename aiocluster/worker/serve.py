@@ -14,23 +14,36 @@ import inspect
 import logging
 import signal
 import ssl
-import sys
-from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator, Sequence
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import AppLoadError
+from aiocluster._kinds import (
+    AppKind,
+    Interface,
+    check_interface,
+    classify,
+    is_aiohttp_app,
+    is_asgi3,
+    name_of,
+)
 from aiocluster._tls import server_context
 from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
 from aiocluster.worker.adopt import start_server
+from aiocluster.worker.deadline import DrainPlan
 from aiocluster.worker.link import link, listen
 from aiocluster.worker.tracker import ConnectionTracker
 
 if TYPE_CHECKING:
     from aiohttp import web
 
+    from aiocluster.worker.asgi import AsgiApp, AsgiServer
+
 __all__ = [
     "AppTarget",
+    "asgi_support",
     "create_server",
     "resolve_app",
     "serve_app_worker",
@@ -41,60 +54,71 @@ __all__ = [
 log = logging.getLogger("aiocluster")
 
 AppFactory: TypeAlias = Callable[[], "web.Application | Awaitable[web.Application]"]
-#: What ``serve`` accepts: an aiohttp Application, a factory returning one (sync or async),
-#: or, with ``protocol=True``, an asyncio protocol factory.
-AppTarget: TypeAlias = "web.Application | AppFactory | Callable[[], asyncio.BaseProtocol]"
+#: What ``serve`` accepts: an aiohttp Application, an ASGI 3 application, a factory returning
+#: either (sync or async), or, with ``interface="protocol"``, an asyncio protocol factory.
+AppTarget: TypeAlias = "web.Application | AsgiApp | AppFactory | Callable[[], asyncio.BaseProtocol]"
+
+_ASGI_EXTRA = ("uvicorn", "httptools", "websockets")
 
 
-async def resolve_app(target: AppTarget) -> web.Application:
-    """The Application itself, or what a factory (sync or async) returns."""
-    from aiohttp import web
-
-    if isinstance(target, web.Application):
-        return target
-    if not callable(target):
-        raise AppLoadError(f"cannot serve {target!r}: expected an aiohttp Application or a factory")
-    result: Any = target()
-    if inspect.isawaitable(result):
-        result = await result
-    if not isinstance(result, web.Application):
+def asgi_support() -> ModuleType:
+    """:mod:`aiocluster.worker.asgi`, or :class:`AppLoadError` saying which extra to install."""
+    try:
+        from aiocluster.worker import asgi
+    except ImportError as err:
+        if err.name is None or err.name.partition(".")[0] not in _ASGI_EXTRA:
+            raise
         raise AppLoadError(
-            f"the factory {getattr(target, '__qualname__', target)!r} returned "
-            f"{type(result).__name__}, not an aiohttp Application (for an asyncio protocol "
-            "factory pass protocol=True, or --protocol on the command line)"
-        )
-    return result
+            f"serving an ASGI application needs uvicorn, httptools and websockets ({err}): "
+            "pip install 'aiocluster[asgi]'"
+        ) from None
+    return asgi
 
 
-async def serve_app_worker(
-    target: AppTarget,
-    config: ClusterConfig,
-    *,
-    access_log: bool,
-    ssl_context: ssl.SSLContext | None = None,
-) -> None:
-    """Serve an aiohttp app on the cluster's listens until told to stop, then drain it.
+async def resolve_app(target: AppTarget, interface: Interface = "auto") -> tuple[AppKind, Any]:
+    """What to serve and its kind: ``target`` itself, or what a factory (sync or async) returns.
 
-    TLS: ``ssl_context``, else one built now from ``config``'s files (read afresh by every
-    worker, so a reload rotates certificates). Forwarding headers are believed as
-    ``config.proxy_headers`` and ``forwarded_allow_ips`` say.
+    :class:`AppLoadError` if it is not an aiohttp Application nor an ASGI 3 application, or
+    not the ``interface`` asked for.
     """
-    # Imported here: the primary, and workers serving bare protocols, never load aiohttp.
-    from aiohttp import web
+    kind = classify(target)
+    app: Any = target
+    if kind == "factory":
+        app = target()  # type: ignore[call-arg]
+        if inspect.isawaitable(app):
+            app = await app
+        if is_aiohttp_app(app):
+            kind = "aiohttp"
+        elif is_asgi3(app):
+            kind = "asgi"
+        else:
+            raise AppLoadError(
+                f"the factory {name_of(target)!r} returned {type(app).__name__}, not an aiohttp "
+                "Application or an ASGI 3 application (for an asyncio protocol factory pass "
+                "interface='protocol', or --interface protocol on the command line)"
+            )
+    check_interface(kind, interface, name_of(target))
+    return kind, app
 
-    from aiocluster.web import ClusterSite
-    from aiocluster.worker.drain import OpenWebsockets, drain_app
-    from aiocluster.worker.proxy import proxy_middleware
 
-    current = link()
-    runner: web.AppRunner | None = None
-    websockets = OpenWebsockets()
+class _AiohttpServed:
+    """An aiohttp Application in a worker: its runner, its sites, its drain."""
 
-    async def start() -> None:
-        nonlocal runner
-        app = await resolve_app(target)
-        tls = ssl_context or server_context(config)
-        if not websockets.attach(app):
+    def __init__(
+        self,
+        app: web.Application,
+        config: ClusterConfig,
+        *,
+        access_log: bool,
+        graceful_timeout: float,
+    ) -> None:
+        from aiohttp import web
+
+        from aiocluster.worker.drain import OpenWebsockets
+        from aiocluster.worker.proxy import proxy_middleware
+
+        self.websockets = OpenWebsockets()
+        if not self.websockets.attach(app):
             log.warning("the application is frozen already: its websockets are not closed on drain")
         if config.proxy_headers:
             if app.frozen:
@@ -102,19 +126,65 @@ async def serve_app_worker(
             else:
                 # First, so that every other middleware sees the client as the proxy says.
                 app.middlewares.insert(0, proxy_middleware(config.forwarded_allow_ips))
-        runner = web.AppRunner(
+        self.runner = web.AppRunner(
             app,
             handle_signals=False,
-            shutdown_timeout=current.graceful_timeout,
+            shutdown_timeout=graceful_timeout,
             access_log=logging.getLogger("aiohttp.access") if access_log else None,
         )
-        await runner.setup()
-        server = runner.server
-        assert server is not None
-        current.add_stats_source(lambda: (server.requests_count, len(server.connections)))
-        for address in current.binds or config.binds:
-            site = ClusterSite(runner, address=address, ssl_context=tls, backlog=config.backlog)
+
+    def stats(self) -> tuple[int, int]:
+        server = self.runner.server
+        return (server.requests_count, len(server.connections)) if server is not None else (0, 0)
+
+    async def start(
+        self, binds: Sequence[Address], backlog: int, tls: ssl.SSLContext | None
+    ) -> None:
+        from aiocluster.web import ClusterSite
+
+        await self.runner.setup()
+        for address in binds:
+            site = ClusterSite(self.runner, address=address, ssl_context=tls, backlog=backlog)
             await site.start()
+
+    async def drain(self, plan: DrainPlan) -> None:
+        from aiocluster.worker.drain import drain_app
+
+        await drain_app(self.runner, plan, self.websockets)
+
+    async def aclose(self) -> None:
+        await self.runner.cleanup()
+
+
+async def serve_app_worker(
+    target: AppTarget,
+    config: ClusterConfig,
+    *,
+    access_log: bool,
+    interface: Interface = "auto",
+    ssl_context: ssl.SSLContext | None = None,
+) -> None:
+    """Serve an aiohttp or ASGI application in this worker until told to stop, then drain it.
+
+    TLS: ``ssl_context``, else one built now from ``config``'s files (read afresh by every
+    worker, so a reload rotates certificates). Forwarding headers are believed as
+    ``config.proxy_headers`` and ``forwarded_allow_ips`` say (aiohttp apps).
+    """
+    current = link()
+    served: _AiohttpServed | AsgiServer | None = None
+
+    async def start() -> None:
+        nonlocal served
+        kind, app = await resolve_app(target, interface)
+        tls = ssl_context or server_context(config)
+        if kind == "asgi":
+            served = asgi_support().AsgiServer(app, access_log=access_log)
+        else:
+            served = _AiohttpServed(
+                app, config, access_log=access_log, graceful_timeout=current.graceful_timeout
+            )
+        current.add_stats_source(served.stats)
+        await served.start(current.binds or config.binds, config.backlog, tls)
 
     drained = False
     with _stop_signals(current.stopping):
@@ -122,12 +192,12 @@ async def serve_app_worker(
         try:
             if await _start_unless_stopped(current.stopping, start()):
                 await current.stopping.wait()
-                assert runner is not None
-                drained = True  # drain_app runs the cleanup hooks, whatever happens in it
-                await drain_app(runner, current.drain_plan(), websockets)
+                assert served is not None
+                drained = True  # drain() runs the cleanup hooks, whatever happens in it
+                await served.drain(current.drain_plan())
         finally:
-            if runner is not None and not drained:
-                await runner.cleanup()  # a start that failed or was cancelled
+            if served is not None and not drained:
+                await served.aclose()  # a start that failed or was cancelled
     current.close()
 
 
@@ -138,7 +208,7 @@ async def serve_protocol_worker(
     ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     """Serve an asyncio protocol factory on the cluster's listens (TLS as for an app)."""
-    if _is_aiohttp_app(factory):
+    if is_aiohttp_app(factory):
         raise AppLoadError(
             f"cannot serve {factory!r} as a protocol: it is an aiohttp Application "
             "(drop --protocol / protocol=True)"
@@ -168,13 +238,6 @@ async def serve_protocol_worker(
                 server.close()
             await tracker.drain(current.drain_plan().deadline)
     current.close()
-
-
-def _is_aiohttp_app(target: object) -> bool:
-    # Without importing aiohttp: a protocol worker never loads it, and an Application's
-    # module has loaded it already.
-    web = sys.modules.get("aiohttp.web")
-    return web is not None and isinstance(target, web.Application)
 
 
 async def _start_unless_stopped(stopping: asyncio.Event, start: Coroutine[Any, Any, None]) -> bool:

@@ -82,12 +82,22 @@ class ConnectionTracker:
         conversation well (an HTTP server answers with ``Connection: close``; a chat server says
         goodbye). Without it the connection simply gets the time left to end.
         """
-        self._draining = True
-        for proto in list(self.transports.values()):
-            self._wrap_up(proto)
+        self.begin_drain()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout_at(deadline):
                 await self._idle.wait()
+        self.abort()
+
+    def begin_drain(self) -> None:
+        """Call ``drain()`` on every open connection's protocol now, and on every one made
+        from now on (the first step of :meth:`drain`, for servers that order the rest
+        themselves)."""
+        self._draining = True
+        for proto in list(self.transports.values()):
+            self._wrap_up(proto)
+
+    def abort(self) -> None:
+        """Abort every connection still open (the last step of :meth:`drain`)."""
         for transport in list(self.transports):
             abort = getattr(transport, "abort", None)
             if abort is not None:

@@ -1,0 +1,319 @@
+"""Serving an ASGI 3 application in a worker, on uvicorn's HTTP/1.1 and websocket protocols.
+
+The protocols are uvicorn's own (httptools for HTTP/1.1, the sans-I/O ``websockets`` one for
+websockets): fast, and what FastAPI and Starlette users run today. uvicorn's ``Server`` loop is
+not used: the worker serves the protocols on the sockets the primary grants (or, under policy
+rr, on the connections it hands over, adopted by :mod:`aiocluster.worker.adopt`), and drains
+them itself, with the same :class:`~aiocluster.worker.deadline.DrainPlan` as an aiohttp app:
+
+1. stop accepting;
+2. every response from now on says ``Connection: close`` (a response already under way keeps
+   what it said; the next request on its connection gets the ``close``), so clients move to a
+   worker that is not draining without seeing an error;
+3. open websockets get a close frame with 1001 (Going Away) after the websocket grace: the app
+   receives ``websocket.disconnect`` with code 1001 (Starlette raises ``WebSocketDisconnect``);
+4. connections still idle after the idle grace are closed;
+5. requests in flight (streams included) run until the deadline, then their tasks are
+   cancelled and what is left is aborted;
+6. the lifespan ``shutdown`` runs after the connections, within the cleanup allowance.
+
+uvicorn's own ``shutdown()`` closes idle keep-alive connections at once, which is the failed
+request every uvicorn reload produces under keep-alive load; it is not called here.
+
+This module imports uvicorn: load it through :func:`aiocluster.worker.serve.asgi_support`, which
+turns a missing extra into a one-line error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Awaitable, Callable, Sequence
+from email.utils import formatdate
+from typing import Any, TypeAlias
+
+from uvicorn.config import Config
+from uvicorn.lifespan.on import LifespanOn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from uvicorn.server import ServerState
+
+from aiocluster._errors import AioclusterError
+from aiocluster.wire.address import Address
+from aiocluster.worker.adopt import start_server
+from aiocluster.worker.deadline import DrainPlan, wait_until
+from aiocluster.worker.link import listen
+from aiocluster.worker.tracker import ConnectionTracker
+
+__all__ = ["AsgiApp", "AsgiServer", "LifespanFailed"]
+
+log = logging.getLogger("aiocluster.worker")
+
+#: An ASGI 3 application: ``await app(scope, receive, send)``.
+AsgiApp: TypeAlias = Callable[
+    [dict[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
+    Awaitable[None],
+]
+
+#: Longest wait for cancelled request tasks to end before their connections are aborted.
+CANCEL_WAIT = 1.0
+#: The reason of the 1001 close frame, as the aiohttp path sends it.
+GOING_AWAY = "server shutting down"
+
+
+class LifespanFailed(AioclusterError):
+    """The application's lifespan ``startup`` failed: the worker never listens (a boot failure)."""
+
+
+class DrainState(ServerState):
+    """uvicorn's state shared by a server's protocols, and whether that server drains."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        #: Set once the drain begins: every later response says ``Connection: close``.
+        self.draining = False
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, draining as the module docstring says."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: DrainState,
+        app_state: dict[str, Any],
+        *,
+        access_log: bool,
+    ) -> None:
+        super().__init__(config=config, server_state=server_state, app_state=app_state)
+        # uvicorn turns its access log on whenever any handler would take it (the root one
+        # always does under aiocluster): here it is the --access-log option that decides.
+        self.access_log = access_log
+        self.drain_state = server_state
+        # Between a request's first bytes and its headers: not idle, though no cycle runs yet.
+        self.receiving = False
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.receiving = True
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self.receiving = False
+        if self.drain_state.draining:
+            self.drain()
+
+    def drain(self) -> None:
+        """Make the response not yet started on this connection say ``Connection: close``.
+
+        A response whose head is out already keeps it (closing after it would race the
+        client's next request); that next request gets the ``close``.
+        """
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
+
+    def idle(self) -> bool:
+        """True between requests: nothing read of a next one, nothing being answered."""
+        cycle = self.cycle
+        return (
+            not self.receiving and not self.pipeline and (cycle is None or cycle.response_complete)
+        )
+
+    def close_if_idle(self) -> None:
+        """Close the connection if it is :meth:`idle`."""
+        if self.transport is not None and not self.transport.is_closing() and self.idle():
+            self.transport.close()
+
+    def handle_websocket_upgrade(self) -> None:
+        super().handle_websocket_upgrade()
+        upgraded = self.transport.get_protocol()
+        if isinstance(upgraded, WebSocketProtocol):
+            # The transport reports its end to the websocket protocol now; the connection
+            # trackers watch this protocol's connection_lost, so it is passed on.
+            upgraded.on_lost = self.connection_lost
+
+
+class WebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O websockets protocol, which can close with 1001 on drain."""
+
+    #: Called with the connection's end (see :meth:`HttpProtocol.handle_websocket_upgrade`).
+    on_lost: Callable[[Exception | None], None] | None = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            if self.on_lost is not None:
+                self.on_lost(exc)
+
+    def going_away(self, until: float) -> bool:
+        """Send a close frame with 1001 and tell the app; True if the websocket was open.
+
+        The client's answering close frame ends the connection; if none comes by the loop
+        time ``until``, the transport is closed then.
+        """
+        if (
+            not self.handshake_complete
+            or self.close_sent
+            or self.disconnected
+            or self.initial_response is not None
+            or self.transport.is_closing()
+        ):
+            return False
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": 1001, "reason": GOING_AWAY})
+        self.conn.send_close(1001, GOING_AWAY)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        # close_sent stays False, as after a close the client starts: an app that answers
+        # the disconnect with websocket.close gets ClientDisconnected (which uvicorn ignores),
+        # not an error. The timer keeps the transport open for the client's close frame.
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        self.close_timer = self.loop.call_at(until, self.transport.close)
+        return True
+
+
+class AsgiServer:
+    """One worker's ASGI server: the app's lifespan, its listens, its connections, its drain."""
+
+    def __init__(self, app: AsgiApp, *, access_log: bool) -> None:
+        # The app goes in as a factory that returns it: uvicorn's Config calls a loaded app
+        # with no arguments to detect factories, which an app must never see.
+        self.config = Config(
+            app=lambda: app,
+            factory=True,
+            interface="asgi3",
+            lifespan="auto",
+            log_config=None,
+            access_log=access_log,
+            proxy_headers=False,
+            server_header=False,
+            http=HttpProtocol,
+            ws=WebSocketProtocol,
+        )
+        self.config.load()
+        self.access_log = access_log
+        self.state = DrainState()
+        self.tracker = ConnectionTracker()
+        self.lifespan = LifespanOn(self.config)
+        self.servers: list[asyncio.AbstractServer] = []
+        self._started = False
+        self._clock: asyncio.TimerHandle | None = None
+
+    def stats(self) -> tuple[int, int]:
+        """(requests served, connections open), for the worker's heartbeats."""
+        return self.state.total_requests, len(self.tracker.transports)
+
+    async def start(
+        self, binds: Sequence[Address], backlog: int, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Run the lifespan ``startup``, then listen on ``binds`` (over TLS with ``tls``);
+        :class:`LifespanFailed` if the startup fails."""
+        self._tick()
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise LifespanFailed("the ASGI application's lifespan startup failed; see above")
+        self._started = True
+        factory = self.tracker.wrap(self._protocol)
+        for address in binds:
+            grant = await listen(address, backlog)
+            self.servers.append(await start_server(grant, factory, backlog=backlog, ssl=tls))
+
+    def _protocol(self) -> HttpProtocol:
+        return HttpProtocol(
+            config=self.config,
+            server_state=self.state,
+            app_state=self.lifespan.state,
+            access_log=self.access_log,
+        )
+
+    def _tick(self) -> None:
+        # What uvicorn's Server loop does once a second: the Date header every response has.
+        self.state.default_headers = [(b"date", formatdate(usegmt=True).encode())]
+        self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
+
+    async def drain(self, plan: DrainPlan) -> None:
+        """Drain as the module docstring says, spending ``plan``; the lifespan shutdown always
+        runs."""
+        try:
+            for server in self.servers:
+                server.close()
+            self.state.draining = True
+            self.tracker.begin_drain()
+            await self._drain_connections(plan)
+        finally:
+            await self._shutdown(plan.cleanup_by)
+
+    async def aclose(self) -> None:
+        """Stop at once (a start that failed or was cancelled): abort, then shut down."""
+        for server in self.servers:
+            server.close()
+        self.tracker.abort()
+        await self._shutdown(asyncio.get_running_loop().time() + CANCEL_WAIT)
+
+    async def _drain_connections(self, plan: DrainPlan) -> None:
+        if count := len(self.tracker.transports):
+            log.info("draining %d connections (deadline in %gs)", count, plan.graceful_timeout)
+        idle = asyncio.ensure_future(self.tracker.wait_idle())
+        closer = asyncio.ensure_future(self._close_websockets(plan))
+        try:
+            await wait_until(idle, plan.began + plan.idle_grace)
+            for proto in list(self.state.connections):
+                if isinstance(proto, HttpProtocol):
+                    proto.close_if_idle()
+            await wait_until(idle, plan.deadline)
+        finally:
+            idle.cancel()
+            closer.cancel()
+        if not self.tracker.transports:
+            return
+        log.warning(
+            "%d connections still busy at the graceful deadline (%gs); cancelling them",
+            len(self.tracker.transports),
+            plan.graceful_timeout,
+        )
+        tasks = [task for task in self.state.tasks if not task.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            loop = asyncio.get_running_loop()
+            await asyncio.wait(
+                tasks, timeout=max(0.0, min(CANCEL_WAIT, plan.cleanup_by - loop.time()))
+            )
+        self.tracker.abort()
+
+    async def _close_websockets(self, plan: DrainPlan) -> None:
+        delay = plan.began + plan.ws_grace - asyncio.get_running_loop().time()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the grace itself: a message in flight completes
+        closed = [
+            proto
+            for proto in list(self.state.connections)
+            if isinstance(proto, WebSocketProtocol) and proto.going_away(plan.deadline)
+        ]
+        if closed:
+            log.info("closed %d websockets with 1001 (going away)", len(closed))
+
+    async def _shutdown(self, until: float) -> None:
+        """The lifespan ``shutdown``, if the startup completed, until the loop time ``until``."""
+        if self._clock is not None:
+            self._clock.cancel()
+            self._clock = None
+        if not self._started:
+            return
+        self._started = False
+        shutdown = asyncio.ensure_future(self.lifespan.shutdown())
+        if not await wait_until(shutdown, until):
+            log.error(
+                "the lifespan shutdown still runs after the cleanup allowance; exiting without it"
+            )
+            shutdown.cancel()
+        try:
+            await shutdown
+        except asyncio.CancelledError:
+            pass
+        except Exception:
+            log.exception("the lifespan shutdown failed")
