@@ -23,6 +23,7 @@ from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import APP_ERROR_STATUS, AioclusterError, AppLoadError, ConfigError
 from aiocluster._logging import ensure_logging, set_level
 from aiocluster._options import run_settings
+from aiocluster._process import account, apply_process_settings, drop_privileges
 from aiocluster._role import become_worker
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.worker.link import is_primary, is_worker
@@ -108,6 +109,7 @@ async def supervise(
         raise AioclusterError("supervise() runs the primary; this process is a worker")
     if config is None:
         config = ClusterConfig.build(**options)
+    config = apply_process_settings(config)
     # Here, not at import: workers and the zygote never load the primary's modules.
     from aiocluster.ops.operations import Operations
     from aiocluster.primary.cluster import Cluster
@@ -163,12 +165,13 @@ def run(
         if config is None:
             config = ClusterConfig.build(**options)
         if is_zygote():
-            app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+            app = _zygote(app, config, use_uvloop=use_uvloop, protocol=protocol)
         elif is_primary():
+            config = apply_process_settings(config)
             if config.start is None:
                 config = dataclasses.replace(config, start=default_start())
             if config.start == "fork" and prefork_zygote():
-                app = _zygote(app, use_uvloop=use_uvloop, protocol=protocol)
+                app = _zygote(app, config, use_uvloop=use_uvloop, protocol=protocol)
         # After the zygote's fork and its import of the application: logging the
         # application configures at import wins over ours, in the zygote and every worker.
         ensure_logging()
@@ -191,9 +194,13 @@ def run(
         sys.exit(1)
 
 
-def _zygote(app: AppTarget, *, use_uvloop: bool, protocol: bool) -> AppTarget:
+def _zygote(
+    app: AppTarget, config: ClusterConfig, *, use_uvloop: bool, protocol: bool
+) -> AppTarget:
     """In the zygote: load what workers run, then fork them; returns in each forked worker."""
     try:
+        # Before the application is loaded: under --user it never runs as root.
+        drop_privileges(account(config.user, config.group))
         if isinstance(app, NotImported):
             app = app.load()
         ensure_logging()

@@ -20,6 +20,7 @@ zygote, so it imports only the standard library and aiocluster's pure modules.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import socket
@@ -35,12 +36,14 @@ __all__ = [
     "APP",
     "BALANCES",
     "DEFAULT_POLICY",
+    "DEVELOPMENT",
     "ENV_PREFIX",
     "LOG_LEVELS",
     "NAME_CHARS",
     "OPERATIONS",
     "OPTIONS",
     "POLICIES",
+    "PROCESS",
     "SERVING",
     "START_METHODS",
     "SUPERVISION",
@@ -60,6 +63,7 @@ __all__ = [
     "one_of",
     "option",
     "parse_size",
+    "parse_umask",
     "resolve",
     "reuseport_problem",
     "run_settings",
@@ -273,6 +277,67 @@ def _log_level(value: object) -> str:
     return one_of(LOG_LEVELS)(value.lower() if isinstance(value, str) else value)
 
 
+# -- checks of the process options (--user ... --reload-exclude) ------------------------------
+# Paths are only checked for form here: workers check their options again, from a directory
+# --chdir may have changed, so whether a path exists is for the primary to say when it uses it.
+
+
+def _user(value: object) -> str:
+    """A user name or uid that this system knows (a uid needs no passwd entry)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"must be a user name or uid, not {value!r}")
+    import pwd  # here: the table loads on every platform and pwd is POSIX-only
+
+    if not value.isdigit():
+        try:
+            pwd.getpwnam(value)
+        except KeyError:
+            raise ConfigError(f"no user {value!r} on this system") from None
+    return value
+
+
+def _group(value: object) -> str:
+    """A group name or gid that this system knows (a gid needs no group entry)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"must be a group name or gid, not {value!r}")
+    import grp
+
+    if not value.isdigit():
+        try:
+            grp.getgrnam(value)
+        except KeyError:
+            raise ConfigError(f"no group {value!r} on this system") from None
+    return value
+
+
+def parse_umask(value: object) -> int:
+    """A umask: octal text (``027``, ``0o027``) or an int from 0 to 0o777."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        try:
+            number = int(text, 8)
+        except ValueError:
+            raise ConfigError(f"{value!r} is not an octal umask like 027") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ConfigError(f"must be an octal umask like 027, not {value!r}")
+    if not 0 <= number <= 0o777:
+        raise ConfigError(f"a umask is from 000 to 777 (octal), not {number:o}")
+    return number
+
+
+def _reload(value: object) -> bool:
+    on = boolean(value)
+    if on and importlib.util.find_spec("watchfiles") is None:
+        raise ConfigError("--reload needs the watchfiles package: pip install 'aiocluster[reload]'")
+    return on
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 
@@ -288,6 +353,8 @@ APP = Group("what APP is", exclusive=True)
 SERVING = Group("serving")
 SUPERVISION = Group("supervision")
 OPERATIONS = Group("operations")
+PROCESS = Group("privileges and the process")
+DEVELOPMENT = Group("development")
 
 
 @dataclass(frozen=True, slots=True)
@@ -568,6 +635,85 @@ OPTIONS: tuple[Option, ...] = (
         scope="run",
         kind="flag",
         default=False,
+    ),
+    # -- privileges and the process, development (issue 18: items 4, 6, 7) --
+    Option(
+        "user",
+        _user,
+        "run the zygote and the workers as this user (name or uid); the primary, started as "
+        "root, binds the configured addresses and never runs the application",
+        PROCESS,
+        shown="the primary's",
+    ),
+    Option(
+        "group",
+        _group,
+        "run the zygote and the workers with this group (name or gid)",
+        PROCESS,
+        shown="--user's own group",
+    ),
+    Option(
+        "umask",
+        parse_umask,
+        "the file mode creation mask of every process, in octal (e.g. 027)",
+        PROCESS,
+        metavar="MASK",
+        shown="inherited",
+    ),
+    Option(
+        "chdir",
+        _text,
+        "change to DIR before loading APP (the primary first; every process starts there)",
+        PROCESS,
+        metavar="DIR",
+    ),
+    Option(
+        "pid",
+        _text,
+        "write the primary's pid to FILE once every worker listens; removed on exit; a "
+        "FILE naming a live process refuses the start",
+        PROCESS,
+        metavar="FILE",
+    ),
+    Option(
+        "reload",
+        _reload,
+        "development: a rolling reload whenever a watched source file changes "
+        "(needs aiocluster[reload])",
+        DEVELOPMENT,
+        kind="flag",
+        default=False,
+    ),
+    Option(
+        "reload_dir",
+        _text,
+        "with --reload: watch DIR; repeat for several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="DIR",
+        shown="the current directory",
+    ),
+    Option(
+        "reload_include",
+        _text,
+        "with --reload: also watch files matching this glob pattern; repeat for several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="PATTERN",
+        shown="*.py",
+    ),
+    Option(
+        "reload_exclude",
+        _text,
+        "with --reload: ignore files and directories matching this glob pattern; repeat for "
+        "several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="PATTERN",
+        shown="hidden files, __pycache__, .git, .venv, editor backups",
     ),
 )
 

@@ -22,6 +22,7 @@ from aiocluster._config import ClusterConfig, default_start
 from aiocluster._errors import AppLoadError, ConfigError
 from aiocluster._logging import set_level
 from aiocluster._options import OPTIONS, Option, Settings, arguments, environment, option, resolve
+from aiocluster._process import apply_process_settings
 from aiocluster._role import Role, role
 from aiocluster._zygote import prefork_zygote
 
@@ -189,14 +190,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    # Like uvicorn and gunicorn: the application module is looked up from where we run.
-    sys.path.insert(0, os.getcwd())
     try:
         settings = command_settings(args)
+        config = ClusterConfig.from_settings(settings)
+        primary = role() is Role.PRIMARY
+        if primary:
+            # --chdir before APP is looked up; every other process starts where this one is.
+            config = apply_process_settings(config)
+        # Like uvicorn and gunicorn: the application module is looked up from where we run.
+        sys.path.insert(0, os.getcwd())
         factory, protocol = settings["factory"], settings["protocol"]
         module, _ = split_spec(args.app)
         target: Any = NotImported(args.app, factory=factory, protocol=protocol)
-        primary = role() is Role.PRIMARY
         if not primary:
             try:
                 target = target.load()
@@ -207,7 +212,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         else:
             # The primary never imports the application: the zygote or the workers do.
             check_module(module)
-        config = ClusterConfig.from_settings(settings)
     except ConfigError as err:
         parser.exit(2, f"aiocluster: error: {err}\n")
     # Installed by run() once the application is imported (in the zygote, after the fork).

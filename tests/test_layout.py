@@ -36,7 +36,17 @@ FORBIDDEN = {
     "primary": ("aiocluster.worker", "aiocluster.ops"),
 }
 #: Top-level modules every role loads: they may not load a role's modules at import time.
-SHARED = ("_config", "_options", "_errors", "_logging", "_appspec", "_role", "_zygote", "web")
+SHARED = (
+    "_config",
+    "_options",
+    "_errors",
+    "_logging",
+    "_appspec",
+    "_role",
+    "_zygote",
+    "_process",
+    "web",
+)
 
 
 def module_name(path: Path) -> str:

@@ -71,6 +71,15 @@ SAMPLES: dict[str, Sample] = {
     "admin": Sample("127.0.0.1:9100", "127.0.0.1:9100", Address.tcp("127.0.0.1", 9100)),
     "log_level": Sample("WARNING", "warning", "warning"),
     "access_log": Sample("1", True, True),
+    "user": Sample("nobody", "nobody", "nobody"),
+    "group": Sample("0", 0, "0"),
+    "umask": Sample("027", 0o27, 0o27),
+    "chdir": Sample("/srv/app", "/srv/app", "/srv/app"),
+    "pid": Sample("/run/app.pid", "/run/app.pid", "/run/app.pid"),
+    "reload": Sample("1", True, True),
+    "reload_dir": Sample("src", ["src"], ("src",)),
+    "reload_include": Sample("*.html", ["*.html"], ("*.html",)),
+    "reload_exclude": Sample("tests/*", ["tests/*"], ("tests/*",)),
 }
 
 #: A bad value as text for each command-line option, and what the error must say.
@@ -95,9 +104,14 @@ BAD: dict[str, tuple[str, str]] = {
     "admin": ("127.0.0.1:http", "is not a number"),
     "log_level": ("loud", "must be one of debug, info, warning"),
     "access_log": ("perhaps", "expected 1/0, true/false"),
+    "user": ("no-such-user-x", "no user 'no-such-user-x' on this system"),
+    "group": ("no-such-group-x", "no group 'no-such-group-x' on this system"),
+    "umask": ("0o999", "is not an octal umask like 027"),
+    "reload": ("perhaps", "expected 1/0, true/false"),
 }
-#: Options for which no text is wrong (an empty variable counts as unset).
-ANY_TEXT = {"control"}
+#: Options for which no text is wrong (an empty variable counts as unset; paths and patterns
+#: are checked by the primary when it uses them).
+ANY_TEXT = {"control", "chdir", "pid", "reload_dir", "reload_include", "reload_exclude"}
 
 CLI_OPTIONS = [opt for opt in OPTIONS if opt.cli]
 #: What ClusterConfig.build needs besides the option tested (balance and sticky need rr).

@@ -13,10 +13,12 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiocluster._errors import ConfigError
 from aiocluster.ops.control import ControlServer, control_path
+from aiocluster.ops.pidfile import PidFile
 from aiocluster.ops.systemd import Notifier, listen_fds
 from aiocluster.primary.cluster import Cluster
 from aiocluster.wire.codec import Message
@@ -36,9 +38,12 @@ class Operations:
         self.cluster = cluster
         config = cluster.config
         self.notifier = Notifier()
+        owner = cluster.account
         self.control: ControlServer | None = None
         if config.control != "off":
-            self.control = ControlServer(control_path(config.name, config.control), self._command)
+            path = control_path(config.name, config.control, uid=owner.uid if owner else None)
+            self.control = ControlServer(path, self._command, owner)
+        self.pidfile = PidFile(Path(config.pid), owner) if config.pid else None
         self.admin: AdminServer | None = None
         if config.admin is not None:
             # Here: aiohttp and prometheus_client are loaded only when asked for.
@@ -50,6 +55,8 @@ class Operations:
 
     async def __aenter__(self) -> Operations:
         try:
+            if self.pidfile is not None:
+                self.pidfile.claim()
             if self.control is not None:
                 await self.control.start()
             self.cluster.adopt_listeners(listen_fds())
@@ -86,6 +93,8 @@ class Operations:
             await self.admin.aclose()
         if self.control is not None:
             await self.control.aclose()
+        if self.pidfile is not None:
+            self.pidfile.remove()
         self.notifier.close()
 
     # -- the three actions -------------------------------------------------------------------
@@ -205,6 +214,8 @@ class Operations:
     async def _announce_ready(self) -> None:
         with contextlib.suppress(Exception):
             await self.cluster.wait_ready()
+            if self.pidfile is not None:
+                self.pidfile.write()
             self.notifier.ready(self._summary())
 
     async def _watchdog(self, interval: float) -> None:
