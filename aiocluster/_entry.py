@@ -25,6 +25,7 @@ from aiocluster._logging import ensure_logging, set_level
 from aiocluster._options import run_settings
 from aiocluster._process import account, apply_process_settings, drop_privileges
 from aiocluster._role import become_worker
+from aiocluster._title import primary_title, set_title, worker_title, zygote_title
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.worker.link import is_primary, is_worker
 from aiocluster.worker.serve import AppTarget, serve_app_worker, serve_protocol_worker
@@ -110,6 +111,7 @@ async def supervise(
     if config is None:
         config = ClusterConfig.build(**options)
     config = apply_process_settings(config)
+    set_title(primary_title(config.name))
     # Here, not at import: workers and the zygote never load the primary's modules.
     from aiocluster.ops.operations import Operations
     from aiocluster.primary.cluster import Cluster
@@ -198,6 +200,7 @@ def _zygote(
     app: AppTarget, config: ClusterConfig, *, use_uvloop: bool, protocol: bool
 ) -> AppTarget:
     """In the zygote: load what workers run, then fork them; returns in each forked worker."""
+    set_title(zygote_title(config.name))
     try:
         # Before the application is loaded: under --user it never runs as root.
         drop_privileges(account(config.user, config.group))
@@ -218,7 +221,9 @@ def _zygote(
         log.exception("the zygote could not load the program")
         sys.stderr.flush()
         os._exit(1)
-    become_worker(*serve_forks())
+    worker_id, slot, channel_fd = serve_forks()
+    become_worker(worker_id, slot, channel_fd)
+    set_title(worker_title(worker_id, slot, config.name))
     return app
 
 

@@ -45,6 +45,7 @@ SHARED = (
     "_role",
     "_zygote",
     "_process",
+    "_title",
     "web",
 )
 

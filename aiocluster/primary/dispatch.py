@@ -80,6 +80,7 @@ class Dispatcher:
                 "graceful_timeout": self.config.graceful_timeout,
                 "heartbeat": heartbeat_interval(self.config.timeout),
                 "binds": [a.to_wire() for a in self._binds()],
+                "name": self.config.name,
                 **self.listens.settings(),
             },
         )
