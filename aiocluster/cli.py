@@ -34,7 +34,16 @@ __all__ = ["Parser", "build_parser", "command_settings", "main"]
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``aiocluster: error: ...``, status 2."""
+    """An argument parser whose errors are one line: ``aiocluster: error: ...``, status 2.
+
+    It takes no abbreviations of long options: ``--reload`` must never be read as
+    ``--reload-batch``, nor a future option's prefix as an older one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The subcommands' parsers are of this class too: one place covers them all.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print ``message`` as one line, with where to find the usage, and exit with 2."""

@@ -25,6 +25,7 @@ from aiocluster.wire.codec import Message
 
 if TYPE_CHECKING:
     from aiocluster.ops.admin import AdminServer
+    from aiocluster.ops.reloader import Reloader
 
 __all__ = ["Operations"]
 
@@ -44,6 +45,14 @@ class Operations:
             path = control_path(config.name, config.control, uid=owner.uid if owner else None)
             self.control = ControlServer(path, self._command, owner)
         self.pidfile = PidFile(Path(config.pid), owner) if config.pid else None
+        self.reloader: Reloader | None = None
+        if config.reload:
+            # Here: watchfiles is loaded only when asked for.
+            from aiocluster.ops.reloader import Reloader
+
+            self.reloader = Reloader(
+                config.reload_dir, config.reload_include, config.reload_exclude, self.reload
+            )
         self.admin: AdminServer | None = None
         if config.admin is not None:
             # Here: aiohttp and prometheus_client are loaded only when asked for.
@@ -62,6 +71,8 @@ class Operations:
             self.cluster.adopt_listeners(listen_fds())
             if self.admin is not None:
                 await self.admin.start()
+            if self.reloader is not None:
+                await self.reloader.start()
             self._install_signals()
             if (interval := self.notifier.watchdog_interval()) is not None:
                 self._tasks.append(asyncio.create_task(self._watchdog(interval)))
@@ -89,6 +100,8 @@ class Operations:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.reloader is not None:
+            await self.reloader.aclose()
         if self.admin is not None:
             await self.admin.aclose()
         if self.control is not None:
