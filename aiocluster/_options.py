@@ -282,36 +282,28 @@ def _log_level(value: object) -> str:
 # --chdir may have changed, so whether a path exists is for the primary to say when it uses it.
 
 
-def _user(value: object) -> str:
-    """A user name or uid that this system knows (a uid needs no passwd entry)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"must be a user name or uid, not {value!r}")
-    import pwd  # here: the table loads on every platform and pwd is POSIX-only
+def _account(kind: Literal["user", "group"]) -> Callable[[object], str]:
+    """A check for a user (or group) name this system knows, or a numeric id (which needs no
+    passwd or group entry)."""
+    ids = "uid" if kind == "user" else "gid"
 
-    if not value.isdigit():
-        try:
-            pwd.getpwnam(value)
-        except KeyError:
-            raise ConfigError(f"no user {value!r} on this system") from None
-    return value
+    def check(value: object) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"must be a {kind} name or {ids}, not {value!r}")
+        if not value.isdigit():
+            # Imported here: the table loads on every platform, and these are POSIX-only.
+            import grp
+            import pwd
 
+            try:
+                (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
+            except KeyError:
+                raise ConfigError(f"no {kind} {value!r} on this system") from None
+        return value
 
-def _group(value: object) -> str:
-    """A group name or gid that this system knows (a gid needs no group entry)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"must be a group name or gid, not {value!r}")
-    import grp
-
-    if not value.isdigit():
-        try:
-            grp.getgrnam(value)
-        except KeyError:
-            raise ConfigError(f"no group {value!r} on this system") from None
-    return value
+    return check
 
 
 def parse_umask(value: object) -> int:
@@ -639,7 +631,7 @@ OPTIONS: tuple[Option, ...] = (
     # -- privileges and the process, development (issue 18: items 4, 6, 7) --
     Option(
         "user",
-        _user,
+        _account("user"),
         "run the zygote and the workers as this user (name or uid); the primary, started as "
         "root, binds the configured addresses and never runs the application",
         PROCESS,
@@ -647,7 +639,7 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "group",
-        _group,
+        _account("group"),
         "run the zygote and the workers with this group (name or gid)",
         PROCESS,
         shown="--user's own group",
