@@ -13,7 +13,7 @@ from aiocluster.cli import build_parser
 from aiocluster.ops.reloader import Patterns
 
 from .conftest import StartCluster
-from .harness import ClusterProcess, cli
+from .harness import ClusterProcess, cli, wait_pid_gone
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,6 +53,16 @@ async def versions(c: ClusterProcess, n: int = 6) -> set[str]:
     return seen
 
 
+async def reloaded(c: ClusterProcess, mark: int) -> None:
+    """Wait for a reload that began after line ``mark`` to complete, and for the workers it
+    replaced to exit: until then a fresh connection may still reach one that drains."""
+    before = dict(c.worker_pids)
+    await c.wait_for(RELOADED, start=mark)
+    for worker_id, pid in before.items():
+        if c.count(rf"replacing worker {worker_id} \(pid {pid}\)"):
+            await wait_pid_gone(pid, 30)
+
+
 @pytest.mark.parametrize("start", ["fork", "spawn"])
 async def test_an_edit_reloads_a_broken_edit_keeps_the_old_workers(
     start_cluster: StartCluster, tmp_path: Path, start: str
@@ -68,7 +78,7 @@ async def test_an_edit_reloads_a_broken_edit_keeps_the_old_workers(
 
     (tmp_path / "notes.txt").write_text("not watched\n")
     write_app(tmp_path, '"two"')
-    await c.wait_for(RELOADED)
+    await reloaded(c, 0)
     assert await versions(c) == {"two"}
     assert c.count(r"reload: reloadable\.py changed; reloading the workers") == 1
     assert "notes.txt" not in c.output
@@ -83,7 +93,7 @@ async def test_an_edit_reloads_a_broken_edit_keeps_the_old_workers(
 
     mark = len(c.lines)
     write_app(tmp_path, '"three"')
-    await c.wait_for(RELOADED, start=mark)
+    await reloaded(c, mark)
     assert await versions(c) == {"three"}
     assert len(c.worker_pids) > len(serving)
     assert await c.stop() == 0
