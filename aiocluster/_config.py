@@ -110,6 +110,19 @@ class ClusterConfig:
     #: the peer is one of ``forwarded_allow_ips`` (networks, or ``*``).
     proxy_headers: bool
     forwarded_allow_ips: tuple[str, ...]
+    #: The user and group the zygote and the workers run as (None: the primary's).
+    user: str | None
+    group: str | None
+    #: The umask of every process (None: inherited); ``chdir``: where every process runs.
+    umask: int | None
+    chdir: str | None
+    #: The primary's pid file, written once every worker listens (None: none).
+    pid: str | None
+    #: Development: a rolling reload when a watched file changes, and what is watched.
+    reload: bool
+    reload_dir: tuple[str, ...]
+    reload_include: tuple[str, ...]
+    reload_exclude: tuple[str, ...]
 
     @classmethod
     def build(cls, **options: object) -> ClusterConfig:

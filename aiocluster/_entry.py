@@ -33,7 +33,9 @@ from aiocluster._errors import (
 from aiocluster._kinds import INTERFACES, Interface, classify
 from aiocluster._logging import ensure_logging, set_level
 from aiocluster._options import default_workers, run_settings
+from aiocluster._process import account, apply_process_settings, drop_privileges
 from aiocluster._role import become_worker, identity
+from aiocluster._title import primary_title, set_title, worker_title, zygote_title
 from aiocluster._tls import check_tls
 from aiocluster._zygote import is_zygote, prefork_zygote, refuse, serve_forks
 from aiocluster.wire import messages as proto
@@ -142,6 +144,8 @@ async def supervise(
         raise AioclusterError("supervise() runs the primary; this process is a worker")
     if config is None:
         config = ClusterConfig.build(**options)
+    config = apply_process_settings(config)
+    set_title(primary_title(config.name))
     # Here, not at import: workers and the zygote never load the primary's modules.
     from aiocluster.ops.operations import Operations
     from aiocluster.primary.cluster import Cluster
@@ -215,12 +219,13 @@ def run(
             # Before the zygote's fork: a bad file is one line and status 2.
             check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
         if is_zygote():
-            app = _zygote(app, use_uvloop=use_uvloop, interface=interface)
+            app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
         elif is_primary():
+            config = apply_process_settings(config)
             if config.start is None:
                 config = dataclasses.replace(config, start=default_start())
             if config.start == "fork" and prefork_zygote():
-                app = _zygote(app, use_uvloop=use_uvloop, interface=interface)
+                app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
         # After the zygote's fork and its import of the application: logging the
         # application configures at import wins over ours, in the zygote and every worker.
         ensure_logging()
@@ -257,13 +262,18 @@ def _interface(interface: Interface, *, protocol: bool) -> Interface:
     return interface
 
 
-def _zygote(app: AppTarget, *, use_uvloop: bool, interface: Interface) -> AppTarget:
+def _zygote(
+    app: AppTarget, config: ClusterConfig, *, use_uvloop: bool, interface: Interface
+) -> AppTarget:
     """In the zygote: load what workers run, then fork them; returns in each forked worker.
 
     What cannot be served (an ASGI 2 app, a synchronous callable, a missing extra) is found
     here, once, rather than by every worker.
     """
+    set_title(zygote_title(config.name))
     try:
+        # Before the application is loaded: under --user it never runs as root.
+        drop_privileges(account(config.user, config.group))
         if isinstance(app, NotImported):
             app = app.load()
         ensure_logging()
@@ -285,7 +295,9 @@ def _zygote(app: AppTarget, *, use_uvloop: bool, interface: Interface) -> AppTar
         log.exception("the zygote could not load the program")
         sys.stderr.flush()
         os._exit(1)
-    become_worker(*serve_forks())
+    worker_id, slot, channel_fd = serve_forks()
+    become_worker(worker_id, slot, channel_fd)
+    set_title(worker_title(worker_id, slot, config.name))
     return app
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -42,12 +43,14 @@ __all__ = [
     "BALANCES",
     "CERT_REQS",
     "DEFAULT_POLICY",
+    "DEVELOPMENT",
     "ENV_PREFIX",
     "LOG_LEVELS",
     "NAME_CHARS",
     "OPERATIONS",
     "OPTIONS",
     "POLICIES",
+    "PROCESS",
     "PROXY",
     "SERVING",
     "START_METHODS",
@@ -73,6 +76,7 @@ __all__ = [
     "one_of",
     "option",
     "parse_size",
+    "parse_umask",
     "resolve",
     "reuseport_problem",
     "run_settings",
@@ -363,6 +367,59 @@ def _log_level(value: object) -> str:
     return one_of(LOG_LEVELS)(value.lower() if isinstance(value, str) else value)
 
 
+# -- checks of the process options (--user ... --reload-exclude) ------------------------------
+# Paths are only checked for form here: workers check their options again, from a directory
+# --chdir may have changed, so whether a path exists is for the primary to say when it uses it.
+
+
+def _account(kind: Literal["user", "group"]) -> Callable[[object], str]:
+    """A check for a user (or group) name this system knows, or a numeric id (which needs no
+    passwd or group entry)."""
+    ids = "uid" if kind == "user" else "gid"
+
+    def check(value: object) -> str:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = str(value)
+        if not isinstance(value, str) or not value.strip():
+            raise ConfigError(f"must be a {kind} name or {ids}, not {value!r}")
+        if not value.isdigit():
+            # Imported here: the table loads on every platform, and these are POSIX-only.
+            import grp
+            import pwd
+
+            try:
+                (pwd.getpwnam if kind == "user" else grp.getgrnam)(value)
+            except KeyError:
+                raise ConfigError(f"no {kind} {value!r} on this system") from None
+        return value
+
+    return check
+
+
+def parse_umask(value: object) -> int:
+    """A umask: octal text (``027``, ``0o027``) or an int from 0 to 0o777."""
+    if isinstance(value, str):
+        text = value.strip().lower().removeprefix("0o")
+        try:
+            number = int(text, 8)
+        except ValueError:
+            raise ConfigError(f"{value!r} is not an octal umask like 027") from None
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        raise ConfigError(f"must be an octal umask like 027, not {value!r}")
+    if not 0 <= number <= 0o777:
+        raise ConfigError(f"a umask is from 000 to 777 (octal), not {number:o}")
+    return number
+
+
+def _reload(value: object) -> bool:
+    on = boolean(value)
+    if on and importlib.util.find_spec("watchfiles") is None:
+        raise ConfigError("--reload needs the watchfiles package: pip install 'aiocluster[reload]'")
+    return on
+
+
 # -- the table ---------------------------------------------------------------------------------
 
 
@@ -381,6 +438,8 @@ TLS = Group("TLS (HTTPS)")
 PROXY = Group("behind a proxy")
 SUPERVISION = Group("supervision")
 OPERATIONS = Group("operations")
+PROCESS = Group("privileges and the process")
+DEVELOPMENT = Group("development")
 
 
 @dataclass(frozen=True, slots=True)
@@ -765,6 +824,85 @@ OPTIONS: tuple[Option, ...] = (
         scope="run",
         kind="flag",
         default=False,
+    ),
+    # -- privileges and the process, development (issue 18: items 4, 6, 7) --
+    Option(
+        "user",
+        _account("user"),
+        "run the zygote and the workers as this user (name or uid); the primary, started as "
+        "root, binds the configured addresses and never runs the application",
+        PROCESS,
+        shown="the primary's",
+    ),
+    Option(
+        "group",
+        _account("group"),
+        "run the zygote and the workers with this group (name or gid)",
+        PROCESS,
+        shown="--user's own group",
+    ),
+    Option(
+        "umask",
+        parse_umask,
+        "the file mode creation mask of every process, in octal (e.g. 027)",
+        PROCESS,
+        metavar="MASK",
+        shown="inherited",
+    ),
+    Option(
+        "chdir",
+        _text,
+        "change to DIR before loading APP (the primary first; every process starts there)",
+        PROCESS,
+        metavar="DIR",
+    ),
+    Option(
+        "pid",
+        _text,
+        "write the primary's pid to FILE once every worker listens; removed on exit; a "
+        "FILE naming a live process refuses the start",
+        PROCESS,
+        metavar="FILE",
+    ),
+    Option(
+        "reload",
+        _reload,
+        "development: a rolling reload whenever a watched source file changes "
+        "(needs aiocluster[reload])",
+        DEVELOPMENT,
+        kind="flag",
+        default=False,
+    ),
+    Option(
+        "reload_dir",
+        _text,
+        "with --reload: watch DIR; repeat for several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="DIR",
+        shown="the current directory",
+    ),
+    Option(
+        "reload_include",
+        _text,
+        "with --reload: also watch files matching this glob pattern; repeat for several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="PATTERN",
+        shown="*.py",
+    ),
+    Option(
+        "reload_exclude",
+        _text,
+        "with --reload: ignore files and directories matching this glob pattern; repeat for "
+        "several",
+        DEVELOPMENT,
+        kind="list",
+        default=(),
+        metavar="PATTERN",
+        shown="hidden files, __pycache__, .git, .venv, editor backups",
     ),
 )
 

@@ -33,6 +33,7 @@ from aiocluster._options import (
     option,
     resolve,
 )
+from aiocluster._process import apply_process_settings
 from aiocluster._role import Role, role
 from aiocluster._tls import check_tls
 from aiocluster._zygote import prefork_zygote
@@ -45,7 +46,16 @@ __all__ = ["Parser", "app_interface", "build_parser", "command_settings", "main"
 
 
 class Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line: ``aiocluster: error: ...``, status 2."""
+    """An argument parser whose errors are one line: ``aiocluster: error: ...``, status 2.
+
+    It takes no abbreviations of long options: ``--reload`` must never be read as
+    ``--reload-batch``, nor a future option's prefix as an older one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # The subcommands' parsers are of this class too: one place covers them all.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         """Print ``message`` as one line, with where to find the usage, and exit with 2."""
@@ -272,14 +282,18 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    # Like uvicorn and gunicorn: the application module is looked up from where we run.
-    sys.path.insert(0, os.getcwd())
     try:
         settings = command_settings(args)
+        config = ClusterConfig.from_settings(settings)
+        primary = role() is Role.PRIMARY
+        if primary:
+            # --chdir before APP is looked up; every other process starts where this one is.
+            config = apply_process_settings(config)
+        # Like uvicorn and gunicorn: the application module is looked up from where we run.
+        sys.path.insert(0, os.getcwd())
         factory, interface = settings["factory"], app_interface(settings)
         module, _ = split_spec(args.app)
         target: Any = NotImported(args.app, factory=factory, interface=interface)
-        primary = role() is Role.PRIMARY
         if not primary:
             try:
                 target = target.load()
@@ -290,7 +304,6 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         else:
             # The primary never imports the application: the zygote or the workers do.
             check_module(module)
-        config = ClusterConfig.from_settings(settings)
         if args.print_config:
             config = dataclasses.replace(config, start=config.start or default_start())
             print(format_settings(settings, config))

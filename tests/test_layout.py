@@ -47,6 +47,8 @@ SHARED = (
     "_role",
     "_tls",
     "_zygote",
+    "_process",
+    "_title",
     "web",
 )
 

@@ -86,6 +86,15 @@ SAMPLES: dict[str, Sample] = {
         "10.0.0.0/8, 127.0.0.1", ["10.0.0.0/8", "127.0.0.1"], ("10.0.0.0/8", "127.0.0.1")
     ),
     "config": Sample(str(EMPTY_TOML), str(EMPTY_TOML), str(EMPTY_TOML)),
+    "user": Sample("nobody", "nobody", "nobody"),
+    "group": Sample("0", 0, "0"),
+    "umask": Sample("027", 0o27, 0o27),
+    "chdir": Sample("/srv/app", "/srv/app", "/srv/app"),
+    "pid": Sample("/run/app.pid", "/run/app.pid", "/run/app.pid"),
+    "reload": Sample("1", True, True),
+    "reload_dir": Sample("src", ["src"], ("src",)),
+    "reload_include": Sample("*.html", ["*.html"], ("*.html",)),
+    "reload_exclude": Sample("tests/*", ["tests/*"], ("tests/*",)),
 }
 
 #: A bad value as text for each command-line option, and what the error must say.
@@ -116,10 +125,25 @@ BAD: dict[str, tuple[str, str]] = {
     "cert_reqs": ("maybe", "must be one of none, optional, required"),
     "proxy_headers": ("perhaps", "expected 1/0, true/false"),
     "forwarded_allow_ips": ("10.0.0.300", "'10.0.0.300' is not an IP address or network"),
+    "user": ("no-such-user-x", "no user 'no-such-user-x' on this system"),
+    "group": ("no-such-group-x", "no group 'no-such-group-x' on this system"),
+    "umask": ("0o999", "is not an octal umask like 027"),
+    "reload": ("perhaps", "expected 1/0, true/false"),
 }
-#: Options for which no text is wrong (an empty variable counts as unset; files are read when
-#: used, see tests/test_conventions.py).
-ANY_TEXT = {"control", "certfile", "keyfile", "ca_certs", "config"}
+#: Options for which no text is wrong (an empty variable counts as unset; files, paths and
+#: patterns are read or checked when used).
+ANY_TEXT = {
+    "control",
+    "certfile",
+    "keyfile",
+    "ca_certs",
+    "config",
+    "chdir",
+    "pid",
+    "reload_dir",
+    "reload_include",
+    "reload_exclude",
+}
 
 CLI_OPTIONS = [opt for opt in OPTIONS if opt.cli]
 #: What ClusterConfig.build needs besides the option tested (balance and sticky need rr).

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiocluster._config import NAME_CHARS
 from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
+from aiocluster._process import Account
 from aiocluster.wire.codec import HEADER, Decoder, Message, encode
 
 __all__ = ["ControlServer", "call", "control_path", "running_clusters"]
@@ -38,20 +39,29 @@ class ControlError(AioclusterError):
     """The control socket cannot be used: no cluster is running, or it is not yours."""
 
 
-def control_path(name: str = "default", path: str | None = None) -> Path:
-    """Where the control socket of cluster ``name`` lives, for this user.
+def control_path(name: str = "default", path: str | None = None, *, uid: int | None = None) -> Path:
+    """Where the control socket of cluster ``name`` lives, for this user (or for ``uid``).
 
     ``$XDG_RUNTIME_DIR/aiocluster/NAME.sock`` (a per-user directory systemd makes), else
-    ``$TMPDIR/aiocluster-UID/NAME.sock``. An explicit ``path`` wins.
+    ``$TMPDIR/aiocluster-UID/NAME.sock``. An explicit ``path`` wins. For another ``uid`` (a
+    primary whose workers run as ``--user``): where that user's own ``aiocluster status``
+    looks, ``/run/user/UID/aiocluster`` if systemd made that directory for them, else the
+    temporary directory's ``aiocluster-UID``.
     """
     if path:
         return Path(path)
     if not name or not set(name) <= NAME_CHARS:
         raise ConfigError(f"cluster name {name!r} may use only letters, digits, '.', '_', '-'")
-    return _control_dir() / f"{name}.sock"
+    return _control_dir(uid) / f"{name}.sock"
 
 
-def _control_dir() -> Path:
+def _control_dir(uid: int | None = None) -> Path:
+    if uid is not None and uid != os.getuid():
+        systemd_dir = Path(f"/run/user/{uid}")
+        with contextlib.suppress(OSError):
+            if systemd_dir.stat().st_uid == uid:
+                return systemd_dir / "aiocluster"
+        return Path(tempfile.gettempdir()) / f"aiocluster-{uid}"
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     if runtime:
         return Path(runtime) / "aiocluster"
@@ -77,15 +87,21 @@ def running_clusters() -> dict[str, Path]:
     return found
 
 
-def _private_dir(directory: Path) -> None:
-    """Create ``directory`` 0700, or check that an existing one is ours and private."""
+def _private_dir(directory: Path, owner: Account | None = None) -> None:
+    """Create ``directory`` 0700 (``owner``'s, if given), or check that an existing one is
+    its owner's and private."""
+    # The primary's own directory will do too (its user chose a --control path there).
+    allowed = {os.getuid()} | ({owner.uid} if owner is not None else set())
     with contextlib.suppress(FileExistsError):
         directory.mkdir(mode=0o700, parents=True)
+        if owner is not None:
+            os.chown(directory, owner.uid, owner.gid)
     st = os.lstat(directory)
     if not stat.S_ISDIR(st.st_mode):
         raise ConfigError(f"control directory {directory} is not a directory")
-    if st.st_uid != os.getuid():
-        raise ConfigError(f"control directory {directory} belongs to uid {st.st_uid}, not to you")
+    if st.st_uid not in allowed:
+        whose = "to you" if owner is None else f"to you or {owner.name}"
+        raise ConfigError(f"control directory {directory} belongs to uid {st.st_uid}, not {whose}")
     if st.st_mode & 0o077:
         raise ConfigError(
             f"control directory {directory} is open to others (mode {stat.S_IMODE(st.st_mode):o});"
@@ -107,11 +123,17 @@ def peer_uid(sock: socket.socket) -> int | None:
 
 
 class ControlServer:
-    """The primary's control socket; ``handler`` answers each request."""
+    """The primary's control socket; ``handler`` answers each request.
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    With ``owner`` (the ``--user`` the workers run as), the directory and the socket are that
+    user's, and the user may control the cluster as well as the primary's own.
+    """
+
+    def __init__(self, path: Path, handler: Handler, owner: Account | None = None) -> None:
         self.path = path
         self._handler = handler
+        self._owner = owner
+        self._allowed = {os.getuid()} | ({owner.uid} if owner is not None else set())
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
 
@@ -127,7 +149,7 @@ class ControlServer:
         log.info("control socket at %s", self.path)
 
     async def _bind(self) -> None:
-        _private_dir(self.path.parent)
+        _private_dir(self.path.parent, self._owner)
         if self.path.exists() or self.path.is_symlink():
             if _is_alive(self.path):
                 raise ConfigError(
@@ -144,6 +166,8 @@ class ControlServer:
             finally:
                 os.umask(old)
             os.chmod(self.path, 0o600)
+            if self._owner is not None:
+                os.chown(self.path, self._owner.uid, self._owner.gid)
             self._inode = os.stat(self.path).st_ino
             sock.listen(16)
             sock.setblocking(False)
@@ -167,7 +191,7 @@ class ControlServer:
         try:
             sock = writer.get_extra_info("socket")
             uid = peer_uid(sock) if sock is not None else None
-            if uid is not None and uid != os.getuid():
+            if uid is not None and uid not in self._allowed:
                 log.warning("control connection from uid %d refused", uid)
                 await _reply(writer, {"ok": False, "error": "permission denied"})
                 return

@@ -13,16 +13,19 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiocluster._errors import ConfigError
 from aiocluster.ops.control import ControlServer, control_path
+from aiocluster.ops.pidfile import PidFile
 from aiocluster.ops.systemd import Notifier, listen_fds
 from aiocluster.primary.cluster import Cluster
 from aiocluster.wire.codec import Message
 
 if TYPE_CHECKING:
     from aiocluster.ops.admin import AdminServer
+    from aiocluster.ops.reloader import Reloader
 
 __all__ = ["Operations"]
 
@@ -36,9 +39,20 @@ class Operations:
         self.cluster = cluster
         config = cluster.config
         self.notifier = Notifier()
+        owner = cluster.account
         self.control: ControlServer | None = None
         if config.control != "off":
-            self.control = ControlServer(control_path(config.name, config.control), self._command)
+            path = control_path(config.name, config.control, uid=owner.uid if owner else None)
+            self.control = ControlServer(path, self._command, owner)
+        self.pidfile = PidFile(Path(config.pid), owner) if config.pid else None
+        self.reloader: Reloader | None = None
+        if config.reload:
+            # Here: watchfiles is loaded only when asked for.
+            from aiocluster.ops.reloader import Reloader
+
+            self.reloader = Reloader(
+                config.reload_dir, config.reload_include, config.reload_exclude, self.reload
+            )
         self.admin: AdminServer | None = None
         if config.admin is not None:
             # Here: aiohttp and prometheus_client are loaded only when asked for.
@@ -50,11 +64,15 @@ class Operations:
 
     async def __aenter__(self) -> Operations:
         try:
+            if self.pidfile is not None:
+                self.pidfile.claim()
             if self.control is not None:
                 await self.control.start()
             self.cluster.adopt_listeners(listen_fds())
             if self.admin is not None:
                 await self.admin.start()
+            if self.reloader is not None:
+                await self.reloader.start()
             self._install_signals()
             if (interval := self.notifier.watchdog_interval()) is not None:
                 self._tasks.append(asyncio.create_task(self._watchdog(interval)))
@@ -82,10 +100,14 @@ class Operations:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks.clear()
+        if self.reloader is not None:
+            await self.reloader.aclose()
         if self.admin is not None:
             await self.admin.aclose()
         if self.control is not None:
             await self.control.aclose()
+        if self.pidfile is not None:
+            self.pidfile.remove()
         self.notifier.close()
 
     # -- the three actions -------------------------------------------------------------------
@@ -205,6 +227,8 @@ class Operations:
     async def _announce_ready(self) -> None:
         with contextlib.suppress(Exception):
             await self.cluster.wait_ready()
+            if self.pidfile is not None:
+                self.pidfile.write()
             self.notifier.ready(self._summary())
 
     async def _watchdog(self, interval: float) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import AioclusterError, AppErrorReport, ClusterFailed, ConfigError
+from aiocluster._process import Account, account
 from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.fleet import Fleet
@@ -62,6 +63,8 @@ class Cluster:
 
     def __init__(self, config: ClusterConfig) -> None:
         self.config = config
+        #: Who the zygote and the workers run as (``--user``/``--group``; None: as we do).
+        self.account: Account | None = account(config.user, config.group)
         #: The listening sockets, and which workers serve each (policy rr: the balancer).
         self.listens = Listens(
             config,
@@ -69,10 +72,14 @@ class Cluster:
             fail=self._fail,
             background=self._background,
             counted=lambda worker_id, total: self.fleet.count_accepted(worker_id, total),
+            configured=lambda: self.binds,
+            restricted_to=self.account if self.account and self.account.uid != 0 else None,
         )
         #: Starts worker processes: forks of a zygote, or fresh interpreters.
         self.starter = Starter(
-            config.start or "spawn", list(config.argv) if config.argv else worker_argv()
+            config.start or "spawn",
+            list(config.argv) if config.argv else worker_argv(),
+            self.account,
         )
         self._size = config.workers
         #: What workers listen on: the configured binds, or the sockets systemd passed.

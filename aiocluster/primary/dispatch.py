@@ -83,6 +83,7 @@ class Dispatcher:
                 "ws_grace": self.config.ws_grace,
                 "heartbeat": heartbeat_interval(self.config.timeout),
                 "binds": [a.to_wire() for a in self._binds()],
+                "name": self.config.name,
                 **self.listens.settings(),
             },
         )

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Collection, Coroutine
 from typing import Any, Literal
 
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import ConfigError, ProtocolError
+from aiocluster._process import Account
 from aiocluster.primary.balancer import Balancer
 from aiocluster.primary.handles import Handle, HandleTable
 from aiocluster.primary.process import WorkerProcess
@@ -25,7 +26,7 @@ from aiocluster.wire.address import Address
 from aiocluster.wire.codec import Frame
 from aiocluster.wire.sockets import AddrInfo, needs_resolver, resolve_async
 
-__all__ = ["Listens", "Phase"]
+__all__ = ["Listens", "Phase", "refusal"]
 
 log = logging.getLogger("aiocluster.primary")
 
@@ -36,6 +37,25 @@ Phase = Literal["starting", "serving", "stopping"]
 
 # The kernel caps the backlog at somaxconn anyway; past a C int, listen() would raise.
 _MAX_BACKLOG = 2**31 - 1
+#: Ports below this need privileges (CAP_NET_BIND_SERVICE) to bind.
+PRIVILEGED_PORTS = 1024
+
+
+def refusal(address: Address, configured: Collection[Address]) -> str | None:
+    """Why a worker running as another user may not have the primary bind ``address``.
+
+    The primary keeps root only to bind what the configuration names: a worker (which runs
+    the application, and may be compromised) must not use it to bind what its own user could
+    not — a privileged port, or a Unix socket path (binding one replaces a stale file there).
+    None: allowed, as a configured address or an unprivileged port is.
+    """
+    if address in configured:
+        return None
+    if address.kind == "unix":
+        return "workers may listen through the primary only on the Unix paths configured"
+    if 0 < address.port < PRIVILEGED_PORTS:
+        return f"port {address.port} is privileged and not a configured address"
+    return None
 
 
 class Listens:
@@ -49,12 +69,18 @@ class Listens:
         fail: Callable[[str], None],
         background: Callable[[Coroutine[Any, Any, None]], bool],
         counted: Callable[[int, int], None] | None = None,
+        configured: Callable[[], Collection[Address]] | None = None,
+        restricted_to: Account | None = None,
     ) -> None:
         """``phase()`` says where the cluster is (:data:`Phase`); ``fail(reason)`` stops the
         cluster as failed; ``background(coro)`` runs a task for the cluster's life (False:
         that life is over); ``counted(worker_id, total)`` hears a worker's count of accepted
-        connections."""
+        connections. With ``restricted_to`` (workers run as that unprivileged account), a
+        listen on anything :func:`refusal` refuses is answered EACCES, unless it is one of
+        ``configured()``."""
         self.config = config
+        self._configured = configured or (lambda: config.binds)
+        self._restricted_to = restricted_to
         self.handles = HandleTable()
         #: Hands out the connections the primary accepts (policy rr); counts every worker's.
         self.balancer = Balancer(
@@ -168,6 +194,13 @@ class Listens:
                 worker, frame, address, OSError(errno.ESHUTDOWN, "the cluster is stopping")
             )
             return
+        if self._restricted_to is not None:
+            why = refusal(address, self._configured())
+            if why is not None:
+                # _refuse logs it: a warning once the cluster serves, the failure at start.
+                text = f"refused for workers running as {self._restricted_to.name}: {why}"
+                self._refuse(worker, frame, address, OSError(errno.EACCES, text))
+                return
         try:
             handle, created = self.handles.get_or_create(
                 address,

@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 from aiocluster._config import StartMethod
@@ -33,6 +33,7 @@ from aiocluster._errors import (
     ChannelClosed,
     ProtocolError,
 )
+from aiocluster._process import Account, switch_in_child
 from aiocluster._role import ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_SLOT, ENV_ZYGOTE_FD
 from aiocluster._zygote import take_preforked
 from aiocluster.wire import messages as proto
@@ -150,11 +151,14 @@ class Zygote:
         self._exit: asyncio.Task[int] = asyncio.ensure_future(process.wait())
 
     @classmethod
-    async def spawn(cls, argv: Sequence[str]) -> Zygote:
-        """A zygote running the program afresh (it then loads the program as it is now)."""
+    async def spawn(cls, argv: Sequence[str], account: Account | None = None) -> Zygote:
+        """A zygote running the program afresh (it then loads the program as it is now),
+        as ``account`` if given."""
         parent, child = channel_pair()
         try:
-            process = await spawn(argv, dict(os.environ), child, fd_variable=ENV_ZYGOTE_FD)
+            process = await spawn(
+                argv, dict(os.environ), child, fd_variable=ENV_ZYGOTE_FD, account=account
+            )
         except BaseException:
             parent.close()
             raise
@@ -246,10 +250,14 @@ def _take_preforked() -> Zygote | None:
 class Starter:
     """Starts the cluster's worker processes by the configured method."""
 
-    def __init__(self, method: StartMethod, argv: Sequence[str]) -> None:
+    def __init__(
+        self, method: StartMethod, argv: Sequence[str], account: Account | None = None
+    ) -> None:
         #: The method in use: ``fork`` falls back to ``spawn`` where it cannot work.
         self.method: StartMethod = method
         self._argv = list(argv)
+        # Who spawned processes run as (--user/--group); a forked zygote drops by itself.
+        self._account = account
         self._zygote: Zygote | None = None
         self._starting: asyncio.Task[Zygote | None] | None = None
         # The last zygote failed to load the program: spawn until a reload tries again.
@@ -277,7 +285,7 @@ class Starter:
                     zygote = await self._current()
                     if zygote is not None:
                         return await zygote.fork(worker_id, slot, channel_end)
-        return await spawn(self._argv, env, channel_end)
+        return await spawn(self._argv, env, channel_end, account=self._account)
 
     async def launch(self, worker_id: int, slot: int) -> tuple[ProcessHandle, socket.socket]:
         """Start worker ``worker_id`` for ``slot`` with its channel: the process, and our end."""
@@ -316,7 +324,7 @@ class Starter:
 
     async def _new_zygote(self) -> Zygote | None:
         try:
-            zygote = _take_preforked() or await Zygote.spawn(self._argv)
+            zygote = _take_preforked() or await Zygote.spawn(self._argv, self._account)
             await zygote.ready()
         except ZygoteUnavailable as err:
             if err.status == APP_ERROR_STATUS and not self._served:
@@ -336,7 +344,7 @@ class Starter:
         if self.method != "fork":
             return True
         try:
-            zygote = await Zygote.spawn(self._argv)
+            zygote = await Zygote.spawn(self._argv, self._account)
             await zygote.ready()
         except ZygoteUnavailable as err:
             if err.loaded:
@@ -372,11 +380,13 @@ async def spawn(
     channel_end: socket.socket,
     *,
     fd_variable: str = ENV_CHANNEL_FD,
+    account: Account | None = None,
 ) -> asyncio.subprocess.Process:
     """A fresh interpreter running ``argv`` on ``channel_end``, named by ``fd_variable``: a
-    worker (start method spawn), or with ``ENV_ZYGOTE_FD`` a zygote."""
+    worker (start method spawn), or with ``ENV_ZYGOTE_FD`` a zygote; as ``account`` if given."""
     env = dict(env)
     env[fd_variable] = str(channel_end.fileno())
+    switch: Callable[[], None] | None = switch_in_child(account)
     return await asyncio.create_subprocess_exec(
         *argv,
         env=env,
@@ -385,6 +395,7 @@ async def spawn(
         # Own session: a terminal's Ctrl-C reaches only the primary, which then drains the
         # workers in order instead of every process (and the zygote) dying at once.
         start_new_session=True,
+        preexec_fn=switch,
     )
 
 
@@ -423,5 +434,18 @@ def worker_argv() -> list[str]:
     """The command line that runs this program again: the worker's (and the zygote's).
 
     ``sys.orig_argv`` keeps interpreter options (``-m``, ``-X``...) that ``sys.argv`` loses.
+    A script named by a relative path is named by its absolute one, which ``__main__`` knows
+    from the start: ``--chdir`` would lose it otherwise.
     """
-    return [sys.executable, *sys.orig_argv[1:]]
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    script = len(sys.orig_argv) - len(sys.argv)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    if (
+        isinstance(main_file, str)
+        and os.path.isabs(main_file)
+        and 0 < script < len(argv)
+        and argv[script] == sys.argv[0]
+        and not os.path.isabs(sys.argv[0])
+    ):
+        argv[script] = main_file
+    return argv

@@ -22,6 +22,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
 from aiocluster._role import Role, identity, role
+from aiocluster._title import set_title, worker_title
 from aiocluster._zygote import refuse
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
@@ -203,6 +204,11 @@ class WorkerLink:
         interval = reply.msg.get("heartbeat")
         if isinstance(interval, int | float) and interval > 0 and not self.channel.closed:
             self._heartbeat = asyncio.ensure_future(self._beat(float(interval)))
+        name = reply.msg.get("name")
+        me = identity()
+        if isinstance(name, str) and me.worker_id is not None:
+            # A spawned worker's first title; a forked one had it from the zygote's config.
+            set_title(worker_title(me.worker_id, me.slot, name))
         policy, balance = reply.msg.get("policy"), reply.msg.get("balance")
         if isinstance(policy, str):
             self.policy = policy

@@ -71,6 +71,24 @@ async def orphan(request: web.Request) -> web.Response:
     return web.json_response({"pid": os.getpid(), "child": child.pid})
 
 
+async def listen(request: web.Request) -> web.Response:
+    """Ask the primary for a listen (``?port=N`` on 127.0.0.1, or ``?path=P``); say the errno.
+
+    Also says who this worker runs as: the --user tests check both.
+    """
+    port, path = request.query.get("port"), request.query.get("path")
+    try:
+        server = await aiocluster.create_server(
+            asyncio.Protocol, "127.0.0.1", None if port is None else int(port), path=path
+        )
+    except OSError as err:
+        result: dict[str, object] = {"errno": err.errno, "error": str(err)}
+    else:
+        server.close()
+        result = {"errno": 0}
+    return web.json_response({**result, "uid": os.getuid(), "gid": os.getgid()})
+
+
 async def block(request: web.Request) -> web.Response:
     # Blocks this worker's loop, so it cannot accept: the next connection must go elsewhere.
     say("block-started")
@@ -181,6 +199,7 @@ def make_app(*, closes_websockets: bool = False) -> web.Application:
     app.router.add_get("/sse", sse)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/block", block)
+    app.router.add_get("/listen", listen)
     app.router.add_get("/slow", slow)
     app.router.add_get("/send", send_to_primary)
     if aiocluster.is_worker():
