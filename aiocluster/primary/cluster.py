@@ -294,6 +294,8 @@ class Cluster:
             slot_taken=self.fleet.slot_taken(worker.slot),
             slot_served=self.fleet.slot_served(worker.slot),
             reuseport=self.config.policy == "reuseport",
+            faulted=worker.faulted,
+            others_listening=self.fleet.listening(),
         )
 
     async def _restart(self, slot: int, delay: float) -> None:

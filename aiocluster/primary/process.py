@@ -48,6 +48,8 @@ class WorkerProcess:
         self.state: WorkerState = "starting"
         #: True once the worker was asked to leave (disconnect/kill): its exit is expected.
         self.exited_after_disconnect = False
+        #: True once the primary killed it for a fault (hung, broke its channel): a crash.
+        self.faulted = False
         #: The exit status once dead: the code, or the negative signal number as asyncio reports.
         self.returncode: int | None = None
         #: The addresses it listens on now (it reports each listen and each close).
@@ -225,6 +227,7 @@ class WorkerProcess:
         why = cut_off_because(channel.close_reason)
         if why is not None and not exit_task.done():
             log.error("%s %s; killing it", self.describe(), why)
+            self.faulted = True
             self.signal(signal.SIGKILL)
         returncode = await exit_task
         closed_task.cancel()
@@ -244,6 +247,7 @@ class WorkerProcess:
             self.describe(),
             timeout,
         )
+        self.faulted = True
         self.signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
         # The dump is written by a C signal handler as soon as the signal lands; half a second
         # is ample for it before the kill.

@@ -75,6 +75,10 @@ class ExitFacts:
     slot_served: bool = False
     #: Policy reuseport: the slot has sockets of its own, which a slot scaled away must drain.
     reuseport: bool = False
+    #: The primary killed it for a fault of its own (hung, broke the channel protocol).
+    faulted: bool = False
+    #: Other workers listening now (the primary always says; 1 keeps older callers' meaning).
+    others_listening: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,8 +109,14 @@ class Supervisor:
         """A worker started serving: the application can boot, so boot failures start over."""
         self.boot_failures = 0
 
-    def exited(self, slot: int, *, listened: bool, uptime: float) -> Decision:
-        """Decide about a worker that exited on its own (not asked to, not during a stop)."""
+    def exited(self, slot: int, *, listened: bool, uptime: float, killed: bool = False) -> Decision:
+        """Decide about a worker that exited on its own (not asked to, not during a stop).
+
+        ``killed``: it was serving and a signal from outside ended it (the OOM killer, an
+        operator): a healthy worker's death, restarted at once and no part of a crash streak.
+        """
+        if listened and killed:
+            return Decision("restart", 0.0, "killed while serving: not a crash")
         if not listened:
             self.boot_failures += 1
             if self.boot_failures >= self.policy.max_boot_failures:
@@ -141,7 +151,14 @@ class Supervisor:
         if facts.slot > facts.size or facts.slot_served:
             message = f"{ended}; its slot is not needed any more"
             return Verdict("ignore", message, logging.WARNING, drain_slot=drain)
-        decision = self.exited(facts.slot, listened=facts.listened, uptime=facts.uptime)
+        killed = not facts.faulted and facts.returncode in _OUTSIDE_KILLS
+        decision = self.exited(
+            facts.slot, listened=facts.listened, uptime=facts.uptime, killed=killed
+        )
+        if decision.action == "restart" and decision.delay and facts.others_listening <= 0:
+            # A back-off protects the machine from a crash loop, never at the price of an
+            # outage: with nobody else listening this slot is refilled now.
+            decision = Decision("restart", 0.0, f"{decision.reason}; no other worker listening")
         if decision.action == "halt":
             message = (
                 f"{ended} before it was listening, and {decision.reason}: "
@@ -163,6 +180,13 @@ class Supervisor:
             return 0.0
         delay: float = self.policy.backoff_base * 2.0 ** (attempt - 2)
         return min(delay, self.policy.backoff_max)
+
+
+# Signals that come from outside a process (the OOM killer's SIGKILL, an operator's kill): a
+# worker ended by one did not crash. SIGSEGV, SIGABRT and the like are the worker's own doing.
+_OUTSIDE_KILLS = frozenset(
+    -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+)
 
 
 def heartbeat_interval(timeout: float) -> float:
