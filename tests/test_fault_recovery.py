@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 
 import aiohttp
@@ -108,3 +109,79 @@ async def test_a_crash_loop_still_backs_off_while_another_worker_serves(
     again = await kill_listening(c, min(live_workers(c)), signal.SIGABRT)
     os.kill(c.worker_pids[again], signal.SIGABRT)
     await c.wait_for(r"restarting slot 1 in 0.5s \(crash 2 in a row\)", start=mark)
+
+
+async def get_worker(url: str, timeout: float) -> int:
+    """One GET on a fresh connection: the id of the worker that answered."""
+    connector = aiohttp.TCPConnector(force_close=True)
+    client_timeout = aiohttp.ClientTimeout(total=timeout)
+    async with (
+        aiohttp.ClientSession(connector=connector, timeout=client_timeout) as s,
+        s.get(url) as r,
+    ):
+        assert r.status == 200
+        data = await r.json()
+        return int(data["worker"])
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-conn"])
+async def test_rr_routes_around_a_stopped_worker(start_cluster: StartCluster, balance: str) -> None:
+    """Fault 2: a SIGSTOPped worker kept getting new connections until 16 were unanswered."""
+    c = await start_cluster(
+        *cli(
+            "run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--policy", "rr",
+            "--balance", balance, "--timeout", "40",
+        )
+    )  # fmt: skip
+    stopped = c.worker_pids[1]
+    os.kill(stopped, signal.SIGSTOP)
+    try:
+        # Each probe gets well under the 2 s + 1 s the primary may take to route around it.
+        answers = [await get_worker(f"{c.url}/", timeout=6) for _ in range(10)]
+    finally:
+        os.kill(stopped, signal.SIGCONT)
+    assert set(answers) == {2}
+    await c.wait_for(r"worker 1 \(pid \d+\) answers again")
+    assert c.count("after they were handed to another worker") == 0
+    assert c.count(r"worker 1 \(pid \d+\) (was killed|exited)") == 0
+    # Once it answers, it is a candidate again.
+    async with asyncio.timeout(10):
+        while await get_worker(f"{c.url}/", timeout=6) != 1:
+            pass
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+async def test_rr_worker_out_of_descriptors_refuses_instead_of_dying(
+    start_cluster: StartCluster,
+) -> None:
+    """Fault 3: a newconn truncated by EMFILE (MSG_CTRUNC) used to kill the worker."""
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--policy", "rr")
+    )
+    starved = c.worker_pids[1]
+    _, hard = resource.prlimit(starved, resource.RLIMIT_NOFILE)
+    # Room for a few connections, then the kernel cannot pass it any more descriptors.
+    resource.prlimit(starved, resource.RLIMIT_NOFILE, (open_fds(starved) + 4, hard))
+    held: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        for _ in range(40):
+            held.append(await asyncio.open_connection("127.0.0.1", c.port))
+        await c.wait_for(r"worker 1 \(pid \d+\) cannot take connections \(out of descriptors")
+        # Every held connection is served, by one worker or the other.
+        for _, writer in held:
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        for reader, _ in held:
+            async with asyncio.timeout(10):
+                assert (await reader.read()).startswith(b"HTTP/1.1 200")
+    finally:
+        for _, writer in held:
+            writer.close()
+    assert c.count(r"worker \d \(pid \d+\) (was killed|exited)") == 0
+    assert c.count("protocol error") == 0
+    # With its connections closed it has room again and serves.
+    async with asyncio.timeout(10):
+        while await get_worker(f"{c.url}/", timeout=6) != 1:
+            pass
