@@ -94,6 +94,12 @@ class ClusterConfig:
     #: or as fresh interpreters (``spawn``). None: ``fork`` for programs that enter through
     #: ``aiocluster.run()`` or the CLI, on Linux; ``spawn`` otherwise.
     start: StartMethod | None
+    #: HTTP (aiohttp apps): seconds a connection may go without a complete request, and the
+    #: request line, header count and header field limits.
+    keep_alive: float
+    limit_request_line: int
+    limit_request_fields: int
+    limit_request_field_size: int
 
     @classmethod
     def build(cls, **options: object) -> ClusterConfig:

@@ -71,6 +71,10 @@ SAMPLES: dict[str, Sample] = {
     "admin": Sample("127.0.0.1:9100", "127.0.0.1:9100", Address.tcp("127.0.0.1", 9100)),
     "log_level": Sample("WARNING", "warning", "warning"),
     "access_log": Sample("1", True, True),
+    "keep_alive": Sample("0.5", 0.5, 0.5),
+    "limit_request_line": Sample("4094", 4094, 4094),
+    "limit_request_fields": Sample("100", 100, 100),
+    "limit_request_field_size": Sample("2048", 2048, 2048),
 }
 
 #: A bad value as text for each command-line option, and what the error must say.
@@ -95,6 +99,10 @@ BAD: dict[str, tuple[str, str]] = {
     "admin": ("127.0.0.1:http", "is not a number"),
     "log_level": ("loud", "must be one of debug, info, warning"),
     "access_log": ("perhaps", "expected 1/0, true/false"),
+    "keep_alive": ("0", "must be more than 0 seconds, not 0"),
+    "limit_request_line": ("0", "must be at least 1"),
+    "limit_request_fields": ("many", "'many' is not a whole number"),
+    "limit_request_field_size": ("-5", "must be at least 1"),
 }
 #: Options for which no text is wrong (an empty variable counts as unset).
 ANY_TEXT = {"control"}
