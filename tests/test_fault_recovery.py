@@ -8,6 +8,7 @@ hold a stop. Every test here fails without the fix it names.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import resource
 import signal
@@ -185,3 +186,73 @@ async def test_rr_worker_out_of_descriptors_refuses_instead_of_dying(
     async with asyncio.timeout(10):
         while await get_worker(f"{c.url}/", timeout=6) != 1:
             pass
+
+
+async def trickle(port: int, stop: asyncio.Event, sent: asyncio.Queue[None] | None = None) -> bool:
+    """A slow client: one byte of a request head at a time; True once the server closed it.
+
+    ``sent`` hears once its third byte is out (so a worker has the connection by then).
+    """
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    count = 0
+    try:
+        for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 200:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            count += 1
+            if count == 3 and sent is not None:
+                sent.put_nowait(None)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    if await reader.read(1) == b"":
+                        return True
+            if stop.is_set():
+                return False
+        return False
+    except OSError:
+        return True
+    finally:
+        writer.close()
+
+
+async def test_slow_clients_do_not_hold_a_stop(start_cluster: StartCluster) -> None:
+    """Fault 4: connections still sending their request head counted as busy until the deadline."""
+    c = await start_cluster(
+        *cli(
+            "run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0",
+            "--graceful-timeout", "30", "--keep-alive", "60",
+        )
+    )  # fmt: skip
+    stop = asyncio.Event()
+    sent: asyncio.Queue[None] = asyncio.Queue()
+    clients = [asyncio.create_task(trickle(c.port, stop, sent)) for _ in range(30)]
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(10):
+        for _ in clients:
+            await sent.get()  # every client is part-way through its request head
+    began = loop.time()
+    assert await c.stop(timeout=15) == 0
+    took = loop.time() - began
+    stop.set()
+    closed = await asyncio.gather(*clients)
+    assert all(closed)  # the server closed every one
+    assert took < 8, f"stop took {took:.1f}s with a 30s graceful timeout"
+    assert c.count("still busy at the graceful deadline") == 0
+
+
+async def test_keep_alive_closes_a_slow_client_and_limits_answer_400(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli(
+            "run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0",
+            "--keep-alive", "1", "--limit-request-fields", "3",
+        )
+    )  # fmt: skip
+    async with asyncio.timeout(6):
+        assert await trickle(c.port, asyncio.Event())  # closed by --keep-alive, not by us
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n")
+    async with asyncio.timeout(5):
+        assert b" 400 " in await reader.readline()
+    writer.close()
