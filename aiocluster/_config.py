@@ -123,6 +123,12 @@ class ClusterConfig:
     reload_dir: tuple[str, ...]
     reload_include: tuple[str, ...]
     reload_exclude: tuple[str, ...]
+    #: HTTP (aiohttp apps): seconds a connection may go without a complete request, and the
+    #: request line, header count and header field limits.
+    keep_alive: float
+    limit_request_line: int
+    limit_request_fields: int
+    limit_request_field_size: int
 
     @classmethod
     def build(cls, **options: object) -> ClusterConfig:

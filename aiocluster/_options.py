@@ -220,6 +220,14 @@ def seconds(value: object) -> float:
     return number
 
 
+def _positive_seconds(value: object) -> float:
+    """A finite number of seconds > 0."""
+    number = seconds(value)
+    if number <= 0:
+        raise ConfigError(f"must be more than 0 seconds, not {value}")
+    return number
+
+
 def boolean(value: object) -> bool:
     """True or False; text may say 1/0, true/false, yes/no or on/off."""
     if isinstance(value, bool):
@@ -616,6 +624,40 @@ OPTIONS: tuple[Option, ...] = (
         SERVING,
         kind="flag",
         default=False,
+    ),
+    # HTTP limits, named as gunicorn names them; aiohttp's RequestHandler enforces each.
+    Option(
+        "keep_alive",
+        _positive_seconds,
+        "close a connection that has no complete request for this long: idle between "
+        "keep-alive requests, or a client still sending its request head (a slow client)",
+        SERVING,
+        default=5.0,
+        metavar="SECONDS",
+    ),
+    Option(
+        "limit_request_line",
+        whole(1),
+        "longest request line, in bytes (longer: answered 400)",
+        SERVING,
+        default=8190,
+        metavar="BYTES",
+    ),
+    Option(
+        "limit_request_fields",
+        whole(1),
+        "most header fields a request may have (more: answered 400)",
+        SERVING,
+        default=128,
+        metavar="N",
+    ),
+    Option(
+        "limit_request_field_size",
+        whole(1),
+        "longest header field, in bytes (longer: answered 400)",
+        SERVING,
+        default=8190,
+        metavar="BYTES",
     ),
     Option(
         "no_uvloop",

@@ -36,7 +36,7 @@ pytestmark = pytest.mark.timeout(20)
 
 # "partial": take every connection of a frame but its last (a frame of one: take it).
 # "malformed": answer with one verdict fewer than the frame had connections.
-Mode = Literal["accept", "refuse", "hold", "partial", "malformed"]
+Mode = Literal["accept", "refuse", "hold", "partial", "malformed", "busy"]
 
 
 class Peer:
@@ -71,6 +71,9 @@ class Peer:
         elif self.mode == "partial":
             count = len(frame.fds)
             self.answer(frame, [True] * (count - 1) + [False] if count > 1 else True)
+        elif self.mode == "busy":  # out of descriptors, as a real worker answers it
+            close_fds(frame.fds)
+            self.worker_end.reply(frame, {"accepted": False, "why": "busy"})
         elif self.mode == "malformed":
             close_fds(frame.fds)
             self.worker_end.reply(frame, {"accepted": [True] * (len(frame.fds) - 1)})
@@ -259,6 +262,48 @@ async def test_a_stuck_worker_gets_no_more_than_its_share(setup: Setup, logs: Lo
     stuck.release()
     assert [await results[i] for i in (0, 2)] == [1, 1]
     await logs.wait_for(r"worker 1 answers again")
+
+
+@pytest.mark.parametrize("balance", ["round-robin", "least-conn"])
+async def test_a_stuck_worker_gets_nothing_new_and_its_connections_are_rerouted(
+    setup: Setup, logs: LogWaiter, balance: str
+) -> None:
+    balancer = setup.balancer(balance=balance, stuck_after=0.2, reroute_after=0.5)
+    handle = setup.listen()
+    balancer.serve(handle)
+    stuck = setup.peer(balancer, handle, 1, mode="hold")
+    setup.peer(balancer, handle, 2)
+    first = await connect(port_of(handle))  # worker 1 comes first in either mode
+    await stuck.got_frame.wait()
+    assert isinstance(stuck.held[0].msg["until"], float)  # the deadline the worker checks
+    await logs.wait_for(r"worker 1 has not answered for .* looks blocked")
+    # Nothing new for worker 1, whatever the balance mode.
+    assert [await who(port_of(handle)) for _ in range(4)] == [2, 2, 2, 2]
+    assert await served_by(*first) == 2  # rerouted after reroute_after
+    await logs.wait_for(r"worker 1 did not answer in 0.5s: 1 connection\(s\) handed to it go")
+    assert stuck.held_conns == 1
+    stuck.release()  # it took them after all: the primary says so (a real worker refuses)
+    await logs.wait_for(r"worker 1 took 1 connection\(s\) after they were handed to another")
+    await logs.wait_for(r"worker 1 answers again")
+    assert 1 in {await who(port_of(handle)) for _ in range(4)}  # it serves again
+
+
+async def test_a_worker_out_of_descriptors_rests_while_the_others_serve(
+    setup: Setup, logs: LogWaiter
+) -> None:
+    balancer = setup.balancer()
+    handle = setup.listen()
+    balancer.serve(handle)
+    busy = setup.peer(balancer, handle, 1, mode="busy")
+    setup.peer(balancer, handle, 2)
+    assert [await who(port_of(handle)) for _ in range(6)] == [2] * 6
+    await logs.wait_for(r"worker 1 cannot take connections \(out of descriptors")
+    assert busy.frames == [1]  # asked once, then left to rest
+    busy.mode = "accept"
+    async with asyncio.timeout(5):
+        while 1 not in {await who(port_of(handle)) for _ in range(2)}:
+            pass  # its rest (50 ms at first) ends; every connection is a real one
+    await logs.wait_for(r"worker 1 takes connections again")
 
 
 async def test_connections_wait_in_the_primary_then_in_the_backlog(setup: Setup) -> None:

@@ -133,6 +133,18 @@ def test_prepared_frame_is_what_encode_makes(seq: int, nfds: int, ack: int | Non
     assert Decoder().feed(Prepared(msg).frame(seq, 0, ack)) == [Frame(full)]
 
 
+def test_prepared_plus_a_number_is_what_encode_makes() -> None:
+    base = Prepared({"act": "newconn", "handle": 3})
+    stamped = base.plus("until", 12345.678)
+    full = {"act": "newconn", "handle": 3, "until": 12345.678, "seq": 4}
+    assert stamped.frame(4, 2) == encode(full, 2)
+    assert stamped.msg == {"act": "newconn", "handle": 3, "until": 12345.678}
+    assert base.msg == {"act": "newconn", "handle": 3}  # the original is unchanged
+    for name, value in [("handle", 1.0), ("seq", 1.0), ("x", float("nan")), ("x", "1")]:
+        with pytest.raises(ValueError, match=r"is taken|finite number"):
+            base.plus(name, value)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(
     ("msg", "why"),
     [
@@ -575,3 +587,37 @@ def test_property_garbage_never_loses_an_fd(
     seen += dec.close()
     seen += dec.close()
     assert Counter(seen) == Counter(given_fds)
+
+
+# --- truncated descriptors (MSG_CTRUNC: the receiver is out of descriptors) -----------------------
+
+
+def test_truncated_chunk_marks_the_frame_its_descriptors_belonged_to() -> None:
+    plain, carrier = encode({"act": "plain"}), encode({"act": "newconn"}, 3)
+    dec = Decoder()
+    # A read ends with the frame that carried descriptors (the kernel stops there).
+    frames = dec.feed(plain + carrier, truncated=True)
+    assert frames == [Frame({"act": "plain"}), Frame({"act": "newconn"}, (), truncated=True)]
+    # The decoder goes on: the next frame's descriptors arrive whole.
+    assert dec.feed(carrier, [100, 101, 102]) == [Frame({"act": "newconn"}, (100, 101, 102))]
+
+
+def test_truncated_frame_completed_in_a_later_chunk() -> None:
+    carrier = encode({"act": "newconn", "pad": "p" * 40}, 2)
+    dec = Decoder()
+    assert dec.feed(carrier[:10], truncated=True) == []
+    assert dec.feed(carrier[10:]) == [
+        Frame({"act": "newconn", "pad": "p" * 40}, (), truncated=True)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("chunk", "why"),
+    [
+        (encode({"act": "a"}), "with a frame that announces none"),
+        (b"", "with no data"),
+    ],
+)
+def test_truncation_where_no_descriptor_was_due(chunk: bytes, why: str) -> None:
+    with pytest.raises(ProtocolError, match=why):
+        Decoder().feed(chunk, truncated=True)

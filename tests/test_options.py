@@ -95,6 +95,10 @@ SAMPLES: dict[str, Sample] = {
     "reload_dir": Sample("src", ["src"], ("src",)),
     "reload_include": Sample("*.html", ["*.html"], ("*.html",)),
     "reload_exclude": Sample("tests/*", ["tests/*"], ("tests/*",)),
+    "keep_alive": Sample("0.5", 0.5, 0.5),
+    "limit_request_line": Sample("4094", 4094, 4094),
+    "limit_request_fields": Sample("100", 100, 100),
+    "limit_request_field_size": Sample("2048", 2048, 2048),
 }
 
 #: A bad value as text for each command-line option, and what the error must say.
@@ -129,6 +133,10 @@ BAD: dict[str, tuple[str, str]] = {
     "group": ("no-such-group-x", "no group 'no-such-group-x' on this system"),
     "umask": ("0o999", "is not an octal umask like 027"),
     "reload": ("perhaps", "expected 1/0, true/false"),
+    "keep_alive": ("0", "must be more than 0 seconds, not 0"),
+    "limit_request_line": ("0", "must be at least 1"),
+    "limit_request_fields": ("many", "'many' is not a whole number"),
+    "limit_request_field_size": ("-5", "must be at least 1"),
 }
 #: Options for which no text is wrong (an empty variable counts as unset; files, paths and
 #: patterns are read or checked when used).

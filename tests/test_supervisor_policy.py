@@ -204,3 +204,55 @@ def test_an_app_that_cannot_load_halts_at_once_with_status_2_until_the_cluster_s
     assert Supervisor().decide(replacing).action == "ignore"
     # Status 4 from a worker that did listen is a crash like any other.
     assert Supervisor().decide(facts(returncode=4)).action == "restart"
+
+
+# --- a healthy worker's death is no crash; a back-off never leaves nobody listening -------------
+
+
+@pytest.mark.parametrize("sig", [-9, -15, -2, -1, -3])
+def test_a_serving_worker_killed_from_outside_restarts_at_once_every_time(sig: int) -> None:
+    sup = Supervisor(RestartPolicy(stable_after=10))
+    verdicts = [sup.decide(facts(returncode=sig, uptime=0.3)) for _ in range(20)]
+    assert {(v.action, v.delay) for v in verdicts} == {("restart", 0.0)}
+    assert verdicts[0].message.endswith("at once (killed while serving: not a crash)")
+    assert sup.streaks == {}  # no crash streak for either slot
+    # A real crash afterwards is the slot's first.
+    assert sup.decide(facts(uptime=0.3)).message.endswith("(crash 1 in a row)")
+
+
+def test_a_kill_before_listening_is_still_a_boot_failure() -> None:
+    sup = Supervisor(RestartPolicy(max_boot_failures=2))
+    assert sup.decide(facts(returncode=-9, listened=False)).action == "restart"
+    assert sup.decide(facts(returncode=-9, listened=False)).action == "halt"
+
+
+@pytest.mark.parametrize("sig", [-11, -6, -7])
+def test_a_worker_that_crashes_by_its_own_signal_backs_off(sig: int) -> None:
+    sup = Supervisor(RestartPolicy(backoff_base=0.5, stable_after=10))
+    sup.decide(facts(returncode=sig, uptime=1))
+    assert sup.decide(facts(returncode=sig, uptime=1)).delay == 0.5
+
+
+def test_a_worker_the_primary_killed_for_a_fault_counts_as_a_crash() -> None:
+    sup = Supervisor(RestartPolicy(backoff_base=0.5, stable_after=10))
+    sup.decide(facts(returncode=-9, uptime=1, faulted=True))
+    assert sup.decide(facts(returncode=-9, uptime=1, faulted=True)).delay == 0.5
+
+
+def test_no_backoff_when_no_other_worker_listens() -> None:
+    sup = Supervisor(RestartPolicy(backoff_base=0.5, stable_after=10))
+    for _ in range(5):
+        sup.decide(facts(uptime=1))
+    alone = sup.decide(facts(uptime=1, others_listening=0))
+    assert (alone.action, alone.delay) == ("restart", 0.0)
+    assert alone.message.endswith("at once (crash 6 in a row; no other worker listening)")
+    # The streak still counts: with another worker listening the slot backs off again.
+    assert sup.decide(facts(uptime=1, others_listening=1)).delay == 16.0
+
+
+def test_boot_failures_still_halt_with_nobody_listening() -> None:
+    sup = Supervisor(RestartPolicy(max_boot_failures=2))
+    boot = facts(listened=False, uptime=0.1, others_listening=0)
+    first = sup.decide(boot)
+    assert (first.action, first.delay) == ("restart", 0.0)
+    assert sup.decide(boot).action == "halt"

@@ -23,6 +23,7 @@ from typing import Any
 
 from aiocluster._config import NAME_CHARS
 from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
+from aiocluster._logging import Throttled
 from aiocluster._process import Account
 from aiocluster.wire.codec import HEADER, Decoder, Message, encode
 
@@ -136,6 +137,8 @@ class ControlServer:
         self._allowed = {os.getuid()} | ({owner.uid} if owner is not None else set())
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
+        # One line per 10 s, with a count, however many clients connect and say nothing.
+        self._bad = Throttled(log, "bad control request")
 
     async def start(self) -> None:
         """Create the directory and socket; fail if another cluster uses this name."""
@@ -199,7 +202,7 @@ class ControlServer:
                 async with asyncio.timeout(10):
                     request = await _read_frame(reader)
             except (ProtocolError, TimeoutError, asyncio.IncompleteReadError) as err:
-                log.warning("bad control request: %s", err or type(err).__name__)
+                self._bad.note(_why_bad(err))
                 return
             try:
                 result = await self._handler(request)
@@ -214,6 +217,20 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def _why_bad(err: Exception) -> str:
+    """What went wrong with a control request, in words (a TimeoutError has none of its own)."""
+    if isinstance(err, TimeoutError):
+        return "no complete request within 10s"
+    if isinstance(err, asyncio.IncompleteReadError):
+        if not err.partial:
+            return "the client closed the connection without sending a request"
+        return (
+            f"the client closed the connection {len(err.partial)} bytes into a "
+            f"{err.expected}-byte read"
+        )
+    return str(err) or type(err).__name__
 
 
 async def _reply(writer: asyncio.StreamWriter, reply: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ import functools
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, cast
 
@@ -96,14 +97,19 @@ class _Conn:
 
 
 class _Batch:
-    """Connections of one listen handed to one worker in one ``newconn`` frame."""
+    """Connections of one listen handed to one worker in one ``newconn`` frame.
 
-    __slots__ = ("conns", "group", "sent", "seq")
+    ``until`` (``time.monotonic()``, the same clock in every process): the worker refuses the
+    frame if it reads it later than that, so past it the primary may hand them elsewhere.
+    """
 
-    def __init__(self, group: _Group, conns: list[_Conn], sent: float) -> None:
+    __slots__ = ("conns", "group", "sent", "seq", "until")
+
+    def __init__(self, group: _Group, conns: list[_Conn], sent: float, until: float) -> None:
         self.group = group
         self.conns = conns
         self.sent = sent
+        self.until = until
         self.seq = 0
 
 
@@ -121,6 +127,8 @@ class Peer:
         "max_unacked",
         "name",
         "open_reported",
+        "rest",
+        "rest_until",
         "slot",
         "stuck",
         "unacked",
@@ -145,6 +153,9 @@ class Peer:
         self.adopted_reported = 0
         self.stuck = False
         self.lost = False
+        #: Out of descriptors: its current back-off, and no connections before this time.
+        self.rest = 0.0
+        self.rest_until = 0.0
 
     @property
     def load(self) -> int:
@@ -207,6 +218,7 @@ class Balancer:
         max_unacked: int = MAX_FDS,
         max_queued: int = 64,
         stuck_after: float = 1.0,
+        reroute_after: float = 2.0,
         on_count: Callable[[int, int], None] | None = None,
     ) -> None:
         #: Connections accepted by each worker (by id), dead ones included.
@@ -218,6 +230,8 @@ class Balancer:
         self._max_unacked = max_unacked
         self._max_queued = max_queued
         self._stuck_after = stuck_after
+        self._reroute_after = reroute_after
+        self._rest_timer: asyncio.TimerHandle | None = None
         self._peers: dict[int, Peer] = {}
         self._groups: dict[int, _Group] = {}
         self._watchdog: asyncio.TimerHandle | None = None
@@ -302,6 +316,9 @@ class Balancer:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._rest_timer is not None:
+            self._rest_timer.cancel()
+            self._rest_timer = None
         if self.accepted:
             log.info("connections per worker: %s", summarize_counts(self.accepted))
 
@@ -417,11 +434,14 @@ class Balancer:
                     del self._peers[peer.id]  # a dead worker with nothing left to settle
             elif group.id in peer.groups:
                 candidates.append(peer)
-        if self._sticky:
-            # A worker whose loop is stuck is not live for its clients: they move to their
-            # next slot until it answers again, rather than wait and fill the queue.
-            candidates = [p for p in candidates if not p.stuck] or candidates
-        return candidates
+        # A worker whose loop is stuck gets nothing new until it answers (under sticky its
+        # clients move to their next slot); one out of descriptors nothing until its back-off
+        # ends. If every worker is stuck, the stuck ones still beat a queue nobody serves.
+        now = time.monotonic()
+        awake = [p for p in candidates if p.rest_until <= now]
+        if len(awake) < len(candidates):
+            self._arm_rest_timer(min(p.rest_until for p in candidates) - now)
+        return [p for p in awake if not p.stuck] or awake
 
     def _hand_out(self, group: _Group) -> None:
         """Hand the connections waiting in ``group`` to the workers that can take them now.
@@ -460,10 +480,12 @@ class Balancer:
 
     def _send(self, group: _Group, peer: Peer, conns: list[_Conn]) -> bool:
         """One newconn frame to ``peer``; False if it failed, the connections back in line."""
-        batch = _Batch(group, conns, asyncio.get_running_loop().time())
+        until = time.monotonic() + self._reroute_after
+        batch = _Batch(group, conns, asyncio.get_running_loop().time(), until)
         on_reply = functools.partial(self._answered, peer, batch)
+        newconn = group.newconn.plus("until", round(until, 3))
         try:
-            batch.seq = peer.channel.ask(group.newconn, [c.fd for c in conns], on_reply)
+            batch.seq = peer.channel.ask(newconn, [c.fd for c in conns], on_reply)
         except (ChannelClosed, OSError) as err:
             peer.unacked -= len(conns)
             group.queue.extendleft(reversed(conns))
@@ -478,7 +500,11 @@ class Balancer:
         if reply is not None:
             close_fds(reply.fds)  # a reply never carries any; be sure
         if peer.batches.pop(batch.seq, None) is None:
-            return  # the balancer closed: the connections are closed already
+            # The balancer closed (the connections are closed already), or the answer came
+            # after the primary handed them elsewhere (see _reroute).
+            if reply is not None and not self._closed:
+                self._late_answer(peer, batch, reply)
+            return
         count = len(batch.conns)
         peer.unacked -= count
         group = batch.group
@@ -486,6 +512,7 @@ class Balancer:
         malformed = len(taken) != count
         if malformed:
             taken = [False] * count  # settle them as refused, then cut the worker off
+        why = None if reply is None else reply.msg.get("why")
         refused = []
         for conn, ok in zip(batch.conns, taken, strict=True):
             if ok:
@@ -505,7 +532,10 @@ class Balancer:
                     peer.name,
                     peer.unacked + count,
                 )
-        elif not took and not malformed and group.id in peer.groups:
+        elif not took and why == proto.BUSY:
+            self._rest(peer)
+        elif not took and why is None and not malformed and group.id in peer.groups:
+            # Refused with no reason: it is stopping (busy or late: it still serves the listen).
             peer.groups.discard(group.id)
             log.info(
                 "%s refused %s (it is stopping); handing %s to another worker",
@@ -513,12 +543,12 @@ class Balancer:
                 "a connection" if count == 1 else f"{count} connections",
                 "it" if count == 1 else "them",
             )
+        if took and peer.rest:
+            peer.rest = 0.0
+            log.info("%s takes connections again", peer.name)
         if refused:
             self._retry(group, refused)
-        if peer.stuck and not peer.batches:
-            peer.stuck = False
-            if not peer.channel.closed:
-                log.info("%s answers again", peer.name)
+        self._answering(peer)
         for group_id in {group.id, *peer.groups}:
             self._pump(self._group(group_id))
         if malformed:
@@ -544,19 +574,83 @@ class Balancer:
         self._hand_out(group)
         self._resume(group)
 
-    # -- stuck workers -----------------------------------------------------------------------
+    # -- stuck workers, and workers out of descriptors ---------------------------------------
+
+    def _answering(self, peer: Peer) -> None:
+        if peer.stuck and not peer.batches:
+            peer.stuck = False
+            if not peer.channel.closed:
+                log.info("%s answers again", peer.name)
+
+    def _late_answer(self, peer: Peer, batch: _Batch, reply: Frame) -> None:
+        """An answer about connections already handed elsewhere: the worker runs again."""
+        if _taken(reply, len(batch.conns)) != [False] * len(batch.conns):
+            # It read the frame just before its deadline, then stopped before answering.
+            log.warning(
+                "%s took %d connection(s) after they were handed to another worker",
+                peer.name,
+                len(batch.conns),
+            )
+        self._answering(peer)
+        for group_id in peer.groups:
+            self._pump(self._group(group_id))
+
+    def _reroute(self, peer: Peer, now: float) -> None:
+        """Hand what ``peer`` did not answer for in time to other workers.
+
+        Past ``until`` the worker refuses the frame if it ever reads it, so the primary's copy
+        of each connection is the only one that will be served.
+        """
+        overdue = [b for b in peer.batches.values() if b.until <= now]
+        for batch in overdue:
+            del peer.batches[batch.seq]
+            peer.unacked -= len(batch.conns)
+            self._retry(batch.group, batch.conns)
+        if overdue:
+            log.warning(
+                "%s did not answer in %gs: %d connection(s) handed to it go to other workers",
+                peer.name,
+                self._reroute_after,
+                sum(len(b.conns) for b in overdue),
+            )
+
+    def _rest(self, peer: Peer) -> None:
+        """``peer`` is out of descriptors: hand it nothing for a while, longer each time."""
+        first = not peer.rest
+        peer.rest = min(_BACKOFF_MAX, peer.rest * 2 or _BACKOFF_FIRST)
+        peer.rest_until = time.monotonic() + peer.rest
+        if first:
+            log.warning(
+                "%s cannot take connections (out of descriptors: raise the open-files limit, "
+                "ulimit -n); it gets none for %gs, the other workers take them",
+                peer.name,
+                peer.rest,
+            )
+
+    def _arm_rest_timer(self, delay: float) -> None:
+        if self._rest_timer is None and not self._closed:
+            self._rest_timer = asyncio.get_running_loop().call_later(
+                max(0.0, delay), self._after_rest
+            )
+
+    def _after_rest(self) -> None:
+        self._rest_timer = None
+        for group in list(self._groups.values()):
+            self._pump(group)
 
     def _arm_watchdog(self) -> None:
         if self._watchdog is None and not self._closed:
+            # Twice per stuck_after: a stuck worker is seen, and routed around, promptly.
             self._watchdog = asyncio.get_running_loop().call_later(
-                self._stuck_after, self._check_stuck
+                self._stuck_after / 2, self._check_stuck
             )
 
     def _check_stuck(self) -> None:
         self._watchdog = None
         now = asyncio.get_running_loop().time()
         waiting = newly_stuck = False
-        for peer in self._peers.values():
+        wall = time.monotonic()
+        for peer in list(self._peers.values()):
             if not peer.batches or peer.channel.closed:
                 continue
             waiting = True
@@ -570,10 +664,11 @@ class Balancer:
                     now - since,
                     peer.unacked,
                 )
+            self._reroute(peer, wall)
         if waiting:
             self._arm_watchdog()
-        if newly_stuck and self._sticky:
-            for group in self._groups.values():
+        if newly_stuck:
+            for group in list(self._groups.values()):
                 self._pump(group)
 
 

@@ -323,6 +323,8 @@ class Cluster:
             slot_served=self.fleet.slot_served(worker.slot),
             reuseport=self.config.policy == "reuseport",
             ready_once=self._ready.is_set(),
+            faulted=worker.faulted,
+            others_listening=self.fleet.listening(),
         )
 
     async def _restart(self, slot: int, delay: float) -> None:

@@ -53,6 +53,8 @@ class WorkerProcess:
         self.state: WorkerState = "starting"
         #: True once the worker was asked to leave (disconnect/kill): its exit is expected.
         self.exited_after_disconnect = False
+        #: True once the primary killed it for a fault (hung, broke its channel): a crash.
+        self.faulted = False
         #: The exit status once dead: the code, or the negative signal number as asyncio reports.
         self.returncode: int | None = None
         #: The addresses it listens on now (it reports each listen and each close).
@@ -242,6 +244,7 @@ class WorkerProcess:
         why = cut_off_because(channel.close_reason)
         if why is not None and not exit_task.done():
             log.error("%s %s; killing it", self.describe(), why)
+            self.faulted = True
             self.signal(signal.SIGKILL)
         if closed_task.done():
             self._channel_closed()  # it closed its end (drained), or was cut off: before exit
@@ -283,6 +286,7 @@ class WorkerProcess:
             self.describe(),
             timeout,
         )
+        self.faulted = True
         self.signal(signal.SIGUSR1)  # faulthandler in the worker prints every thread's stack
         # The dump is written by a C signal handler as soon as the signal lands; half a second
         # is ample for it before the kill.

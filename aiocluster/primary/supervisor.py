@@ -79,6 +79,10 @@ class ExitFacts:
     reuseport: bool = False
     #: Every worker was listening at some point: the cluster has served.
     ready_once: bool = False
+    #: The primary killed it for a fault of its own (hung, broke the channel protocol).
+    faulted: bool = False
+    #: Other workers listening now (the primary always says; 1 keeps older callers' meaning).
+    others_listening: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +115,14 @@ class Supervisor:
         """A worker started serving: the application can boot, so boot failures start over."""
         self.boot_failures = 0
 
-    def exited(self, slot: int, *, listened: bool, uptime: float) -> Decision:
-        """Decide about a worker that exited on its own (not asked to, not during a stop)."""
+    def exited(self, slot: int, *, listened: bool, uptime: float, killed: bool = False) -> Decision:
+        """Decide about a worker that exited on its own (not asked to, not during a stop).
+
+        ``killed``: it was serving and a signal from outside ended it (the OOM killer, an
+        operator): a healthy worker's death, restarted at once and no part of a crash streak.
+        """
+        if listened and killed:
+            return Decision("restart", 0.0, "killed while serving: not a crash")
         if not listened:
             self.boot_failures += 1
             if self.boot_failures >= self.policy.max_boot_failures:
@@ -153,7 +163,14 @@ class Supervisor:
             # broke a restart: the others keep serving while it retries, then halts).
             message = f"{ended}: it cannot load the application; stopping the cluster"
             return Verdict("halt", message, logging.ERROR, drain_slot=drain, status=2)
-        decision = self.exited(facts.slot, listened=facts.listened, uptime=facts.uptime)
+        killed = not facts.faulted and facts.returncode in _OUTSIDE_KILLS
+        decision = self.exited(
+            facts.slot, listened=facts.listened, uptime=facts.uptime, killed=killed
+        )
+        if decision.action == "restart" and decision.delay and facts.others_listening <= 0:
+            # A back-off protects the machine from a crash loop, never at the price of an
+            # outage: with nobody else listening this slot is refilled now.
+            decision = Decision("restart", 0.0, f"{decision.reason}; no other worker listening")
         if decision.action == "halt":
             message = (
                 f"{ended} before it was listening, and {decision.reason}: "
@@ -175,6 +192,13 @@ class Supervisor:
             return 0.0
         delay: float = self.policy.backoff_base * 2.0 ** (attempt - 2)
         return min(delay, self.policy.backoff_max)
+
+
+# Signals that come from outside a process (the OOM killer's SIGKILL, an operator's kill): a
+# worker ended by one did not crash. SIGSEGV, SIGABRT and the like are the worker's own doing.
+_OUTSIDE_KILLS = frozenset(
+    -sig for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+)
 
 
 def heartbeat_interval(timeout: float) -> float:

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 from aiocluster._errors import ChannelClosed, ProtocolError
@@ -57,6 +57,10 @@ class Channel:
     never send any (the primary's view of a worker). ``max_buffer`` bounds the bytes, and
     ``max_queued_fds`` the descriptors (our duplicates), queued for a peer that stops reading;
     past either the channel closes (:class:`PeerNotReading`) rather than grow without limit.
+
+    ``truncatable``: the acts of requests whose descriptors may come truncated (we are out of
+    descriptors) and still reach ``handler``, with ``frame.truncated`` set; any other truncated
+    frame is a protocol error.
     """
 
     def __init__(
@@ -69,8 +73,10 @@ class Channel:
         max_buffer: int = 8 * 1024 * 1024,
         max_queued_fds: int = 256,
         on_close: Callable[[BaseException | None], None] | None = None,
+        truncatable: Collection[str] = (),
     ) -> None:
         sock.setblocking(False)
+        self._truncatable = frozenset(truncatable)
         self._sock = sock
         self._fd = sock.fileno()
         self._handler = handler
@@ -349,18 +355,19 @@ class Channel:
                 self.close(ChannelClosed(f"channel {self.name}: receive failed: {err}"))
                 return
             fds = received_fds(ancdata)
-            if flags & _MSG_CTRUNC:
+            truncated = bool(flags & _MSG_CTRUNC)
+            if truncated:
+                # Out of descriptors here: what did arrive is no use without the rest.
                 close_fds(fds)
-                self._protocol_error(ProtocolError("descriptors truncated (MSG_CTRUNC)"))
-                return
-            if not data and not fds:
+                fds = []
+            if not data and not fds and not truncated:
                 self.close(ChannelClosed(f"channel {self.name}: peer closed the channel"))
                 return
             if not _CLOEXEC_FLAG:
                 for fd in fds:
                     os.set_inheritable(fd, False)
             try:
-                frames = self._decoder.feed(data, fds)
+                frames = self._decoder.feed(data, fds, truncated=truncated)
             except ProtocolError as err:
                 close_fds(err.fds)
                 self._protocol_error(err)
@@ -378,6 +385,11 @@ class Channel:
                 return
 
     def _dispatch(self, frame: Frame) -> None:
+        if frame.truncated and (
+            frame.msg.get("ack") is not None or frame.msg["act"] not in self._truncatable
+        ):
+            self._protocol_error(ProtocolError("descriptors truncated (MSG_CTRUNC)"))
+            return
         ack = frame.msg.get("ack")
         if ack is not None:
             if not 0 < ack <= self._last_seq:

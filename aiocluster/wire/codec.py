@@ -50,11 +50,14 @@ _NFDS_LIMIT = (1 << 8) - 1
 class Frame:
     """One decoded message and the descriptors that travelled with it.
 
-    The receiver owns ``fds`` and must close each one it does not keep.
+    The receiver owns ``fds`` and must close each one it does not keep. ``truncated``: the
+    frame announced descriptors, but the kernel could not pass them (``MSG_CTRUNC``: the
+    receiver is out of descriptors); ``fds`` is then empty.
     """
 
     msg: Message
     fds: tuple[int, ...] = ()
+    truncated: bool = False
 
 
 class _Violation(Exception):
@@ -124,6 +127,24 @@ class Prepared:
         # Without the closing brace; it always has "act", so the next field follows a comma.
         self._head = encoded[_HEADER_SIZE:-1]
 
+    def plus(self, name: str, value: float) -> Prepared:
+        """This message with one more number field (a per-frame deadline), encoded on top.
+
+        Raises ValueError for a field the message has, ``seq``/``ack``, or a value JSON has
+        no number for.
+        """
+        if name in self.msg or name in ("seq", "ack"):
+            raise ValueError(f"field {name!r} is taken")
+        if not (isinstance(value, int | float) and math.isfinite(value)):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        more = Prepared.__new__(Prepared)
+        more.msg = {**self.msg, name: value}
+        more._head = self._head + b",%s:%s" % (
+            json.dumps(name).encode(),
+            json.dumps(value).encode(),
+        )
+        return more
+
     def frame(self, seq: int, nfds: int = 0, ack: int | None = None) -> bytes:
         """The frame of this message with ``seq`` (and ``ack``), announcing ``nfds`` descriptors."""
         if not 0 <= nfds <= MAX_FDS:
@@ -175,7 +196,7 @@ class Decoder:
     the decoder is broken and every later ``feed`` raises ProtocolError too.
     """
 
-    __slots__ = ("_broken", "_buf", "_fds", "_header", "_max_fds", "_max_frame")
+    __slots__ = ("_broken", "_buf", "_cut", "_fds", "_header", "_max_fds", "_max_frame")
 
     def __init__(self, *, max_frame: int = MAX_FRAME, max_fds: int = MAX_FDS) -> None:
         """Accept payloads up to ``max_frame`` bytes and up to ``max_fds`` descriptors a frame.
@@ -193,6 +214,8 @@ class Decoder:
         self._header: tuple[int, int] | None = None
         # Descriptors attributed to the incomplete frame in _buf.
         self._fds: list[int] = []
+        # The incomplete frame's descriptors were truncated.
+        self._cut = False
         self._broken = False
 
     @property
@@ -210,10 +233,12 @@ class Decoder:
         self._reset()
         return fds
 
-    def feed(self, data: bytes, fds: Sequence[int] = ()) -> list[Frame]:
+    def feed(self, data: bytes, fds: Sequence[int] = (), *, truncated: bool = False) -> list[Frame]:
         """Consume one received chunk and return the frames it completes.
 
-        ``fds`` are the descriptors that arrived with ``data`` (in order). On
+        ``fds`` are the descriptors that arrived with ``data`` (in order). ``truncated``: the
+        chunk came with ``MSG_CTRUNC`` and the caller closed what did arrive (pass no
+        ``fds``); the frame they belonged to comes out with ``truncated`` set. On
         ProtocolError, ``err.fds`` holds every descriptor this decoder held or
         was given in this call, including those of frames completed earlier in
         the call, which are then not returned.
@@ -223,7 +248,7 @@ class Decoder:
             raise ProtocolError("decoder is unusable after an earlier error or close()", received)
         held = self._fds
         try:
-            return self._feed(data, received)
+            return self._feed(data, received, truncated)
         except _Violation as exc:
             self._reset()
             raise ProtocolError(str(exc), held + received) from None
@@ -232,10 +257,15 @@ class Decoder:
         self._buf = bytearray()
         self._header = None
         self._fds = []
+        self._cut = False
         self._broken = True
 
-    def _feed(self, data: bytes, received: list[int]) -> list[Frame]:
+    def _feed(self, data: bytes, received: list[int], truncated: bool) -> list[Frame]:
+        if truncated and received:
+            raise _Violation("descriptors passed with a truncated chunk")
         if not data:
+            if truncated:
+                raise _Violation("descriptors truncated (MSG_CTRUNC) with no data")
             if received:
                 raise _Violation("descriptors arrived with no data")
             return []
@@ -284,21 +314,33 @@ class Decoder:
 
         partial_starts_here = starts_here and (self._header is not None or bool(self._buf))
         attributed: list[list[int]] = [[] for _ in completed]
+        cut = [False] * len(completed)
         if completed and not completed[0][2]:
             # The first completed frame is the one that was partly buffered.
             attributed[0] = self._fds
+            cut[0] = self._cut
             self._fds = []
-        if received:
+            self._cut = False
+        if received or truncated:
             if partial_starts_here:
                 self._fds = received
+                self._cut = truncated
             else:
                 last = max((i for i, c in enumerate(completed) if c[2]), default=None)
                 if last is None:
                     raise _Violation("descriptors arrived in the middle of a frame")
                 attributed[last] = received
+                cut[last] = truncated
 
         frames: list[Frame] = []
-        for (nfds, payload, _), frame_fds in zip(completed, attributed, strict=True):
+        for (nfds, payload, _), frame_fds, lost in zip(completed, attributed, cut, strict=True):
+            if lost:
+                if not nfds:
+                    raise _Violation(
+                        "descriptors truncated (MSG_CTRUNC) with a frame that announces none"
+                    )
+                frames.append(Frame(_parse(payload), (), truncated=True))
+                continue
             if len(frame_fds) != nfds:
                 raise _Violation(
                     f"frame announces {nfds} descriptors but {len(frame_fds)} arrived with it"

@@ -11,9 +11,11 @@ from aiocluster._errors import AppErrorReport, ProtocolError
 
 __all__ = [
     "APP_ERROR",
+    "BUSY",
     "CLOSE",
     "DISCONNECT",
     "HEARTBEAT",
+    "LATE",
     "LISTENING",
     "LOAD",
     "MAX_ERROR_LINE",
@@ -48,8 +50,14 @@ MESSAGE = "message"
 DISCONNECT = "disconnect"
 # request with 1..MAX_FDS fds, connections the primary accepted for the listen "handle" (a
 # worker's share of one burst). The worker replies once: {"accepted": true} once it owns them
-# all, false for none (stopping, or no server for them), or a list of bools, one per fd in order
+# all, false for none (stopping, or no server for them), or a list of bools, one per fd in order.
+# "until" (time.monotonic(), one clock for every process): a frame read later is refused with
+# "why": LATE, since the primary has handed those connections to another worker by then.
 NEWCONN = "newconn"
+# Why a worker refused a newconn frame while it still serves the listen (``why``): it is out
+# of descriptors (the frame came truncated), or it read the frame after its ``until``.
+BUSY = "busy"
+LATE = "late"
 
 # The zygote's channel (start method fork, see _zygote.py). zygote -> primary, once: it loaded
 # the program and forks on request (pid), or it cannot fork safely here (why).

@@ -14,7 +14,8 @@ fixed when the drain begins, is spent by every step:
 4. open websockets get a close frame with 1001 (Going Away) from the cluster after a short
    grace, so an app need not do it; their ``async for msg in ws`` loops end normally;
 5. connections that stay idle for a short grace are closed: a client sending steadily has had
-   its ``Connection: close`` by then;
+   its ``Connection: close`` by then; one whose request head is still coming in (a slow
+   client) is idle too, since nothing was asked of the application yet;
 6. in-flight requests (streams included) run until the deadline; then the handlers still
    running are cancelled (they see ``CancelledError``, as under aiohttp's own shutdown);
 7. ``on_cleanup`` and ``cleanup_ctx`` teardown always run, within the cleanup allowance.
@@ -110,8 +111,10 @@ async def _drain_connections(
     closer = asyncio.ensure_future(_close_websockets(websockets, plan))
     await wait_until(asyncio.ensure_future(empty.wait()), plan.began + plan.idle_grace)
     for conn in _live(server):
-        if not getattr(conn, "_request_in_progress", False):
-            conn.close()
+        if _idle(conn):
+            # Closed outright: aiohttp's close() only cancels the wait for the next request,
+            # and leaves the transport open until the deadline.
+            conn.force_close()
     waiting = asyncio.ensure_future(empty.wait())
     await wait_until(waiting, plan.deadline)
     waiting.cancel()
@@ -213,6 +216,12 @@ def _watch(server: web.Server) -> asyncio.Event:
         watch_task(conn)
     check()
     return empty
+
+
+def _idle(conn: Any) -> bool:
+    """No request being handled nor waiting to be: idle keep-alive, or a request head still
+    coming in (a slow client has nothing to lose, and must not hold the stop)."""
+    return not getattr(conn, "_request_in_progress", False) and not getattr(conn, "_messages", ())
 
 
 def _live(server: web.Server) -> list[Any]:

@@ -16,11 +16,13 @@ import logging
 import os
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from aiocluster._logging import Throttled
 from aiocluster._role import Role, identity, role
 from aiocluster._title import set_title, worker_title
 from aiocluster._zygote import refuse
@@ -132,6 +134,7 @@ class WorkerLink:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
         self._stats_sources: list[StatsSource] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        self._refusals = Throttled(log, "refused connections handed over by the primary")
         # The primary sends SIGUSR1 to a worker whose loop stopped answering, before killing
         # it: faulthandler writes every thread's stack to stderr even while the loop is stuck.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -139,7 +142,14 @@ class WorkerLink:
         # Inherited via pass_fds, so inheritable: children of this worker must not hold the
         # channel open, or the primary would never see this worker's end close.
         sock.set_inheritable(False)
-        self.channel = Channel(sock, self._on_frame, name="primary", on_close=self._on_close)
+        # A newconn that comes truncated (out of descriptors) is refused, never a death.
+        self.channel = Channel(
+            sock,
+            self._on_frame,
+            name="primary",
+            on_close=self._on_close,
+            truncatable=(proto.NEWCONN,),
+        )
         self.channel.start()
 
     def drain_plan(self) -> DrainPlan:
@@ -318,8 +328,22 @@ class WorkerLink:
             self._reported = state
 
     def _on_newconn(self, frame: Frame) -> None:
+        if frame.truncated:
+            # At the open-files limit: the primary keeps its copies, hands them to another
+            # worker and gives this one a rest.
+            self._refusals.note("out of descriptors (the primary hands them to another worker)")
+            self.channel.reply(frame, _BUSY)
+            return
         if not frame.fds:
             raise ProtocolError("newconn with no descriptor")
+        until = frame.msg.get("until")
+        if isinstance(until, float | int) and time.monotonic() > until:
+            # Read after its deadline (this loop was blocked, or the process stopped): the
+            # primary has given these connections to another worker meanwhile.
+            close_fds(frame.fds)
+            self._refusals.note("read after their deadline: this event loop was blocked")
+            self.channel.reply(frame, _LATE)
+            return
         handle = frame.msg.get("handle")
         adopter = self._adopters.get(handle) if isinstance(handle, int) else None
         if adopter is None or self.stopping.is_set():
@@ -391,6 +415,8 @@ def _seconds(msg: dict[str, Any], key: str, default: float) -> float:
 # The answers to a newconn frame, encoded once (see Prepared): one per frame, not per connection.
 _ACCEPTED = Prepared({"act": proto.NEWCONN, "accepted": True})
 _REFUSED = Prepared({"act": proto.NEWCONN, "accepted": False})
+_BUSY = Prepared({"act": proto.NEWCONN, "accepted": False, "why": proto.BUSY})
+_LATE = Prepared({"act": proto.NEWCONN, "accepted": False, "why": proto.LATE})
 
 
 def _adopt(adopter: Adopter, fd: int) -> bool:

@@ -131,6 +131,12 @@ class _AiohttpServed:
             handle_signals=False,
             shutdown_timeout=graceful_timeout,
             access_log=logging.getLogger("aiohttp.access") if access_log else None,
+            # aiohttp's keep-alive timer runs from the connection's start too: it also closes
+            # a connection whose first request head is still trickling in.
+            keepalive_timeout=config.keep_alive,
+            max_line_size=config.limit_request_line,
+            max_headers=config.limit_request_fields,
+            max_field_size=config.limit_request_field_size,
         )
 
     def stats(self) -> tuple[int, int]:
