@@ -201,7 +201,15 @@ class ControlServer:
             try:
                 async with asyncio.timeout(10):
                     request = await _read_frame(reader)
-            except (ProtocolError, TimeoutError, asyncio.IncompleteReadError) as err:
+            except asyncio.IncompleteReadError as err:
+                if err.partial:
+                    self._bad.note(_why_bad(err))
+                else:
+                    # Connected and closed without a byte: how `aiocluster status` (and a second
+                    # cluster of this name) check that this one is alive. Not a bad request.
+                    log.debug("control connection closed without a request (a liveness probe)")
+                return
+            except (ProtocolError, TimeoutError) as err:
                 self._bad.note(_why_bad(err))
                 return
             try:
