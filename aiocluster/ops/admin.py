@@ -130,6 +130,17 @@ class ClusterCollector(Collector):
         )
 
 
+class WorkersCollector(Collector):
+    """The workers' own metrics (their applications' and their request metrics), merged."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every family the workers reported, merged over them."""
+        yield from self._cluster.metrics.collect()
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -144,6 +155,7 @@ class AdminServer:
         self._cluster = cluster
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ClusterCollector(cluster))
+        self._registry.register(WorkersCollector(cluster))
         self._runner: web.AppRunner | None = None
         app = web.Application()
         app.router.add_get("/healthz", self._healthz)
