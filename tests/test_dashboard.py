@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import aiohttp
@@ -70,3 +71,36 @@ async def test_the_dashboard_shows_each_worker_and_a_scale_up_live(
     assert png.startswith(b"\x89PNG")
     if target := os.environ.get("AIOCLUSTER_SCREENSHOT"):
         await asyncio.to_thread(Path(target).write_bytes, png)
+
+
+async def test_status_watch_redraws_the_table_until_ctrl_c(start_cluster: StartCluster) -> None:
+    c = await start_cluster(*cli("run", "metrics_app:app", "-w", "2", "-b", "127.0.0.1:0"))
+    proc = await asyncio.create_subprocess_exec(
+        *cli("status", "--watch", "0.2"),
+        env=c.env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    assert proc.stdout is not None
+    try:
+        tables = 0
+        async with asyncio.timeout(20):
+            while tables < 3:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "the watch ended by itself"
+                if line.startswith("cluster metrics_app"):
+                    tables += 1
+                elif tables >= 2 and line.lstrip().startswith("id "):
+                    assert line.rstrip().endswith("req/s")  # from the second table on
+        proc.send_signal(signal.SIGINT)
+        async with asyncio.timeout(10):
+            rest = (await proc.stdout.read()).decode()
+            assert await proc.wait() == 0
+        assert "Traceback" not in rest
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    status, out = await command(c, "status", "--watch", "0")
+    assert status == 2
+    assert "aiocluster: error: argument --watch: --watch takes seconds in 0.1..3600" in out
