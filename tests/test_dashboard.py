@@ -15,7 +15,8 @@ from aiocluster.ops.dashboard import quantile
 from .browser import chromium, find_chromium
 from .conftest import StartCluster
 from .harness import cli
-from .test_operations import command, free_port
+from .test_metrics import start_metrics_app
+from .test_operations import command
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -37,12 +38,7 @@ async def test_the_dashboard_shows_each_worker_and_a_scale_up_live(
     start_cluster: StartCluster,
 ) -> None:
     assert CHROMIUM is not None
-    admin = free_port()
-    c = await start_cluster(
-        *cli("run", "metrics_app:app", "-w", "2", "-b", "127.0.0.1:0"),
-        *("--admin", f"127.0.0.1:{admin}", "--timeout", "1"),
-    )
-    base = f"http://127.0.0.1:{admin}"
+    c, base = await start_metrics_app(start_cluster, 2)
     async with aiohttp.ClientSession() as s:
         for _ in range(30):
             async with s.get(f"{c.url}/hit") as r:

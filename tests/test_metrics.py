@@ -17,7 +17,7 @@ from aiocluster.wire.metricsform import Family
 
 from .actions import HOSTILE, inject, kill_and_wait, live_workers
 from .conftest import StartCluster
-from .harness import cli
+from .harness import ClusterProcess, cli
 from .procfs import rss_bytes
 from .test_operations import free_port, scrape
 
@@ -40,6 +40,19 @@ async def scrape_until(
     return found
 
 
+async def start_metrics_app(
+    start_cluster: StartCluster, workers: int
+) -> tuple[ClusterProcess, str]:
+    """tests/apps/metrics_app.py with ``workers`` workers and the admin endpoint (heartbeats,
+    which carry the reports, every 0.25 s); the cluster and the admin endpoint's base URL."""
+    admin = free_port()
+    c = await start_cluster(
+        *cli("run", "metrics_app:app", "-w", str(workers), "-b", "127.0.0.1:0"),
+        *("--admin", f"127.0.0.1:{admin}", "--timeout", "1"),
+    )
+    return c, f"http://127.0.0.1:{admin}"
+
+
 async def hit(s: aiohttp.ClientSession, url: str, n: int) -> set[int]:
     workers = set()
     for _ in range(n):
@@ -52,12 +65,8 @@ async def hit(s: aiohttp.ClientSession, url: str, n: int) -> set[int]:
 async def test_an_app_counter_is_exact_over_two_workers_and_a_sigkill(
     start_cluster: StartCluster,
 ) -> None:
-    admin = free_port()
-    c = await start_cluster(
-        *cli("run", "metrics_app:app", "-w", "2", "-b", "127.0.0.1:0"),
-        *("--admin", f"127.0.0.1:{admin}", "--timeout", "1"),
-    )
-    url = f"http://127.0.0.1:{admin}/metrics"
+    c, base = await start_metrics_app(start_cluster, 2)
+    url = f"{base}/metrics"
     hits = "app_hits_total{path=hit}"
     # A new connection per request: the kernel spreads them over both workers.
     connector = aiohttp.TCPConnector(force_close=True)
@@ -85,12 +94,8 @@ async def test_an_app_counter_is_exact_over_two_workers_and_a_sigkill(
 
 
 async def test_request_metrics_by_status_class_and_per_worker(start_cluster: StartCluster) -> None:
-    admin = free_port()
-    c = await start_cluster(
-        *cli("run", "metrics_app:app", "-w", "1", "-b", "127.0.0.1:0"),
-        *("--admin", f"127.0.0.1:{admin}", "--timeout", "1"),
-    )
-    url = f"http://127.0.0.1:{admin}/metrics"
+    c, base = await start_metrics_app(start_cluster, 1)
+    url = f"{base}/metrics"
     async with aiohttp.ClientSession() as s:
         for path, status in (("/hit", 200), ("/fail", 503), ("/boom", 500), ("/nope", 404)):
             async with s.get(f"{c.url}{path}") as r:
