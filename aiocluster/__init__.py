@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # real attributes for type checkers; imported on first use at
     from aiocluster.worker.link import send as send
     from aiocluster.worker.link import worker_id as worker_id
     from aiocluster.worker.link import worker_slot as worker_slot
+    from aiocluster.worker.metrics import metrics_registry as metrics_registry
     from aiocluster.worker.serve import create_server as create_server
     from aiocluster.worker.serve import until_stopped as until_stopped
 
@@ -63,6 +64,7 @@ __all__ = [
     "is_primary",
     "is_worker",
     "messages",
+    "metrics_registry",
     "run",
     "send",
     "serve",
@@ -94,6 +96,7 @@ _HOMES = {
     "is_primary": "worker.link",
     "is_worker": "worker.link",
     "messages": "worker.link",
+    "metrics_registry": "worker.metrics",
     "run": "_entry",
     "send": "worker.link",
     "serve": "_entry",

@@ -249,6 +249,15 @@ def build_parser() -> Parser:
         description="Show the workers of a running cluster.",
     )
     status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.add_argument(
+        "--watch",
+        nargs="?",
+        const=1.0,
+        type=_interval,
+        metavar="SECONDS",
+        help="redraw the table every SECONDS (default 1), with each worker's requests a "
+        "second, until Ctrl-C",
+    )
     _add_target_options(status)
     reload = commands.add_parser(
         "reload",
@@ -330,14 +339,24 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     )
 
 
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not 0.1 <= value <= 3600:
+        raise argparse.ArgumentTypeError(f"--watch takes seconds in 0.1..3600, not {text!r}")
+    return value
+
+
 def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from aiocluster.ops.control import ControlError, call, control_path, running_clusters
-    from aiocluster.ops.status import format_status, wait_for_exit
+    from aiocluster.ops.status import format_status, wait_for_exit, watch_status
 
     try:
         if args.name is None and args.control is None:
             running = running_clusters()
-            if len(running) > 1 and args.command == "status":
+            if len(running) > 1 and args.command == "status" and not args.watch:
                 _print_statuses(running, as_json=args.json)
                 return
             if len(running) > 1:
@@ -349,7 +368,9 @@ def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             path = next(iter(running.values()), None) or control_path("default")
         else:
             path = control_path(args.name or "default", args.control)
-        if args.command == "status":
+        if args.command == "status" and args.watch:
+            watch_status(lambda: call(path, {"act": "status"}), args.watch)
+        elif args.command == "status":
             reply = call(path, {"act": "status"})
             if args.json:
                 print(json.dumps(reply["status"], indent=2))

@@ -57,3 +57,9 @@ def listening_tcp_inode(port: int) -> int:
 def open_fds() -> set[int]:
     """This process's open descriptors (less the one listdir used, closed once it returns)."""
     return set(fd_targets(os.getpid()))
+
+
+def rss_bytes(pid: int) -> int:
+    """The resident memory of ``pid``, from /proc."""
+    with open(f"/proc/{pid}/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")

@@ -1,4 +1,5 @@
-"""The primary's admin endpoint: ``/healthz``, ``/readyz`` and Prometheus ``/metrics``.
+"""The primary's admin endpoint: ``/healthz``, ``/readyz``, Prometheus ``/metrics``, and a live
+dashboard at ``/`` (one page shipped in the package, polling ``/api/dashboard``).
 
 Workers report their counters to the primary over the channel (heartbeats), so one scrape of
 the primary sees the whole cluster: no shared files, no multiprocess directory. The exposition
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import Iterator
+from importlib import resources
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -17,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from aiocluster._errors import ConfigError
+from aiocluster.ops.dashboard import Dashboard
 from aiocluster.primary.cluster import Cluster
 from aiocluster.wire.sockets import open_listener
 
@@ -130,6 +133,17 @@ class ClusterCollector(Collector):
         )
 
 
+class WorkersCollector(Collector):
+    """The workers' own metrics (their applications' and their request metrics), merged."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self._cluster = cluster
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield every family the workers reported, merged over them."""
+        yield from self._cluster.metrics.collect()
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -144,8 +158,13 @@ class AdminServer:
         self._cluster = cluster
         self._registry = CollectorRegistry(auto_describe=False)
         self._registry.register(ClusterCollector(cluster))
+        self._registry.register(WorkersCollector(cluster))
         self._runner: web.AppRunner | None = None
+        self._dashboard = Dashboard(cluster)
+        self._page = resources.files("aiocluster.ops").joinpath("dashboard.html").read_bytes()
         app = web.Application()
+        app.router.add_get("/", self._index)
+        app.router.add_get("/api/dashboard", self._dashboard_view)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
@@ -167,7 +186,8 @@ class AdminServer:
         site = web.SockSite(self._runner, sock)
         await site.start()
         self.url = site.name
-        log.info("admin endpoint at %s (/healthz, /readyz, /metrics)", self.url)
+        self._dashboard.start()
+        log.info("admin endpoint at %s (dashboard /, /healthz, /readyz, /metrics)", self.url)
         if address.kind == "tcp" and not _is_loopback(address.host):
             log.warning(
                 "the admin endpoint on %s has no authentication: anyone who can reach it reads "
@@ -177,9 +197,16 @@ class AdminServer:
 
     async def aclose(self) -> None:
         """Stop serving."""
+        await self._dashboard.aclose()
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def _index(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._page, content_type="text/html", charset="utf-8")
+
+    async def _dashboard_view(self, request: web.Request) -> web.Response:
+        return web.json_response(self._dashboard.view(), headers={"Cache-Control": "no-store"})
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.Response(text="ok\n")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import select
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["format_bytes", "format_duration", "format_status", "wait_for_exit"]
+__all__ = ["format_bytes", "format_duration", "format_status", "wait_for_exit", "watch_status"]
 
 COLUMNS = ("id", "slot", "pid", "state", "uptime", "restarts", "conns", "requests", "memory", "lag")
 
@@ -35,15 +37,20 @@ def format_bytes(n: float) -> str:
     return f"{n / (1 << 30):.2f} GiB"
 
 
-def format_status(name: str, pid: int, status: dict[str, Any]) -> str:
-    """The status reply of a primary as a header line and one table row per worker."""
+def format_status(
+    name: str, pid: int, status: dict[str, Any], rates: dict[int, float] | None = None
+) -> str:
+    """The status reply of a primary as a header line and one table row per worker; with
+    ``rates`` (worker id -> requests a second), a ``req/s`` column too."""
     lines = [
         f"cluster {name} (primary pid {pid}) · {status['listening']} of {status['size']} workers "
         f"listening · up {format_duration(status['uptime'])} · reloads {status['reloads']} · "
         f"restarts {status['restarts']}" + (" · STOPPING" if status.get("stopping") else ""),
     ]
-    rows = [COLUMNS]
+    columns = (*COLUMNS, "req/s") if rates is not None else COLUMNS
+    rows: list[tuple[str, ...]] = [columns]
     for w in status["workers"]:
+        rate = () if rates is None else (f"{rates.get(w['id'], 0.0):.1f}",)
         rows.append(
             (
                 str(w["id"]),
@@ -56,9 +63,10 @@ def format_status(name: str, pid: int, status: dict[str, Any]) -> str:
                 str(w["requests"]),
                 format_bytes(w["rss"]),
                 f"{w['lag'] * 1000:.1f}ms",
+                *rate,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     for row in rows:
         cells = [
             cell.ljust(width) if i == 3 else cell.rjust(width)
@@ -66,6 +74,32 @@ def format_status(name: str, pid: int, status: dict[str, Any]) -> str:
         ]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def watch_status(fetch: Callable[[], dict[str, Any]], interval: float) -> None:
+    """Redraw ``fetch()``'s status every ``interval`` seconds until Ctrl-C (like ``top``):
+    in place on a terminal, one table after another otherwise."""
+    clear = "\x1b[H\x1b[2J" if sys.stdout.isatty() else "\n"
+    before: dict[int, float] = {}
+    then = time.monotonic()
+    try:
+        while True:
+            reply = fetch()
+            now = time.monotonic()
+            workers = reply["status"]["workers"]
+            rates = {
+                w["id"]: max(0.0, w["requests"] - before[w["id"]]) / (now - then)
+                for w in workers
+                if w["id"] in before and now > then
+            }
+            before = {w["id"]: float(w["requests"]) for w in workers}
+            then = now
+            table = format_status(reply["name"], reply["pid"], reply["status"], rates)
+            sys.stdout.write(f"{clear}{table}\n")
+            sys.stdout.flush()
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        return
 
 
 def wait_for_exit(pid: int, timeout: float = 600.0) -> None:

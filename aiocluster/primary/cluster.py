@@ -24,6 +24,7 @@ from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
 from aiocluster.primary.fleet import Fleet
 from aiocluster.primary.listens import Listens, Phase
+from aiocluster.primary.metrics import MetricsStore
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.rollout import Rollout
 from aiocluster.primary.snapshot import Totals, snapshot
@@ -88,6 +89,8 @@ class Cluster:
         self.restarts: collections.Counter[int] = collections.Counter()
         #: What exited workers had counted, so the cluster's totals never go backwards.
         self.totals = Totals()
+        #: The workers' own metrics (their applications' registries, their request metrics).
+        self.metrics = MetricsStore()
         self.started_at = asyncio.get_running_loop().time()
         self._supervisor = Supervisor(RestartPolicy())
         self._stop = asyncio.Event()
@@ -135,6 +138,7 @@ class Cluster:
             binds=lambda: self.binds,
             listened=self._listened,
             retire=self.rollout.retire,
+            metrics=self.metrics,
         )
 
     # -- public API --------------------------------------------------------------------------
@@ -280,6 +284,7 @@ class Cluster:
 
     def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
         self.totals.retire(worker)
+        self.metrics.retire(worker.id)
         verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
         if verdict.drain_slot:
             handed = self.drain_slot(worker.slot)

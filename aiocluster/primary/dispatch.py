@@ -7,6 +7,7 @@ through its methods, and passes listen business to :class:`~aiocluster.primary.l
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -15,11 +16,13 @@ from aiocluster._config import ClusterConfig
 from aiocluster._errors import ProtocolError
 from aiocluster.primary.events import Events
 from aiocluster.primary.listens import Listens
+from aiocluster.primary.metrics import REPORT_BURST, REPORT_RATE, MetricsStore
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.supervisor import heartbeat_interval
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.codec import Frame
+from aiocluster.wire.metricsform import METRICS, OWN_FAMILIES, parse_report
 
 __all__ = ["Dispatcher"]
 
@@ -47,6 +50,7 @@ class Dispatcher:
         binds: Callable[[], list[Address]],
         listened: Callable[[WorkerProcess], None],
         retire: Callable[[WorkerProcess, str], None],
+        metrics: MetricsStore,
     ) -> None:
         self.config = config
         self.listens = listens
@@ -54,6 +58,7 @@ class Dispatcher:
         self._binds = binds
         self._listened = listened
         self._retire = retire
+        self._metrics_store = metrics
         self._handlers: dict[str, Handler] = {
             proto.QUERY_SERVER: listens.query,
             proto.ONLINE: self._online,
@@ -63,6 +68,7 @@ class Dispatcher:
             proto.CLOSE: self._close,
             proto.LOAD: self._load,
             proto.APP_ERROR: self._app_error,
+            METRICS: self._metrics,
         }
 
     def dispatch(self, worker: WorkerProcess, frame: Frame) -> None:
@@ -84,6 +90,8 @@ class Dispatcher:
                 "heartbeat": heartbeat_interval(self.config.timeout),
                 "binds": [a.to_wire() for a in self._binds()],
                 "name": self.config.name,
+                # Workers report their metrics only for a primary that serves them.
+                "metrics": self.config.admin is not None,
                 **self.listens.settings(),
             },
         )
@@ -117,6 +125,15 @@ class Dispatcher:
         limit = self.config.max_memory
         if limit and rss > limit:
             self._retire(worker, f"uses {rss >> 20} MiB, limit {limit >> 20} MiB")
+
+    def _metrics(self, worker: WorkerProcess, frame: Frame) -> None:
+        store = self._metrics_store
+        if not store.allow(worker.id, asyncio.get_running_loop().time()):
+            raise ProtocolError(
+                f"sends metrics reports faster than {REPORT_RATE:g} a second "
+                f"(burst {REPORT_BURST:g})"
+            )
+        store.report(worker.id, worker.slot, parse_report(frame.msg, OWN_FAMILIES))
 
     def _message(self, worker: WorkerProcess, frame: Frame) -> None:
         self._events.emit("message", worker, frame.msg.get("data"))

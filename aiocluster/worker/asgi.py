@@ -44,6 +44,7 @@ from aiocluster.wire.address import Address
 from aiocluster.worker.adopt import start_server
 from aiocluster.worker.deadline import DrainPlan, wait_until
 from aiocluster.worker.link import listen
+from aiocluster.worker.metrics import asgi_timing
 from aiocluster.worker.tracker import ConnectionTracker
 
 __all__ = ["AsgiApp", "AsgiServer", "LifespanFailed"]
@@ -182,8 +183,9 @@ class AsgiServer:
     def __init__(self, app: AsgiApp, *, access_log: bool) -> None:
         # The app goes in as a factory that returns it: uvicorn's Config calls a loaded app
         # with no arguments to detect factories, which an app must never see.
+        timed = asgi_timing(app)
         self.config = Config(
-            app=lambda: app,
+            app=lambda: timed,
             factory=True,
             interface="asgi3",
             lifespan="auto",

@@ -31,8 +31,10 @@ from aiocluster.wire.address import Address
 from aiocluster.wire.channel import Channel
 from aiocluster.wire.codec import Frame, Prepared
 from aiocluster.wire.fds import close_fds
+from aiocluster.wire.metricsform import METRICS
 from aiocluster.wire.sockets import format_sockname, open_listener
 from aiocluster.worker.deadline import CLEANUP_TIMEOUT, WS_GRACE, DrainPlan
+from aiocluster.worker.metrics import Reporter, requests
 
 __all__ = [
     "Adopter",
@@ -134,6 +136,9 @@ class WorkerLink:
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
         self._stats_sources: list[StatsSource] = []
         self._heartbeat: asyncio.Task[None] | None = None
+        # Set when the primary serves /metrics (--admin): then reports go with the heartbeats.
+        self._reporter: Reporter | None = None
+        self._next_report = 0.0
         self._refusals = Throttled(log, "refused connections handed over by the primary")
         # The primary sends SIGUSR1 to a worker whose loop stopped answering, before killing
         # it: faulthandler writes every thread's stack to stderr even while the loop is stuck.
@@ -179,8 +184,14 @@ class WorkerLink:
             expected = loop.time() + interval
             await asyncio.sleep(interval)
             lag = max(0.0, loop.time() - expected)
+            requests().lag.observe(lag)
             try:
                 self.channel.send({"act": proto.HEARTBEAT, "lag": lag, **self.stats()})
+                if self._reporter is not None and loop.time() >= self._next_report:
+                    # At most 4 reports a second, whatever the heartbeat's pace.
+                    self._next_report = loop.time() + 0.25
+                    if families := self._reporter.report():
+                        self.channel.send({"act": METRICS, "families": families})
             except ChannelClosed:
                 return
 
@@ -211,6 +222,8 @@ class WorkerLink:
                 self.binds = [Address.from_wire(b) for b in binds]
             except ConfigError as err:
                 raise ProtocolError(f"bad binds in the online reply: {err}") from None
+        if reply.msg.get("metrics") is True:
+            self._reporter = Reporter()
         interval = reply.msg.get("heartbeat")
         if isinstance(interval, int | float) and interval > 0 and not self.channel.closed:
             self._heartbeat = asyncio.ensure_future(self._beat(float(interval)))

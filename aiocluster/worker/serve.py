@@ -115,6 +115,7 @@ class _AiohttpServed:
         from aiohttp import web
 
         from aiocluster.worker.drain import OpenWebsockets
+        from aiocluster.worker.metrics import aiohttp_timing
         from aiocluster.worker.proxy import proxy_middleware
 
         self.websockets = OpenWebsockets()
@@ -126,6 +127,11 @@ class _AiohttpServed:
             else:
                 # First, so that every other middleware sees the client as the proxy says.
                 app.middlewares.insert(0, proxy_middleware(config.forwarded_allow_ips))
+        if app.frozen:
+            log.warning("the application is frozen already: its requests are not timed")
+        else:
+            # First of all: it times every other middleware, and counts what they answer.
+            app.middlewares.insert(0, aiohttp_timing())
         self.runner = web.AppRunner(
             app,
             handle_signals=False,

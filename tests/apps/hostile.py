@@ -92,6 +92,40 @@ def flood_me(sock: socket.socket) -> None:
     aiocluster.send({"flood": 320})
 
 
+def send_blocking(sock: socket.socket, data: bytes) -> None:
+    # More than the socket buffer: block (briefly) while the primary reads.
+    sock.settimeout(10)
+    try:
+        sock.sendall(data)
+    except OSError:
+        pass  # cut off meanwhile
+    finally:
+        sock.setblocking(False)
+
+
+def metrics(families: object) -> bytes:
+    return frame({"act": "metrics", "families": families})
+
+
+def counter(name: str, samples: list[list[object]]) -> dict[str, object]:
+    return {"name": name, "type": "counter", "help": "h", "samples": samples}
+
+
+def metrics_flood(sock: socket.socket) -> None:
+    # Far more reports than a heartbeat's pace allows, all valid.
+    send_blocking(sock, metrics([counter("x", [["x_total", {}, 1]])]) * 200)
+
+
+def metrics_churn(sock: socket.socket) -> None:
+    """15 reports (within the rate's burst) of 9000 series each, every one a new label value:
+    the primary keeps only the last report, never their union."""
+    for round_ in range(15):
+        samples = [["churn_total", {"id": f"{round_}-{i}"}, 1] for i in range(9000)]
+        link().channel.send({"act": "metrics", "families": [counter("churn", samples)]})
+    # Behind the reports on the same stream: once the primary says it got this, it read them.
+    aiocluster.send({"after": "metrics-churn"})
+
+
 KINDS: dict[str, Callable[[socket.socket], None]] = {
     "random-bytes": lambda s: s.sendall(RANDOM_BYTES),
     "length-4gib": lambda s: s.sendall(HEADER.pack(0xFFFFFFFF, 0)),
@@ -116,6 +150,16 @@ KINDS: dict[str, Callable[[socket.socket], None]] = {
     "heartbeat-huge-int": lambda s: s.sendall(
         raw(b'{"act":"heartbeat","rss":' + b"9" * 400 + b"}")
     ),
+    "metrics-not-a-list": lambda s: s.sendall(metrics({"x": 1})),
+    "metrics-bad-name": lambda s: s.sendall(metrics([counter("no spaces", [])])),
+    "metrics-own-name": lambda s: s.sendall(metrics([counter("aiocluster_requests", [])])),
+    "metrics-too-many-series": lambda s: send_blocking(
+        s,
+        metrics([counter("x", [["x_total", {"i": str(i)}, 1] for i in range(10_001)])]),
+    ),
+    "metrics-string-value": lambda s: s.sendall(metrics([counter("x", [["x_total", {}, "1"]])])),
+    "metrics-flood": metrics_flood,
+    "metrics-churn": metrics_churn,
     "many-fds-none-announced": many_pipe_ends,
     "fd-of-regular-file": regular_file,
     "fd-of-socket": a_socket,
@@ -212,6 +256,7 @@ def main() -> None:
         timeout=timeout,
         graceful_timeout=5,
         on_primary=on_primary,
+        admin=os.environ.get("ADMIN"),
     )
 
 
