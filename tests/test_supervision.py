@@ -170,6 +170,9 @@ async def test_a_reload_into_broken_code_keeps_the_old_workers(
     mark = len(c.lines)
     c.signal(signal.SIGHUP)
     await c.wait_for("reload complete: 2 workers replaced", start=mark)
+    # Told to drain is not yet closed: wait for both replaced workers to be gone (the broken
+    # v2 worker exited with 4, a killed one by SIGKILL: only these two exit with 0).
+    await c.wait_count(r"worker \d+ \(pid \d+\) exited with code 0", 2)
     assert await version_of(c.url) == "v3"
 
 

@@ -115,7 +115,7 @@ class Cluster:
             self._events,
             dispatch=lambda worker, frame: self.dispatcher.dispatch(worker, frame),
             background=self._background,
-            exited=self._after_exit,
+            exited=self._exited,
             stopped=self._stop,
         )
         #: Live workers by id.
@@ -282,9 +282,13 @@ class Cluster:
             self.listens.close()
             await self.starter.aclose()
 
-    def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
+    def _exited(self, worker: WorkerProcess, returncode: int) -> None:
+        # Once per worker: what it counted stays in the totals; then what to do about it.
         self.totals.retire(worker)
         self.metrics.retire(worker.id)
+        self._after_exit(worker, returncode)
+
+    def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
         verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
         if verdict.drain_slot:
             handed = self.drain_slot(worker.slot)
