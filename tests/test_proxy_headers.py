@@ -129,30 +129,22 @@ needs_127_0_0_2 = pytest.mark.skipif(
 async def client_view(
     url: str, headers: Mapping[str, str], source: str = "127.0.0.2"
 ) -> dict[str, object]:
-    """GET ``url`` with ``headers``, from ``source`` (any 127/8 address is loopback on Linux)."""
+    """What the app at ``url`` says of its client, asked with ``headers`` from ``source`` (any
+    127/8 address is loopback on Linux): the JSON of a GET, or of a ``ws://`` URL's first
+    message (the ASGI app's ``/ws-client``)."""
     connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
-    async with (
-        aiohttp.ClientSession(connector=connector) as s,
-        s.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r,
-    ):
-        assert r.status == 200
-        data = await r.json()
-        assert isinstance(data, dict)
-        return data
-
-
-async def websocket_view(
-    url: str, headers: Mapping[str, str], source: str = "127.0.0.2"
-) -> dict[str, object]:
-    """What the ASGI app's ``/ws-client`` websocket says of its client."""
-    connector = aiohttp.TCPConnector(force_close=True, local_addr=(source, 0))
-    async with (
-        aiohttp.ClientSession(connector=connector) as s,
-        s.ws_connect(url, headers=headers, timeout=aiohttp.ClientWSTimeout(ws_close=10)) as ws,
-    ):
-        data = await ws.receive_json(timeout=10)
-        assert isinstance(data, dict)
-        return data
+    async with aiohttp.ClientSession(connector=connector) as s:
+        data: object
+        if url.startswith("ws"):
+            timeout = aiohttp.ClientWSTimeout(ws_close=10)
+            async with s.ws_connect(url, headers=headers, timeout=timeout) as ws:
+                data = await ws.receive_json(timeout=10)
+        else:
+            async with s.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)) as r:
+                assert r.status == 200
+                data = await r.json()
+    assert isinstance(data, dict)
+    return data
 
 
 @needs_127_0_0_2
@@ -182,9 +174,9 @@ async def test_a_spoofing_client_is_ignored_unless_trusted(
     assert (await client_view(url, chain, "127.0.0.1"))["remote"] == "198.51.100.7"
     if app.startswith("asgi"):  # a websocket's scope: ws or wss
         ws_url = f"ws://{c.address}/ws-client"
-        spoofed = await websocket_view(ws_url, FORGED)
+        spoofed = await client_view(ws_url, FORGED)
         assert (spoofed["remote"], spoofed["scheme"]) == ("127.0.0.2", "ws")
-        believed = await websocket_view(ws_url, FORGED, "127.0.0.1")
+        believed = await client_view(ws_url, FORGED, "127.0.0.1")
         assert (believed["remote"], believed["scheme"], believed["host"]) == (
             "203.0.113.9",
             "wss",
