@@ -712,7 +712,7 @@ OPTIONS: tuple[Option, ...] = (
         boolean,
         "for connections from --forwarded-allow-ips, take the client's address, scheme and "
         "host from X-Forwarded-For/-Proto/-Host or Forwarded (RFC 7239); from any other peer "
-        "those headers are ignored (aiohttp apps)",
+        "those headers are ignored",
         PROXY,
         kind="switch",
         default=True,

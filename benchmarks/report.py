@@ -86,14 +86,17 @@ def _fmt_mem(row: Row) -> str:
 
 
 def _fmt_reload(row: Row) -> str:
-    reload = row.get("reload")
-    if not reload:
+    """Failed / requests of each round's reload (``a, b, c / n, m, k``), or the one's."""
+    reloads = row.get("reloads") or ([row["reload"]] if row.get("reload") else [])
+    if not reloads:
         return "—"
-    if "skipped" in reload:
+    if any("skipped" in reload for reload in reloads):
         return "n/a"
-    if "error" in reload:
+    if any("error" in reload for reload in reloads):
         return "error"
-    return f"{reload['failed']} / {reload['requests']:,}"
+    failed = ", ".join(str(reload["failed"]) for reload in reloads)
+    requests = ", ".join(f"{reload['requests']:,}" for reload in reloads)
+    return f"{failed} / {requests}"
 
 
 def table(rows: list[Row]) -> str:
@@ -364,7 +367,8 @@ def markdown(results: dict[str, Any]) -> str:
         + (", after one warm-up start of every server that is not counted" if pairs else "")
         + ". PSS: average per worker, primary/master in brackets, + aiocluster's zygote where "
         "it has one (fork start method; not counted as a worker). Reload: keep-alive load for "
-        f"{s['reload_duration']:g} s with the reload signal a third of the way in.\n",
+        f"{s['reload_duration']:g} s with the reload signal a third of the way in, failed "
+        "requests / requests of each round's reload.\n",
         table(results["servers"]),
         "\nCPU during the measured runs, in cores (server = primary + workers; irq = "
         "interrupts and softirqs, where loopback TCP partly runs; other = everything else on "

@@ -10,8 +10,8 @@ and timed to its first answer in a few passes over all servers. Then come rounds
 servers, in an order that puts each aiocluster row beside the peer it is compared with,
 reversed every other round: each server is started on a free loopback port, warmed up (that
 warmup also tallies which worker answered, for the balance figures), measured with keep-alive
-and with connection-per-request, its memory read, reloaded under load in the first round,
-then stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, with
+and with connection-per-request, its memory read, reloaded under load (every round), then
+stopped, before the next one starts. Results go to ``benchmarks/results/`` as JSON, with
 each round's figures kept, and ``report.py`` turns them into a Markdown table and a PNG chart;
 it takes each target ratio within a round, where the machine's drift weighs on both sides.
 
@@ -200,6 +200,10 @@ def aiocluster_row(
             str(ctx.workers),
             "-b",
             f"{HOST}:{ctx.port}",
+            # A control socket of its own (none): the default per-user one is taken while any
+            # other cluster of this user runs, and the row would refuse to start.
+            "--control",
+            "off",
         ],
         missing=_need_venv("aiocluster"),
         reload_signal=AIOCLUSTER_RELOAD,
@@ -911,7 +915,7 @@ def time_starts(servers: list[Server], settings: Settings, logs: Path) -> dict[s
 def bench_server(
     server: Server, settings: Settings, logs: Path, *, number: int, position: int
 ) -> dict[str, Any]:
-    """One round for one server: load in both modes, memory; the reload in the first round."""
+    """One round for one server: load in both modes, memory, then the reload."""
     row: dict[str, Any] = {"name": server.name, "family": server.family}
     row["describe"] = server.describe
     row["round"] = number + 1
@@ -957,7 +961,7 @@ def bench_server(
                         f"steal {cpu['steal_cores']:.2f}"
                     )
                 row["memory"] = memory(running)
-                if settings.reloads and number == 0:
+                if settings.reloads:
                     row["reload"] = measure_reload(running, settings)
             except Exception as err:
                 row["error"] = f"{err}"
@@ -1021,7 +1025,10 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
         row["memory"] = memories[-1]
     reloads = [r["reload"] for r in rounds if r.get("reload")]
     if reloads:
+        # The first round's (as results from before reloads ran every round have it), and
+        # every round's: a target of 0 failures holds only if it holds in each.
         row["reload"] = reloads[0]
+        row["reloads"] = reloads
     errors = [r["error"] for r in rounds if r.get("error")]
     if errors:
         row["error"] = "; ".join(errors)
@@ -1123,18 +1130,26 @@ def machine() -> dict[str, Any]:
 # -- setup and entry point --------------------------------------------------------------------
 
 
+#: The checkout's extras the rows need: ``asgi`` for the aiocluster-asgi rows.
+EXTRAS = "asgi"
+
+
 def setup() -> int:
-    """Make the benchmark venv and install wrk and nginx from the distribution."""
+    """Make the benchmark venv with every dependency of every row, and install wrk and nginx
+    from the distribution."""
     if not (VENV / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     pip = [str(VENV / "bin" / "pip"), "install", "-q"]
     subprocess.run([*pip, "-r", str(HERE / "requirements.txt")], check=True)
+    # The checkout's own dependencies and extras (aiohttp, prometheus-client, uvicorn...): the
+    # reinstall at every run below is --no-deps.
+    subprocess.run([*pip, f"{REPO}[{EXTRAS}]"], check=True)
     install_checkout()
     missing = [tool for tool in ("wrk", "nginx") if not shutil.which(tool)]
     if missing:
         if os.geteuid() == 0 and shutil.which("apt-get"):
-            subprocess.run(["apt-get", "update"], check=True)
-            subprocess.run(["apt-get", "install", "-y", *missing], check=True)
+            subprocess.run(["apt-get", "update", "-q"], check=True)
+            subprocess.run(["apt-get", "install", "-y", "-q", *missing], check=True)
         else:
             print(f"install {' '.join(missing)}: sudo apt-get install -y {' '.join(missing)}")
             return 1
@@ -1155,6 +1170,16 @@ def install_checkout() -> str:
     _say(f"installing aiocluster {described} from {REPO} into {VENV} (not editable)")
     pip = [str(VENV / "bin" / "pip"), "install", "-q", "--no-deps", "--force-reinstall"]
     subprocess.run([*pip, str(REPO)], check=True)
+    # --no-deps keeps the reinstall quick; a dependency the checkout gained since --setup is
+    # installed now (``pip check`` names what the installed aiocluster lacks).
+    check = subprocess.run(
+        [str(VENV / "bin" / "pip"), "check"], capture_output=True, text=True, check=False
+    )
+    if any(line.startswith("aiocluster ") for line in check.stdout.splitlines()):
+        _say(f"installing the checkout's missing dependencies:\n{check.stdout.strip()}")
+        subprocess.run(
+            [str(VENV / "bin" / "pip"), "install", "-q", f"{REPO}[{EXTRAS}]"], check=True
+        )
     return described
 
 
@@ -1202,6 +1227,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-reloads", action="store_true", help="skip the reload runs")
     parser.add_argument("--only", nargs="+", metavar="NAME", help="rows to run (globs allowed)")
     parser.add_argument("--out", type=Path, default=HERE / "results", help="results folder")
+    parser.add_argument(
+        "--label",
+        help="name of the results (LABEL.json, .md, .png; default quick or full), e.g. "
+        "asgi-quick for a run of --only some rows, which should not replace quick.json",
+    )
     parser.add_argument("--list", action="store_true", help="print the server table and exit")
     return parser.parse_args(argv)
 
@@ -1262,7 +1292,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     info = machine()
     info["installed"] = installed
-    label = "quick" if quick else "full"
+    label = args.label or ("quick" if quick else "full")
     results: dict[str, Any] = {
         "label": label,
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

@@ -86,6 +86,45 @@ async def test_certfile_and_keyfile_serve_https_under_every_policy(
     assert await c.stop() == 0
 
 
+@pytest.mark.parametrize("policy", ["shared", "rr"])
+async def test_an_asgi_app_serves_https_and_wss_and_reloads_without_a_failed_request(
+    start_cluster: StartCluster, tmp_path: Path, policy: str
+) -> None:
+    """A Starlette app on uvicorn's protocols: the TLS handshake in the worker (also for a
+    connection the primary handed over), ``scope["scheme"]`` https and wss, keep-alive, and a
+    rolling reload under keep-alive HTTPS load with no failed request."""
+    ca = trustme.CA()
+    cert, key = write_cert(ca, tmp_path)
+    c = await start_cluster(
+        *cli(
+            "run", "asgi_app:app", "-w", "2", "-b", "127.0.0.1:0", "--policy", policy,
+            "--certfile", str(cert), "--keyfile", str(key), "--graceful-timeout", "10",
+        )
+    )  # fmt: skip
+    url = f"https://{c.address}/client"
+    answers = [await get_client(url, trusting(ca)) for _ in range(6)]
+    assert {(a["scheme"], a["secure"]) for a in answers} == {("https", True)}
+    if policy == "rr":
+        assert {a["worker"] for a in answers} == {1, 2}  # handshakes in both workers
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as s:
+        for _ in range(3):  # one keep-alive TLS connection, several requests
+            async with s.get(url, ssl=trusting(ca)) as r:
+                assert (await r.json())["scheme"] == "https"
+        async with s.ws_connect(f"wss://{c.address}/ws-client", ssl=trusting(ca)) as ws:
+            assert (await ws.receive_json(timeout=10))["scheme"] == "wss"
+    # The certificate is checked: a client that does not trust it is refused.
+    with pytest.raises(aiohttp.ClientConnectorCertificateError):
+        await get_client(url, ssl.create_default_context())
+    async with KeepAliveLoad(url, concurrency=4, ssl_context=trusting(ca)) as load:
+        await load.wait_requests(100)
+        c.signal(signal.SIGHUP)
+        await c.wait_for("reload complete: 2 workers replaced")
+        await load.wait_requests(100)
+    assert load.result.failed == 0, load.result.errors[:5]
+    assert await c.stop() == 0
+    assert "Traceback" not in c.output
+
+
 async def test_client_certificates_required(start_cluster: StartCluster, tmp_path: Path) -> None:
     ca = trustme.CA()
     cert, key = write_cert(ca, tmp_path)

@@ -45,6 +45,7 @@ from aiocluster.worker.adopt import start_server
 from aiocluster.worker.deadline import DrainPlan, wait_until
 from aiocluster.worker.link import listen
 from aiocluster.worker.metrics import asgi_timing
+from aiocluster.worker.proxy import ProxyHeaders
 from aiocluster.worker.tracker import ConnectionTracker
 
 __all__ = ["AsgiApp", "AsgiServer", "LifespanFailed"]
@@ -180,7 +181,14 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
 class AsgiServer:
     """One worker's ASGI server: the app's lifespan, its listens, its connections, its drain."""
 
-    def __init__(self, app: AsgiApp, *, access_log: bool) -> None:
+    def __init__(
+        self, app: AsgiApp, *, access_log: bool, trusted_proxies: Sequence[str] | None = None
+    ) -> None:
+        """Serve ``app``; with ``trusted_proxies`` (``--forwarded-allow-ips``), the forwarding
+        headers of those peers are believed (:class:`~aiocluster.worker.proxy.ProxyHeaders`),
+        outside the app, so that the access log shows the client too."""
+        if trusted_proxies is not None:
+            app = ProxyHeaders(app, trusted_proxies)
         # The app goes in as a factory that returns it: uvicorn's Config calls a loaded app
         # with no arguments to detect factories, which an app must never see.
         timed = asgi_timing(app)
@@ -191,7 +199,7 @@ class AsgiServer:
             lifespan="auto",
             log_config=None,
             access_log=access_log,
-            proxy_headers=False,
+            proxy_headers=False,  # its rules are not ours: ProxyHeaders above instead
             server_header=False,
             http=HttpProtocol,
             ws=WebSocketProtocol,

@@ -11,6 +11,12 @@ list from the right (the proxy next to us appended the last entry) skips the pro
 so a client cannot hide behind an address it wrote itself at the left. The scheme and host
 are taken from the same hop (or from the only one a proxy kept).
 
+The rules are :func:`forwarded` and :func:`believe`, pure functions of the peer and the
+headers; :func:`proxy_middleware` applies them to an aiohttp app and :class:`ProxyHeaders` to
+an ASGI one, so both kinds of app believe exactly the same things. uvicorn's own
+``ProxyHeadersMiddleware`` is not used for ASGI apps: it ignores ``Forwarded`` and
+``X-Forwarded-Host``, and trusts every hop of a chain from a trusted peer.
+
 aiohttp-remotes was considered: its strict middleware answers 400 to an untrusted peer, its
 relaxed and filtered ones believe the headers from any peer, and none reads ``Forwarded`` and
 ``X-Forwarded-*`` behind one setting, so this small module does what uvicorn and gunicorn do.
@@ -20,22 +26,40 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import re
 import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aiohttp import web
     from aiohttp.typedefs import Middleware
 
-__all__ = ["Forwarded", "TrustedPeers", "forwarded", "proxy_middleware"]
+__all__ = [
+    "Forwarded",
+    "ProxyHeaders",
+    "TrustedPeers",
+    "believe",
+    "forwarded",
+    "parse_forwarded",
+    "proxy_middleware",
+]
 
 log = logging.getLogger("aiocluster.worker")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
+
+#: The forwarding headers read, lower-case (``Forwarded`` is parsed; the others are lists).
+HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+
+# One RFC 7239 pair and what ends it: ``name=token`` or ``name="quoted \" string"``. Values
+# are taken a little wider than a token (``for=10.0.0.1:80`` unquoted is common), never
+# across a separator.
+_PAIR = re.compile(r'\s*([^=;,\s]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s"]*)\s*([;,]|$)')
+_ESCAPE = re.compile(r"\\(.)")
 
 
 class TrustedPeers:
@@ -79,6 +103,40 @@ class Forwarded:
     remote: str | None = None
     scheme: str | None = None
     host: str | None = None
+
+
+def parse_forwarded(values: Iterable[str]) -> list[dict[str, str]]:
+    """The elements of RFC 7239 ``Forwarded`` headers (every value received, in order), each
+    a mapping of lower-case parameter names to unquoted values.
+
+    A malformed part is skipped up to the next comma, so what a proxy appended after it (at
+    the right, where the trusted hops are) is still read.
+    """
+    elements: list[dict[str, str]] = []
+    for value in values:
+        element: dict[str, str] = {}
+        pos = 0
+        while pos < len(value):
+            match = _PAIR.match(value, pos)
+            if match is None:  # not a pair: skip this element
+                comma = value.find(",", pos)
+                pos = len(value) if comma < 0 else comma + 1
+                if element:
+                    elements.append(element)
+                element = {}
+                continue
+            name, raw, end = match.groups()
+            if raw.startswith('"'):
+                raw = _ESCAPE.sub(r"\1", raw[1:-1])
+            element.setdefault(name.lower(), raw)
+            pos = match.end()
+            if end != ";":
+                if element:
+                    elements.append(element)
+                element = {}
+        if element:
+            elements.append(element)
+    return elements
 
 
 def _split(values: Iterable[str]) -> list[str]:
@@ -156,6 +214,16 @@ def _scheme(value: str | None) -> str | None:
     return None if value is None else _SCHEMES.get(value.strip().lower())
 
 
+def believe(
+    peer: str | None, trusted: TrustedPeers, headers: Mapping[str, Sequence[str]]
+) -> Forwarded:
+    """:func:`forwarded`, from the raw headers: ``headers`` maps the lower-case names of
+    :data:`HEADERS` to every value received (``Forwarded`` is parsed here)."""
+    if peer not in trusted:
+        return Forwarded()
+    return forwarded(peer, trusted, headers, parse_forwarded(headers.get("forwarded", ())))
+
+
 Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
 
 
@@ -180,11 +248,8 @@ def proxy_middleware(peers: Iterable[str]) -> Middleware:
             peer = str(peername[0])
         else:
             return await handler(request)  # no address to trust
-        headers = {
-            name: request.headers.getall(name, [])
-            for name in ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
-        }
-        says = forwarded(peer, trusted, headers, request.forwarded)
+        headers = {name: request.headers.getall(name, []) for name in HEADERS}
+        says = believe(peer, trusted, headers)
         changes: dict[str, str] = {}
         if says.remote is not None:
             changes["remote"] = says.remote
@@ -197,3 +262,65 @@ def proxy_middleware(peers: Iterable[str]) -> Middleware:
         return await handler(request)
 
     return middleware
+
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[Any]]
+Send = Callable[[Any], Awaitable[None]]
+
+
+class ProxyHeaders:
+    """An ASGI 3 app that sets ``scope["client"]``, ``scope["scheme"]`` and the ``host``
+    header from the forwarding headers of a trusted peer, then calls ``app``.
+
+    The peer is ``scope["client"]``; a connection with no client address on a listen with no
+    port (a Unix socket) is trusted, as in :class:`TrustedPeers`. The client's port is not
+    forwarded (0), as uvicorn does; a websocket's scheme becomes ``ws``/``wss``.
+    """
+
+    def __init__(
+        self,
+        app: Callable[[Scope, Receive, Send], Awaitable[None]],
+        peers: Iterable[str],
+    ) -> None:
+        self.app = app
+        self.trusted = TrustedPeers(peers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve ``scope`` as the trusted proxies say it is (other scopes go through)."""
+        if scope["type"] in ("http", "websocket"):
+            self._apply(scope)
+        await self.app(scope, receive, send)
+
+    def _apply(self, scope: Scope) -> None:
+        client = scope.get("client")
+        peer: str | None
+        if client:
+            peer = str(client[0])
+        else:
+            server = scope.get("server")
+            if not server or server[1] is not None:
+                return  # no address to trust, and not a Unix socket
+            peer = None
+        raw: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        headers: dict[str, list[str]] = {}
+        for name, value in raw:
+            key = name.decode("latin-1").lower()
+            if key in HEADERS:
+                headers.setdefault(key, []).append(value.decode("latin-1"))
+        if not headers:
+            return
+        says = believe(peer, self.trusted, headers)
+        if says.remote is not None:
+            scope["client"] = (says.remote, 0)
+        if says.scheme is not None:
+            secure = says.scheme == "https"
+            if scope["type"] == "websocket":
+                scope["scheme"] = "wss" if secure else "ws"
+            else:
+                scope["scheme"] = says.scheme
+        if says.host is not None:
+            host = says.host.encode("latin-1")
+            scope["headers"] = [(b"host", host)] + [
+                (name, value) for name, value in raw if name.lower() != b"host"
+            ]

@@ -180,7 +180,7 @@ async def serve_app_worker(
 
     TLS: ``ssl_context``, else one built now from ``config``'s files (read afresh by every
     worker, so a reload rotates certificates). Forwarding headers are believed as
-    ``config.proxy_headers`` and ``forwarded_allow_ips`` say (aiohttp apps).
+    ``config.proxy_headers`` and ``forwarded_allow_ips`` say (aiohttp and ASGI apps alike).
     """
     current = link()
     served: _AiohttpServed | AsgiServer | None = None
@@ -190,7 +190,11 @@ async def serve_app_worker(
         kind, app = await resolve_app(target, interface)
         tls = ssl_context or server_context(config)
         if kind == "asgi":
-            served = asgi_support().AsgiServer(app, access_log=access_log)
+            served = asgi_support().AsgiServer(
+                app,
+                access_log=access_log,
+                trusted_proxies=config.forwarded_allow_ips if config.proxy_headers else None,
+            )
         else:
             served = _AiohttpServed(
                 app, config, access_log=access_log, graceful_timeout=current.graceful_timeout

@@ -48,6 +48,33 @@ async def whoami(request: Request) -> Response:
     )
 
 
+async def client(request: Request) -> Response:
+    """What the worker believes of its client, with the keys of ``client_app``'s ``/client``."""
+    return JSONResponse(
+        {
+            "remote": request.client.host if request.client else None,
+            "scheme": request.url.scheme,
+            "secure": request.url.scheme == "https",
+            "host": request.headers.get("host"),
+            "worker": aiocluster.worker_id(),
+        }
+    )
+
+
+async def ws_client(websocket: WebSocket) -> None:
+    """The same, for a websocket: its scope's scheme is ``ws`` or ``wss``."""
+    await websocket.accept()
+    client = websocket.client
+    await websocket.send_json(
+        {
+            "remote": client.host if client else None,
+            "scheme": websocket.url.scheme,
+            "host": websocket.headers.get("host"),
+        }
+    )
+    await websocket.close()
+
+
 async def state(request: Request) -> Response:
     return JSONResponse(
         {"started_in": request.state.started_in, "pool": request.state.pool, "pid": os.getpid()}
@@ -102,11 +129,13 @@ async def echo(websocket: WebSocket) -> None:
 app = Starlette(
     routes=[
         Route("/", whoami),
+        Route("/client", client),
         Route("/state", state),
         Route("/stream", stream),
         Route("/sse", sse),
         Route("/slow", slow),
         WebSocketRoute("/ws", echo),
+        WebSocketRoute("/ws-client", ws_client),
     ],
     lifespan=lifespan,
 )
