@@ -215,17 +215,9 @@ def run(
         use_uvloop = not own["no_uvloop"]
         if config is None:
             config = ClusterConfig.build(**options)
-        if is_primary():
-            # Before the zygote's fork: a bad file is one line and status 2.
-            check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
-        if is_zygote():
-            app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
-        elif is_primary():
-            config = apply_process_settings(config)
-            if config.start is None:
-                config = dataclasses.replace(config, start=default_start())
-            if config.start == "fork" and prefork_zygote():
-                app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
+        app, config = _before_loop(
+            app, config, ssl_context, use_uvloop=use_uvloop, interface=interface
+        )
         # After the zygote's fork and its import of the application: logging the
         # application configures at import wins over ours, in the zygote and every worker.
         ensure_logging()
@@ -249,6 +241,30 @@ def run(
         ensure_logging()
         log.error("%s", err)
         sys.exit(1)
+
+
+def _before_loop(
+    app: AppTarget,
+    config: ClusterConfig,
+    ssl_context: ssl.SSLContext | None,
+    *,
+    use_uvloop: bool,
+    interface: Interface,
+) -> tuple[AppTarget, ClusterConfig]:
+    """What :func:`run` does before any event loop runs: the primary's checks and process
+    settings, and the fork of the zygote, which returns here as each forked worker."""
+    if is_primary():
+        # Before the zygote's fork: a bad file is one line and status 2.
+        check_tls(config, run_settings(ssl_context=ssl_context)["ssl_context"])
+    if is_zygote():
+        app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
+    elif is_primary():
+        config = apply_process_settings(config)
+        if config.start is None:
+            config = dataclasses.replace(config, start=default_start())
+        if config.start == "fork" and prefork_zygote():
+            app = _zygote(app, config, use_uvloop=use_uvloop, interface=interface)
+    return app, config
 
 
 def _interface(interface: Interface, *, protocol: bool) -> Interface:

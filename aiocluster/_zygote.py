@@ -165,6 +165,19 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
             os._exit(1)
         os._exit(0)
     os.close(write_end)
+    answer = _worker_pid(read_end, middle, fd)
+    if not answer.isdigit():
+        _reply(sock, frame, {"errno": 11, "error": "fork failed in the intermediate process"})
+        return None
+    _reply(sock, frame, {"pid": int(answer)})
+    return None
+
+
+def _worker_pid(read_end: int, middle: int, fd: int) -> bytes:
+    """What the intermediate ``middle`` wrote on ``read_end``: the worker's pid, or nothing.
+
+    Reaps the intermediate and closes the zygote's copy of the worker's channel end ``fd``.
+    """
     try:
         answer = b""
         while chunk := os.read(read_end, 32):
@@ -173,11 +186,7 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
         os.close(read_end)
         os.waitpid(middle, 0)
         close_fds([fd])
-    if not answer.isdigit():
-        _reply(sock, frame, {"errno": 11, "error": "fork failed in the intermediate process"})
-        return None
-    _reply(sock, frame, {"pid": int(answer)})
-    return None
+    return answer
 
 
 def _reply(sock: socket.socket, request: Frame, msg: dict[str, object]) -> None:

@@ -561,7 +561,7 @@ async def test_the_worker_answers_a_batch_once_with_a_verdict_per_connection(
 ) -> None:
     link, primary = worker_link
     picky = Picky()
-    link.route(5, picky)
+    link.handoffs.route(5, picky)
     with socket.create_server(("127.0.0.1", 0)) as listener:
         clients = [socket.create_connection(listener.getsockname()) for _ in range(5)]
         conns = [listener.accept()[0] for _ in clients]
@@ -574,7 +574,7 @@ async def test_the_worker_answers_a_batch_once_with_a_verdict_per_connection(
     for sock, conn in zip(picky.taken, (conns[0], conns[2]), strict=True):
         assert sock.getpeername() == conn.getpeername()
     fresh = Picky()
-    link.route(5, fresh)
+    link.handoffs.route(5, fresh)
     assert await ask_newconn(primary, 5, conns[4:]) is True
     for sock in [*picky.taken, *fresh.taken, *conns, *clients]:
         sock.close()

@@ -2,23 +2,21 @@
 
 The primary never serves the application. It runs one asyncio loop, one task per worker that
 waits for the process to exit, and answers each worker's frames as they arrive; what concerns
-the listening sockets (``queryServer``, policy rr's accepting) is :mod:`aiocluster.primary.listens`.
+the listening sockets (``queryServer``, policy rr's accepting) is :mod:`aiocluster.primary.listens`,
+and what follows a worker's exit :mod:`aiocluster.primary.recovery`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
 import logging
-import signal
 import socket
-import sys
 from collections.abc import Coroutine
 from typing import Any
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, AppErrorReport, ClusterFailed, ConfigError
+from aiocluster._errors import AioclusterError, ClusterFailed, ConfigError
 from aiocluster._process import Account, account
 from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
@@ -26,14 +24,13 @@ from aiocluster.primary.fleet import Fleet
 from aiocluster.primary.listens import Listens, Phase
 from aiocluster.primary.metrics import MetricsStore
 from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.recovery import Recovery
 from aiocluster.primary.rollout import Rollout
 from aiocluster.primary.snapshot import Totals, snapshot
 from aiocluster.primary.starter import AppUnloadable, Starter, worker_argv
 from aiocluster.primary.supervisor import (
-    ExitFacts,
     RestartPolicy,
     Supervisor,
-    free_slot,
 )
 from aiocluster.wire.address import Address
 
@@ -85,8 +82,6 @@ class Cluster:
         self._size = config.workers
         #: What workers listen on: the configured binds, or the sockets systemd passed.
         self.binds: list[Address] = list(config.binds)
-        #: Restarts after crashes (and hangs), per slot.
-        self.restarts: collections.Counter[int] = collections.Counter()
         #: What exited workers had counted, so the cluster's totals never go backwards.
         self.totals = Totals()
         #: The workers' own metrics (their applications' registries, their request metrics).
@@ -98,8 +93,6 @@ class Cluster:
         self._ready = asyncio.Event()
         self._failure: str | None = None
         self._failure_status = 1
-        self._app_error_said = False
-        self._app_error_logged: AppErrorReport | None = None
         self._main: asyncio.Task[None] | None = None
         self._tg: asyncio.TaskGroup | None = None
         self._events = Events(self._background)
@@ -120,6 +113,20 @@ class Cluster:
         )
         #: Live workers by id.
         self.workers: dict[int, WorkerProcess] = self.fleet.workers
+        #: Acts on every worker exit: restart, drain its slot, halt.
+        self.recovery = Recovery(
+            config,
+            self._supervisor,
+            self.fleet,
+            size=lambda: self._size,
+            stop=self._stop,
+            ready=self._ready,
+            drain_slot=self.drain_slot,
+            fail=self._fail,
+            background=self._background,
+        )
+        #: Restarts after crashes (and hangs), per slot.
+        self.restarts: collections.Counter[int] = self.recovery.restarts
         #: Replaces workers without serving with fewer: reloads, recycling.
         self.rollout = Rollout(
             config.reload_batch,
@@ -195,15 +202,7 @@ class Cluster:
             raise AioclusterError("the cluster is not running")
         log.info("scaling from %d to %d workers", self._size, size)
         self._size = size
-        serving = sorted(self.fleet.serving(), key=lambda w: w.slot)
-        for worker in serving[size:]:
-            log.info("scaling down: draining %s (slot %d)", worker.describe(), worker.slot)
-            self._supervisor.forget(worker.slot)
-            worker.disconnect()
-        used = {w.slot for w in serving[:size]}
-        for _ in range(size - len(serving)):
-            slot = free_slot(used)
-            used.add(slot)
+        for slot in self.fleet.resize(size, forget=self._supervisor.forget):
             self._tg.create_task(self.fleet.spawn(slot))
 
     async def reload(self) -> bool:
@@ -272,7 +271,7 @@ class Cluster:
                     try:
                         await self.fleet.spawn(slot)
                     except AppUnloadable as err:
-                        self._app_error(err.report)
+                        self.recovery.app_error(err.report)
                         self._fail(f"{err}; stopping the cluster", status=2)
                         break
                 await self._stop.wait()
@@ -283,80 +282,17 @@ class Cluster:
             await self.starter.aclose()
 
     def _exited(self, worker: WorkerProcess, returncode: int) -> None:
-        # Once per worker: what it counted stays in the totals; then what to do about it.
+        # What it counted stays in the cluster's totals; then the supervisor's verdict.
         self.totals.retire(worker)
         self.metrics.retire(worker.id)
-        self._after_exit(worker, returncode)
-
-    def _after_exit(self, worker: WorkerProcess, returncode: int) -> None:
-        verdict = self._supervisor.decide(self._exit_facts(worker, returncode))
-        if verdict.drain_slot:
-            handed = self.drain_slot(worker.slot)
-            log.info(
-                "slot %d retired: %d queued connections handed to other workers",
-                worker.slot,
-                handed,
-            )
-        if verdict.action == "halt" and verdict.status == 2:
-            self._app_error(worker.app_error)
-        elif (
-            worker.app_error is not None
-            and worker.app_error != self._app_error_logged
-            and not self.stopping  # the halt said it already, or nobody waits for it
-        ):
-            # A boot that failed once the cluster served (a reload into broken code, a
-            # restart of new code): the cluster goes on, so the report is a log line.
-            self._app_error_logged = worker.app_error
-            log.error("%s reported:\n%s", worker.describe(), worker.app_error.text().rstrip())
-        if verdict.action == "halt":
-            self._fail(verdict.message, verdict.status)
-            return
-        log.log(verdict.level, "%s", verdict.message)
-        if verdict.action == "restart":
-            assert self._tg is not None
-            self._tg.create_task(self._restart(worker.slot, verdict.delay))
-
-    def _exit_facts(self, worker: WorkerProcess, returncode: int) -> ExitFacts:
-        return ExitFacts(
-            name=worker.describe(),
-            returncode=returncode,
-            slot=worker.slot,
-            listened=worker.has_listened,
-            uptime=asyncio.get_running_loop().time() - worker.started_at,
-            size=self._size,
-            stopping=self.stopping,
-            expected=worker.exited_after_disconnect,
-            retiring=worker.retiring is not None,
-            replacing=worker.replaces.describe() if worker.replaces is not None else None,
-            slot_taken=self.fleet.slot_taken(worker.slot),
-            slot_served=self.fleet.slot_served(worker.slot),
-            reuseport=self.config.policy == "reuseport",
-            ready_once=self._ready.is_set(),
-            faulted=worker.faulted,
-            others_listening=self.fleet.listening(),
-        )
-
-    async def _restart(self, slot: int, delay: float) -> None:
-        if delay:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stop.wait()
-        if self.stopping or slot > self._size or self.fleet.slot_served(slot):
-            return
-        self.restarts[slot] += 1
-        await self.fleet.spawn(slot)
+        self.recovery.exited(worker, returncode)
 
     def _refill(self, worker: WorkerProcess) -> None:
-        """``worker`` died while its successor failed to start: its slot needs a worker."""
-        if self._tg is not None:
-            self._after_exit(worker, worker.returncode or 0)
+        """``worker`` died while its successor failed to start: its slot needs a worker.
 
-    def _app_error(self, report: AppErrorReport | None) -> None:
-        """Say, once, what a worker or the zygote reported wrong with the application."""
-        if report is not None and not self._app_error_said:
-            self._app_error_said = True
-            sys.stderr.write(report.text())
-            sys.stderr.flush()
+        Its counts were retired when it exited: only the verdict is asked for again."""
+        if self._tg is not None:
+            self.recovery.exited(worker, worker.returncode or 0)
 
     def _fail(self, reason: str, status: int = 1) -> None:
         if self._failure is None:
@@ -366,29 +302,7 @@ class Cluster:
         self._stop.set()
 
     async def _shutdown(self) -> None:
-        log.info(
-            "stopping %d workers (graceful timeout %gs, cleanup %gs)",
-            len(self.workers),
-            self.config.graceful_timeout,
-            self.config.cleanup_timeout,
-        )
-        # Each worker told to drain kills itself past its own drain limit (see Fleet): no
-        # second timeout here to stack on the first.
-        for worker in list(self.workers.values()):
-            worker.disconnect()
-        # Our copies of the listening sockets go now: once the workers close theirs the
-        # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
-        self.listens.close_sockets()
-        gone = asyncio.create_task(self.fleet.wait_gone())
-        forced = asyncio.create_task(self._force.wait())
-        await asyncio.wait({gone, forced}, return_when=asyncio.FIRST_COMPLETED)
-        forced.cancel()
-        if self._force.is_set():
-            for worker in list(self.workers.values()):
-                log.warning("killing %s: stop forced", worker.describe())
-                worker.signal(signal.SIGKILL)
-        await gone
-        if self._force.is_set():
+        if await self.fleet.shut_down(self._force):
             self._fail("stop forced: workers were killed without draining")
 
     # -- scheduling policies -----------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The live worker processes: starting one, watching it until it exits, finding them by slot.
 
-What to do once one exited (restart, halt, nothing) is the cluster's business, told through
-the ``exited`` callback; which ones exist and how they came and went is this module's.
+What to do once one exited (restart, halt, nothing) is :mod:`aiocluster.primary.recovery`'s,
+told through the ``exited`` callback; which ones exist and how they came and went (started,
+drained past a smaller size, all stopped) is this module's.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,7 +19,7 @@ from aiocluster.primary.events import Events
 from aiocluster.primary.listens import Listens
 from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.starter import Starter
-from aiocluster.primary.supervisor import request_limit
+from aiocluster.primary.supervisor import free_slot, request_limit
 from aiocluster.wire.codec import Frame
 
 __all__ = ["DRAIN_MARGIN", "Fleet", "drain_limit"]
@@ -101,6 +103,24 @@ class Fleet:
             and w.replaces is None
         ]
 
+    def resize(self, size: int, *, forget: Callable[[int], None]) -> list[int]:
+        """Drain the serving workers past ``size`` (highest slots first; ``forget(slot)`` each).
+
+        Returns the free slots to start new workers in, to serve with ``size`` in all.
+        """
+        serving = sorted(self.serving(), key=lambda w: w.slot)
+        for worker in serving[size:]:
+            log.info("scaling down: draining %s (slot %d)", worker.describe(), worker.slot)
+            forget(worker.slot)
+            worker.disconnect()
+        used = {w.slot for w in serving[:size]}
+        slots = []
+        for _ in range(size - len(serving)):
+            slot = free_slot(used)
+            used.add(slot)
+            slots.append(slot)
+        return slots
+
     def slot_taken(self, slot: int) -> bool:
         """True while a live worker has ``slot`` (serving or not)."""
         return any(w.slot == slot for w in self.workers.values())
@@ -122,6 +142,35 @@ class Fleet:
     async def wait_gone(self) -> None:
         """Wait until no worker process is alive."""
         await self._gone.wait()
+
+    async def shut_down(self, force: asyncio.Event) -> bool:
+        """Drain every worker and wait until all are gone; kill them all once ``force`` is set.
+
+        Returns True if the stop was forced: workers were killed without draining.
+        """
+        log.info(
+            "stopping %d workers (graceful timeout %gs, cleanup %gs)",
+            len(self.workers),
+            self._config.graceful_timeout,
+            self._config.cleanup_timeout,
+        )
+        # Each worker told to drain kills itself past its own drain limit (see spawn): no
+        # second timeout here to stack on the first.
+        for worker in list(self.workers.values()):
+            worker.disconnect()
+        # Our copies of the listening sockets go now: once the workers close theirs the
+        # kernel stops queueing connections nobody would accept, and Unix socket files vanish.
+        self._listens.close_sockets()
+        gone = asyncio.create_task(self.wait_gone())
+        forced = asyncio.create_task(force.wait())
+        await asyncio.wait({gone, forced}, return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if force.is_set():
+            for worker in list(self.workers.values()):
+                log.warning("killing %s: stop forced", worker.describe())
+                worker.signal(signal.SIGKILL)
+        await gone
+        return force.is_set()
 
     async def _watch(self, worker: WorkerProcess) -> None:
         returncode = await worker.watch()

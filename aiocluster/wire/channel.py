@@ -3,14 +3,14 @@
 Asyncio transports cannot carry ancillary data, so the channel drives a non-blocking socket
 itself with ``loop.add_reader``/``add_writer`` and ``sendmsg``/``recvmsg``. Framing and
 descriptor attribution live in the pure :mod:`aiocluster.wire.codec`; this module only moves bytes.
+What waits to be sent is :mod:`aiocluster.wire.outbox`'s; requests awaiting their reply are
+:mod:`aiocluster.wire.pending`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
-import errno
 import itertools
 import logging
 import os
@@ -20,9 +20,11 @@ from typing import Any
 
 from aiocluster._errors import ChannelClosed, ProtocolError
 from aiocluster.wire.codec import MAX_FDS, Decoder, Frame, Prepared, encode
-from aiocluster.wire.fds import ancillary_space, close_fds, received_fds, rights
+from aiocluster.wire.fds import ancillary_space, close_fds, received_fds
+from aiocluster.wire.outbox import Outbox, PeerNotReading
+from aiocluster.wire.pending import OnReply, Pending
 
-__all__ = ["Channel", "PeerNotReading", "channel_pair"]
+__all__ = ["Channel", "OnReply", "PeerNotReading", "channel_pair"]
 
 log = logging.getLogger("aiocluster.channel")
 
@@ -36,12 +38,6 @@ _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _CLOEXEC_FLAG: int = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 
 Handler = Callable[[Frame], None]
-#: Gets the reply to a request sent with :meth:`Channel.ask`, or None: the channel closed first.
-OnReply = Callable[[Frame | None], None]
-
-
-class PeerNotReading(ChannelClosed):
-    """Why a channel closed itself: the peer stopped reading and too much was queued for it."""
 
 
 class Channel:
@@ -83,18 +79,18 @@ class Channel:
         self._on_close = on_close
         self.name = name
         self._max_fds = max_fds
-        self._max_buffer = max_buffer
-        self._max_queued_fds = max_queued_fds
         self._decoder = Decoder(max_fds=max_fds)
         self._ancbuf = ancillary_space(max_fds)
-        self._outq: collections.deque[tuple[memoryview, list[int]]] = collections.deque()
-        self._outq_bytes = 0
-        self._outq_fds = 0
-        self._writing = False
+        self._outbox = Outbox(
+            sock,
+            name=name,
+            max_buffer=max_buffer,
+            max_queued_fds=max_queued_fds,
+            fail=self.close,
+        )
         self._seq = itertools.count(1)
         self._last_seq = 0
-        self._pending: dict[int, asyncio.Future[Frame]] = {}
-        self._asked: dict[int, OnReply] = {}
+        self._pending = Pending(name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self._close_reason: BaseException | None = None
@@ -105,6 +101,7 @@ class Channel:
     def start(self) -> None:
         """Begin reading; must be called from the loop that will own the channel."""
         self._loop = asyncio.get_running_loop()
+        self._outbox.start(self._loop)
         self._loop.add_reader(self._fd, self._on_readable)
 
     @property
@@ -136,14 +133,7 @@ class Channel:
         self._close_reason = reason
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._fd)
-            if self._writing:
-                self._loop.remove_writer(self._fd)
-        self._writing = False
-        for _, fds in self._outq:
-            close_fds(fds)
-        self._outq.clear()
-        self._outq_bytes = 0
-        self._outq_fds = 0
+        self._outbox.close()
         close_fds(self._decoder.close())
         self._sock.close()
         err = (
@@ -151,19 +141,7 @@ class Channel:
             if isinstance(reason, ChannelClosed)
             else ChannelClosed(f"channel {self.name} closed" + (f": {reason}" if reason else ""))
         )
-        for fut in self._pending.values():
-            if not fut.done():
-                fut.set_exception(err)
-                # Nobody may be awaiting this request any more; don't warn about it.
-                fut.exception()
-        self._pending.clear()
-        asked, self._asked = self._asked, {}
-        for on_reply in asked.values():
-            # From the loop, not from here: close() may run inside the sender's own call.
-            if self._loop is not None and not self._loop.is_closed():
-                self._loop.call_soon(on_reply, None)
-            else:
-                on_reply(None)
+        self._pending.fail_all(err, self._loop)
         self._closed_event.set()
         if self._on_close is not None:
             try:
@@ -181,7 +159,7 @@ class Channel:
         channel is closed, or closes because the peer stopped reading.
         """
         seq = self._next_seq()
-        self._put(_encode(msg, seq, len(fds)), fds)
+        self._outbox.put(_encode(msg, seq, len(fds)), fds)
         return seq
 
     def reply(
@@ -201,7 +179,7 @@ class Channel:
             out = {**msg, "act": request.msg["act"], "ack": ack, "seq": seq}
             data = encode(out, len(fds))
         with contextlib.suppress(ChannelClosed):
-            self._put(data, fds)
+            self._outbox.put(data, fds)
 
     def call(self, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> asyncio.Future[Frame]:
         """Send ``msg`` and return the future of the peer's reply, without waiting for it.
@@ -227,13 +205,13 @@ class Channel:
         data = _encode(msg, seq, len(fds))
         # Registered before the send: a send that fails closes the channel, which then owes
         # this request its answer like any other in flight.
-        self._asked[seq] = on_reply
+        self._pending.call_back(seq, on_reply)
         try:
-            self._put(data, fds)
+            self._outbox.put(data, fds)
         except ChannelClosed:
             pass  # this very frame overflowed a peer that stopped reading: on_reply gets None
         except BaseException:
-            self._asked.pop(seq, None)
+            self._pending.forget(seq)
             raise
         return seq
 
@@ -245,11 +223,11 @@ class Channel:
         seq = self._next_seq()
         data = _encode(msg, seq, len(fds))
         # Registered before the send, for the same reason as in ask().
-        self._pending[seq] = fut
+        self._pending.wait(seq, fut)
         try:
-            self._put(data, fds)
+            self._outbox.put(data, fds)
         except BaseException:
-            self._pending.pop(seq, None)
+            self._pending.forget(seq)
             raise
         return seq, fut
 
@@ -262,7 +240,7 @@ class Channel:
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
-            self._pending.pop(seq, None)
+            self._pending.forget(seq)
 
     def _next_seq(self) -> int:
         if self._closed:
@@ -270,74 +248,6 @@ class Channel:
         seq = next(self._seq)
         self._last_seq = seq
         return seq
-
-    def _put(self, data: bytes, fds: Sequence[int]) -> None:
-        """Send ``data`` now, ``fds`` with its first byte; queue what the socket won't take.
-
-        Sent at once, the descriptors need no copy: the kernel holds its own references from
-        the ``sendmsg`` on. Only a frame that must wait (behind others, or for room in the
-        socket) is queued with duplicates, since the caller may close its own meanwhile.
-        A send error closes the channel (and does not raise), except a bad descriptor of the
-        caller's, which raises ``OSError`` as ``dup`` would have, with nothing sent.
-        """
-        if not self._outq:
-            try:
-                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError as err:
-                if fds and err.errno == errno.EBADF:
-                    raise  # one of the caller's descriptors: nothing went out, the channel is fine
-                self.close(ChannelClosed(f"channel {self.name}: send failed: {err}"))
-                return
-            if sent == len(data):
-                return
-            if sent:
-                data, fds = data[sent:], ()  # the descriptors went with the first bytes
-        dups: list[int] = []
-        try:
-            for fd in fds:
-                dups.append(os.dup(fd))
-        except BaseException:
-            close_fds(dups)  # EMFILE halfway: the copies made so far must not leak
-            raise
-        self._outq.append((memoryview(data), dups))
-        self._outq_bytes += len(data)
-        self._outq_fds += len(dups)
-        if self._outq_bytes > self._max_buffer or self._outq_fds > self._max_queued_fds:
-            queued = f"{self._outq_bytes} bytes and {self._outq_fds} descriptors queued"
-            self.close(PeerNotReading(f"channel {self.name}: peer is not reading ({queued})"))
-            raise ChannelClosed(f"channel {self.name} closed: peer is not reading")
-        if not self._writing and self._loop is not None:
-            self._loop.add_writer(self._fd, self._flush)
-            self._writing = True
-
-    def _flush(self) -> None:
-        while self._outq:
-            data, fds = self._outq[0]
-            try:
-                sent = self._sock.sendmsg([data], rights(fds)) if fds else self._sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError as err:
-                self.close(ChannelClosed(f"channel {self.name}: send failed: {err}"))
-                return
-            # Once any byte went out the kernel holds its own references to the descriptors.
-            close_fds(fds)
-            self._outq_fds -= len(fds)
-            self._outq_bytes -= sent
-            if sent == len(data):
-                self._outq.popleft()
-            else:
-                self._outq[0] = (data[sent:], [])
-                break
-        want_writer = bool(self._outq)
-        if want_writer != self._writing and self._loop is not None:
-            if want_writer:
-                self._loop.add_writer(self._fd, self._flush)
-            else:
-                self._loop.remove_writer(self._fd)
-            self._writing = want_writer
 
     # -- receiving ---------------------------------------------------------------------------
 
@@ -396,17 +306,9 @@ class Channel:
                 close_fds(frame.fds)
                 self._protocol_error(ProtocolError(f"reply to {ack}, a request never sent"))
                 return
-            on_reply = self._asked.pop(ack, None)
+            on_reply = self._pending.route(ack, frame)
             if on_reply is not None:
                 self._answer(on_reply, frame)
-                return
-            fut = self._pending.pop(ack, None)
-            if fut is None or fut.done():
-                # A reply nobody waits for any more (the request timed out): drop it cleanly.
-                close_fds(frame.fds)
-                log.debug("%s: reply to unknown request %s dropped", self.name, ack)
-            else:
-                fut.set_result(frame)
             return
         try:
             self._handler(frame)

@@ -61,7 +61,7 @@ class Route:
         """Start serving ``sock``; False (refused) once the server stopped serving."""
         if not self._serving():
             return False
-        self._link.note_adopted()
+        self._link.handoffs.note_adopted()
         task = asyncio.get_running_loop().create_task(self._connect(sock))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
@@ -76,7 +76,7 @@ class Route:
             )
         except BaseException as err:
             sock.close()
-            self._link.adoption_done(None)
+            self._link.handoffs.adoption_done(None)
             if isinstance(err, ConnectionError | TimeoutError):
                 log.debug("a handed-over connection ended before it was served: %s", err)
             elif isinstance(err, Exception):
@@ -84,7 +84,7 @@ class Route:
             else:
                 raise
             return
-        self._link.adoption_done(transport)
+        self._link.handoffs.adoption_done(transport)
 
 
 class HandedServer(asyncio.AbstractServer):
@@ -120,7 +120,7 @@ class HandedServer(asyncio.AbstractServer):
             ssl=ssl,
             ssl_options=ssl_options,
         )
-        self._link.route(grant.handle, self._route)
+        self._link.handoffs.route(grant.handle, self._route)
 
     @property
     def sockname(self) -> str:
@@ -136,7 +136,7 @@ class HandedServer(asyncio.AbstractServer):
         """Stop adopting connections (connections already adopted are not touched)."""
         if self._serving:
             self._serving = False
-            self._link.unroute(self._grant.handle, self._route)
+            self._link.handoffs.unroute(self._grant.handle, self._route)
             announce_closed(self._grant)  # so the primary hands us no more
             self._closed.set()
 
@@ -199,7 +199,7 @@ async def start_server(
             route = Route(
                 link(), factory, serving=real.is_serving, ssl=ssl, ssl_options=ssl_options
             )
-            link().route(grant.handle, route)
+            link().handoffs.route(grant.handle, route)
         server = real
     announce_listening(grant)
     return server

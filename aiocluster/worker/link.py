@@ -1,8 +1,7 @@
 """The worker side: its end of the channel, ``queryServer``, and stopping when told to.
 
-It also counts the connections this worker accepted and reports them to the primary
-(``load``), and adopts the connections the primary hands over (``newconn``) into the server
-registered for their listen (see :mod:`aiocluster.worker.adopt`).
+Counting the connections this worker accepted (``load`` reports) and adopting the ones the
+primary hands over (``newconn``) are :mod:`aiocluster.worker.handoff`'s.
 
 Whether this process is a worker, and which, is :mod:`aiocluster._role`'s to say.
 """
@@ -16,24 +15,23 @@ import logging
 import os
 import signal
 import socket
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
-from aiocluster._logging import Throttled
 from aiocluster._role import Role, identity, role
 from aiocluster._title import set_title, worker_title
 from aiocluster._zygote import refuse
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.channel import Channel
-from aiocluster.wire.codec import Frame, Prepared
+from aiocluster.wire.codec import Frame
 from aiocluster.wire.fds import close_fds
 from aiocluster.wire.metricsform import METRICS
 from aiocluster.wire.sockets import format_sockname, open_listener
 from aiocluster.worker.deadline import CLEANUP_TIMEOUT, WS_GRACE, DrainPlan
+from aiocluster.worker.handoff import Adopter, Handoffs
 from aiocluster.worker.metrics import Reporter, requests
 
 __all__ = [
@@ -94,13 +92,6 @@ class Grant:
     sock: socket.socket | None = None
 
 
-class Adopter(Protocol):
-    """A server that can take over a connection accepted elsewhere (by the primary)."""
-
-    def adopt(self, sock: socket.socket) -> bool:
-        """Start serving ``sock`` and return True, or return False to refuse it (never raise)."""
-
-
 class WorkerLink:
     """The worker's end of the control channel to the primary."""
 
@@ -119,18 +110,6 @@ class WorkerLink:
         #: The primary's scheduling policy and balance (its settings win over this process's).
         self.policy = "shared"
         self.balance = "round-robin"
-        #: Connections this worker accepted, itself or from the primary.
-        self.accepted = 0
-        #: Of those, the ones the primary accepted and handed over.
-        self.adopted = 0
-        self._adopters: dict[int, Adopter] = {}
-        # Adopted connections still open, for least-conn only (pruned when reported).
-        self._track_open = False
-        self._open: set[asyncio.BaseTransport] = set()
-        self._adopting = 0  # handed over, its transport not made yet: open all the same
-        self._report_interval = 1.0
-        self._report_timer: asyncio.TimerHandle | None = None
-        self._reported = (0, 0, 0)
         self._online: asyncio.Task[None] | None = None
         self._indexes: collections.Counter[Address] = collections.Counter()
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
@@ -139,7 +118,6 @@ class WorkerLink:
         # Set when the primary serves /metrics (--admin): then reports go with the heartbeats.
         self._reporter: Reporter | None = None
         self._next_report = 0.0
-        self._refusals = Throttled(log, "refused connections handed over by the primary")
         # The primary sends SIGUSR1 to a worker whose loop stopped answering, before killing
         # it: faulthandler writes every thread's stack to stderr even while the loop is stuck.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
@@ -155,6 +133,8 @@ class WorkerLink:
             on_close=self._on_close,
             truncatable=(proto.NEWCONN,),
         )
+        #: Counting connections, and adopting the ones the primary hands over.
+        self.handoffs = Handoffs(self.channel, self.stopping)
         self.channel.start()
 
     def drain_plan(self) -> DrainPlan:
@@ -237,9 +217,7 @@ class WorkerLink:
             self.policy = policy
         if isinstance(balance, str):
             self.balance = balance
-        # The primary needs open counts only to choose by them: then report often.
-        self._track_open = self.policy == "rr" and self.balance == "least-conn"
-        self._report_interval = 0.1 if self._track_open else 1.0
+        self.handoffs.configure(self.policy, self.balance)
 
     async def query_server(self, address: Address, backlog: int) -> Grant:
         """Ask the primary for the listen on ``address``; raise its ``OSError``.
@@ -284,99 +262,10 @@ class WorkerLink:
             msg = {"act": proto.CLOSE, "address": grant.sockname, "handle": grant.handle}
             self.channel.send(msg)
 
-    # -- connections handed over, and counted ------------------------------------------------
-
-    def route(self, handle: int, adopter: Adopter) -> None:
-        """Connections the primary hands over for listen ``handle`` go to ``adopter``."""
-        self._adopters[handle] = adopter
-
-    def unroute(self, handle: int, adopter: Adopter) -> None:
-        """Refuse the connections of ``handle`` from now on (if ``adopter`` still serves it)."""
-        if self._adopters.get(handle) is adopter:
-            del self._adopters[handle]
-
-    def counted(self, factory: Callable[[], P]) -> Callable[[], P]:
-        """``factory``, counting each connection it is called for (servers that accept)."""
-
-        def counting() -> P:
-            self.accepted += 1
-            self._changed()
-            return factory()
-
-        return counting
-
-    def note_adopted(self) -> None:
-        """Count a connection handed over by the primary (then call :meth:`adoption_done`)."""
-        self.accepted += 1
-        self.adopted += 1
-        self._adopting += 1
-        self._changed()
-
-    def adoption_done(self, transport: asyncio.BaseTransport | None) -> None:
-        """The adopted connection is served by ``transport`` (None: it failed at once)."""
-        self._adopting -= 1
-        if self._track_open and transport is not None:
-            self._open.add(transport)
-        self._changed()
-
-    def _changed(self) -> None:
-        if self._report_timer is None and not self.channel.closed:
-            loop = asyncio.get_running_loop()
-            self._report_timer = loop.call_later(self._report_interval, self._report)
-
-    def _report(self) -> None:
-        self._report_timer = None
-        self._send_load()
-        if self._open or self._adopting:
-            # No event tells us an adopted connection ended: look again at the next report.
-            self._changed()
-
-    def _send_load(self) -> None:
-        self._open = {t for t in self._open if not t.is_closing()}
-        state = (self.accepted, len(self._open) + self._adopting, self.adopted)
-        if state != self._reported and not self.channel.closed:
-            accepted, open_, adopted = state
-            msg = {"act": proto.LOAD, "accepted": accepted, "open": open_, "adopted": adopted}
-            self.channel.send(msg)
-            self._reported = state
-
-    def _on_newconn(self, frame: Frame) -> None:
-        if frame.truncated:
-            # At the open-files limit: the primary keeps its copies, hands them to another
-            # worker and gives this one a rest.
-            self._refusals.note("out of descriptors (the primary hands them to another worker)")
-            self.channel.reply(frame, _BUSY)
-            return
-        if not frame.fds:
-            raise ProtocolError("newconn with no descriptor")
-        until = frame.msg.get("until")
-        if isinstance(until, float | int) and time.monotonic() > until:
-            # Read after its deadline (this loop was blocked, or the process stopped): the
-            # primary has given these connections to another worker meanwhile.
-            close_fds(frame.fds)
-            self._refusals.note("read after their deadline: this event loop was blocked")
-            self.channel.reply(frame, _LATE)
-            return
-        handle = frame.msg.get("handle")
-        adopter = self._adopters.get(handle) if isinstance(handle, int) else None
-        if adopter is None or self.stopping.is_set():
-            close_fds(frame.fds)
-            self.channel.reply(frame, _REFUSED)
-            return
-        taken = [_adopt(adopter, fd) for fd in frame.fds]
-        # One answer for the whole frame: the primary closes its copies of what we took and
-        # hands the rest to another worker.
-        if all(taken):
-            self.channel.reply(frame, _ACCEPTED)
-        elif not any(taken):
-            self.channel.reply(frame, _REFUSED)
-        else:
-            self.channel.reply(frame, {"accepted": taken})
-
     def _on_frame(self, frame: Frame) -> None:
         act = frame.msg["act"]
         if act == proto.NEWCONN:
-            self._on_newconn(frame)
+            self.handoffs.on_newconn(frame)
             return
         if frame.fds:
             close_fds(frame.fds)
@@ -407,11 +296,7 @@ class WorkerLink:
         """Send the last counters, close the channel; the primary then sees this end close."""
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        if self._report_timer is not None:
-            self._report_timer.cancel()
-            self._report_timer = None
-        if not self.channel.closed:
-            self._send_load()
+        self.handoffs.close()
         self.channel.close()
 
 
@@ -423,29 +308,6 @@ def _seconds(msg: dict[str, Any], key: str, default: float) -> float:
     if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value < 1e9:
         return float(value)
     return default
-
-
-# The answers to a newconn frame, encoded once (see Prepared): one per frame, not per connection.
-_ACCEPTED = Prepared({"act": proto.NEWCONN, "accepted": True})
-_REFUSED = Prepared({"act": proto.NEWCONN, "accepted": False})
-_BUSY = Prepared({"act": proto.NEWCONN, "accepted": False, "why": proto.BUSY})
-_LATE = Prepared({"act": proto.NEWCONN, "accepted": False, "why": proto.LATE})
-
-
-def _adopt(adopter: Adopter, fd: int) -> bool:
-    """Give the connection ``fd`` to ``adopter``; False (and ``fd`` closed) if it is not taken."""
-    try:
-        # Type and protocol given: a stream socket from accept(); only the family is asked
-        # of the kernel (getsockname, which also checks it is a socket at all).
-        sock = socket.socket(type=socket.SOCK_STREAM, proto=0, fileno=fd)
-    except OSError as err:
-        log.warning("a connection handed over by the primary is unusable: %s", err)
-        close_fds([fd])
-        return False
-    if adopter.adopt(sock):
-        return True
-    sock.close()
-    return False
 
 
 def _rss_bytes() -> int:
@@ -502,7 +364,7 @@ async def listen(address: Address, backlog: int) -> Grant:
 
 def counted(factory: Callable[[], P]) -> Callable[[], P]:
     """In a worker, ``factory`` counting the connections it serves; elsewhere ``factory``."""
-    return link().counted(factory) if is_worker() else factory
+    return link().handoffs.counted(factory) if is_worker() else factory
 
 
 def announce_listening(grant: Grant) -> None:
