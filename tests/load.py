@@ -5,10 +5,16 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import signal
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import aiohttp
+
+if TYPE_CHECKING:
+    from .harness import ClusterProcess
 
 
 @dataclass
@@ -93,3 +99,19 @@ class KeepAliveLoad:
                 result.errors.append(f"{type(err).__name__}: {err}")
             async with self._progress:
                 self._progress.notify_all()
+
+
+async def reload_twice_under(
+    load: KeepAliveLoad, c: ClusterProcess, new_code: Callable[[], None]
+) -> None:
+    """With ``load`` running: ``new_code()``, a rolling reload, then another, 300 requests
+    between each step, so that every reload happens under load."""
+    await load.wait_requests(300)
+    new_code()
+    c.signal(signal.SIGHUP)
+    await c.wait_for("reload complete: 2 workers replaced")
+    await load.wait_requests(300)
+    mark = len(c.lines)
+    c.signal(signal.SIGHUP)
+    await c.wait_for("reload complete: 2 workers replaced", start=mark)
+    await load.wait_requests(300)

@@ -19,7 +19,7 @@ import pytest
 
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, cli
-from .load import KeepAliveLoad
+from .load import KeepAliveLoad, reload_twice_under
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,15 +105,7 @@ async def test_reloads_under_load_fail_no_request(
         cwd=tmp_path,
     )  # fmt: skip
     async with KeepAliveLoad(f"{c.url}/", concurrency=8, fresh_connections=fresh) as load:
-        await load.wait_requests(300)
-        write_versioned(tmp_path, "v2")
-        c.signal(signal.SIGHUP)
-        await c.wait_for("reload complete: 2 workers replaced")
-        await load.wait_requests(300)
-        mark = len(c.lines)
-        c.signal(signal.SIGHUP)
-        await c.wait_for("reload complete: 2 workers replaced", start=mark)
-        await load.wait_requests(300)
+        await reload_twice_under(load, c, lambda: write_versioned(tmp_path, "v2"))
     result = load.result
     assert result.failed == 0, result.errors[:5]
     assert max(result.workers) >= 5  # the last reload's workers served the end of the load

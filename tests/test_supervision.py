@@ -12,7 +12,7 @@ import pytest
 
 from .conftest import StartCluster
 from .harness import cli
-from .load import KeepAliveLoad
+from .load import KeepAliveLoad, reload_twice_under
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -118,15 +118,7 @@ async def test_two_reloads_under_keepalive_load_fail_no_request(
     )
     assert await version_of(c.url) == "v1"
     async with KeepAliveLoad(f"{c.url}/", concurrency=8) as load:
-        await load.wait_requests(300)
-        write_app(tmp_path, "v2")
-        c.signal(signal.SIGHUP)
-        await c.wait_for("reload complete: 2 workers replaced")
-        await load.wait_requests(300)
-        mark = len(c.lines)
-        c.signal(signal.SIGHUP)
-        await c.wait_for("reload complete: 2 workers replaced", start=mark)
-        await load.wait_requests(300)
+        await reload_twice_under(load, c, lambda: write_app(tmp_path, "v2"))
     result = load.result
     assert result.failed == 0, result.errors[:5]
     # The last reload's workers served the end of the load (the old ones were draining).
