@@ -12,6 +12,7 @@ import ipaddress
 import logging
 from collections.abc import Iterator
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -39,98 +40,115 @@ class ClusterCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         """Yield the cluster's metrics, per worker (labels worker, slot) and in total."""
         status = self._cluster.status()
-        labels = ["worker", "slot"]
-        per_worker: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
-            "requests": CounterMetricFamily(
-                "aiocluster_worker_requests", "Requests served by the worker.", labels=labels
-            ),
-            "connections": GaugeMetricFamily(
-                "aiocluster_worker_open_connections",
-                "Connections open on the worker.",
-                labels=labels,
-            ),
-            "rss": GaugeMetricFamily(
-                "aiocluster_worker_resident_memory_bytes", "Worker resident memory.", labels=labels
-            ),
-            "lag": GaugeMetricFamily(
-                "aiocluster_worker_event_loop_lag_seconds",
-                "How late the worker's last heartbeat timer fired.",
-                labels=labels,
-            ),
-            "uptime": GaugeMetricFamily(
-                "aiocluster_worker_uptime_seconds",
-                "Seconds since the worker started.",
-                labels=labels,
-            ),
-        }
-        accepted = CounterMetricFamily(
-            "aiocluster_worker_accepted_connections",
-            "Connections accepted by the worker (per scheduling policy).",
-            labels=labels,
-        )
-        restarts = CounterMetricFamily(
-            "aiocluster_slot_restarts",
-            "Workers restarted in the slot after a crash or hang.",
-            labels=["slot"],
-        )
-        up = GaugeMetricFamily(
-            "aiocluster_worker_up", "1 while the worker is listening.", labels=labels
-        )
-        slot_restarts: dict[int, int] = {}
-        for worker in status["workers"]:
-            values = [str(worker["id"]), str(worker["slot"])]
-            for key, family in per_worker.items():
+        yield from _per_worker(status["workers"])
+        yield from _per_slot(status["workers"], status["slots"])
+        yield from _cluster_wide(status)
+
+
+_LABELS = ["worker", "slot"]
+#: Status key -> (family, name, help) of each per-worker sample.
+_WORKER_SAMPLES: dict[str, tuple[type[CounterMetricFamily | GaugeMetricFamily], str, str]] = {
+    "requests": (
+        CounterMetricFamily,
+        "aiocluster_worker_requests",
+        "Requests served by the worker.",
+    ),
+    "connections": (
+        GaugeMetricFamily,
+        "aiocluster_worker_open_connections",
+        "Connections open on the worker.",
+    ),
+    "rss": (
+        GaugeMetricFamily,
+        "aiocluster_worker_resident_memory_bytes",
+        "Worker resident memory.",
+    ),
+    "lag": (
+        GaugeMetricFamily,
+        "aiocluster_worker_event_loop_lag_seconds",
+        "How late the worker's last heartbeat timer fired.",
+    ),
+    "uptime": (
+        GaugeMetricFamily,
+        "aiocluster_worker_uptime_seconds",
+        "Seconds since the worker started.",
+    ),
+    "accepted": (
+        CounterMetricFamily,
+        "aiocluster_worker_accepted_connections",
+        "Connections accepted by the worker (per scheduling policy).",
+    ),
+}
+
+
+def _per_worker(workers: list[dict[str, Any]]) -> Iterator[Metric]:
+    families = {
+        key: kind(name, doc, labels=_LABELS) for key, (kind, name, doc) in _WORKER_SAMPLES.items()
+    }
+    up = GaugeMetricFamily(
+        "aiocluster_worker_up", "1 while the worker is listening.", labels=_LABELS
+    )
+    for worker in workers:
+        values = [str(worker["id"]), str(worker["slot"])]
+        for key, family in families.items():
+            if key in worker:
                 family.add_metric(values, float(worker[key]))
-            if "accepted" in worker:
-                accepted.add_metric(values, float(worker["accepted"]))
-            up.add_metric(values, 1.0 if worker["state"] == "listening" else 0.0)
-            slot_restarts[worker["slot"]] = worker["restarts"]
-        for slot, count in sorted(slot_restarts.items()):
-            restarts.add_metric([str(slot)], float(count))
-        yield from per_worker.values()
-        yield accepted
-        yield restarts
-        yield up
-        yield GaugeMetricFamily("aiocluster_workers", "Workers the cluster keeps.", status["size"])
-        yield GaugeMetricFamily(
-            "aiocluster_workers_listening", "Workers listening now.", status["listening"]
-        )
-        yield CounterMetricFamily(
-            "aiocluster_requests",
-            "Requests served by every worker the cluster ran (exited ones included).",
-            status["totals"]["requests"],
-        )
-        yield CounterMetricFamily(
-            "aiocluster_accepted_connections",
-            "Connections accepted by every worker the cluster ran (exited ones included).",
-            status["totals"]["accepted"],
-        )
-        slot_requests = CounterMetricFamily(
-            "aiocluster_slot_requests",
-            "Requests served by the workers of the slot, exited ones included.",
-            labels=["slot"],
-        )
-        slot_accepted = CounterMetricFamily(
-            "aiocluster_slot_accepted_connections",
-            "Connections accepted by the workers of the slot, exited ones included.",
-            labels=["slot"],
-        )
-        for slot in status["slots"]:
-            slot_requests.add_metric([str(slot["slot"])], float(slot["requests"]))
-            slot_accepted.add_metric([str(slot["slot"])], float(slot["accepted"]))
-        yield slot_requests
-        yield slot_accepted
-        yield GaugeMetricFamily(
-            "aiocluster_open_connections",
-            "Connections open on all workers.",
-            sum(w["connections"] for w in status["workers"]),
-        )
-        yield CounterMetricFamily(
-            "aiocluster_restarts", "Workers restarted after a crash or hang.", status["restarts"]
-        )
-        yield CounterMetricFamily(
-            "aiocluster_reloads", "Rolling reloads completed.", status["reloads"]
-        )
+        up.add_metric(values, 1.0 if worker["state"] == "listening" else 0.0)
+    yield from families.values()
+    yield up
+
+
+def _per_slot(workers: list[dict[str, Any]], slots: list[dict[str, Any]]) -> Iterator[Metric]:
+    restarts = CounterMetricFamily(
+        "aiocluster_slot_restarts",
+        "Workers restarted in the slot after a crash or hang.",
+        labels=["slot"],
+    )
+    for slot, count in sorted({w["slot"]: w["restarts"] for w in workers}.items()):
+        restarts.add_metric([str(slot)], float(count))
+    requests = CounterMetricFamily(
+        "aiocluster_slot_requests",
+        "Requests served by the workers of the slot, exited ones included.",
+        labels=["slot"],
+    )
+    accepted = CounterMetricFamily(
+        "aiocluster_slot_accepted_connections",
+        "Connections accepted by the workers of the slot, exited ones included.",
+        labels=["slot"],
+    )
+    for slot in slots:
+        requests.add_metric([str(slot["slot"])], float(slot["requests"]))
+        accepted.add_metric([str(slot["slot"])], float(slot["accepted"]))
+    yield restarts
+    yield requests
+    yield accepted
+
+
+def _cluster_wide(status: dict[str, Any]) -> Iterator[Metric]:
+    totals = status["totals"]
+    yield GaugeMetricFamily("aiocluster_workers", "Workers the cluster keeps.", status["size"])
+    yield GaugeMetricFamily(
+        "aiocluster_workers_listening", "Workers listening now.", status["listening"]
+    )
+    yield CounterMetricFamily(
+        "aiocluster_requests",
+        "Requests served by every worker the cluster ran (exited ones included).",
+        totals["requests"],
+    )
+    yield CounterMetricFamily(
+        "aiocluster_accepted_connections",
+        "Connections accepted by every worker the cluster ran (exited ones included).",
+        totals["accepted"],
+    )
+    yield GaugeMetricFamily(
+        "aiocluster_open_connections",
+        "Connections open on all workers.",
+        sum(w["connections"] for w in status["workers"]),
+    )
+    yield CounterMetricFamily(
+        "aiocluster_restarts", "Workers restarted after a crash or hang.", status["restarts"]
+    )
+    yield CounterMetricFamily("aiocluster_reloads", "Rolling reloads completed.", status["reloads"])
 
 
 class WorkersCollector(Collector):
