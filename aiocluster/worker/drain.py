@@ -45,10 +45,12 @@ CANCEL_WAIT = 1.0
 
 
 class OpenWebsockets:
-    """The websockets an application has open, seen through ``on_response_prepare``."""
+    """The websockets an application has open, and the connections that have answered a
+    request, both seen through ``on_response_prepare`` (aiohttp's public hook)."""
 
     def __init__(self) -> None:
         self._seen: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
+        self._answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
     def attach(self, app: web.Application) -> bool:
         """Watch ``app``'s responses; False if it is frozen already (started elsewhere)."""
@@ -61,6 +63,13 @@ class OpenWebsockets:
     async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         if isinstance(response, web.WebSocketResponse):
             self._seen.add(response)
+        if (transport := request.transport) is not None:
+            self._answered.add(transport)
+
+    def has_answered(self, conn: Any) -> bool:
+        """True once a response was prepared on the connection ``conn`` (a RequestHandler)."""
+        transport = getattr(conn, "transport", None)
+        return transport is None or transport in self._answered
 
     def live(self) -> list[web.WebSocketResponse]:
         """The websockets not closed yet."""
@@ -109,6 +118,13 @@ async def _drain_connections(
         log.info("draining %d connections (deadline in %gs)", len(live), plan.graceful_timeout)
     shutdown = asyncio.ensure_future(_hook("on_shutdown", app.shutdown()))
     closer = asyncio.ensure_future(_close_websockets(websockets, plan))
+    if websockets is not None:
+        for conn in _live(server):
+            if _idle(conn) and not websockets.has_answered(conn):
+                # Nothing was ever answered on it (a request head still trickling in, or
+                # nothing sent): no client is about to reuse it, so the idle grace below,
+                # which lets keep-alive clients finish sending, is not for it.
+                conn.force_close()
     await wait_until(asyncio.ensure_future(empty.wait()), plan.began + plan.idle_grace)
     for conn in _live(server):
         if _idle(conn):
