@@ -9,6 +9,7 @@ tests assert the behaviour; these scripts measure it (issue 15's targets).
     python benchmarks/faults.py sigstop --policy rr                     # one worker stopped 10 s
     python benchmarks/faults.py fds --policy rr                         # workers at 256 open files
     python benchmarks/faults.py slow --clients 500                      # slow clients at a stop
+    python benchmarks/faults.py rss --kills 300                         # primary RSS over kills
 """
 
 from __future__ import annotations
@@ -228,6 +229,33 @@ async def fds(args: argparse.Namespace) -> None:
         )
 
 
+async def rss(args: argparse.Namespace) -> None:
+    """Kill a worker ``--kills`` times, one after another; the primary's RSS every 25 kills."""
+    async with Cluster(args.workers, args.policy, []) as c:
+        assert c.proc is not None
+        curve: list[str] = []
+        for n in range(args.kills + 1):
+            status = await c.status()
+            while status is None or int(str(status["listening"])) < args.workers:
+                await asyncio.sleep(0.01)  # the replacement is on its way
+                status = await c.status()
+            if n % 25 == 0:
+                curve.append(f"{n}:{_rss_kib(c.proc.pid)}")
+            if n < args.kills:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(c.pids(status)[0], signal.SIGKILL)
+                await asyncio.sleep(0.05)
+        print(f"rss policy={args.policy}: primary RSS KiB after N kills: {' '.join(curve)}")
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
 async def slow(args: argparse.Namespace) -> None:
     """``clients`` connections sending one header byte a second, then SIGTERM: stop time."""
     async with Cluster(args.workers, args.policy, ["--graceful-timeout", "20"]) as c:
@@ -258,7 +286,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("run", choices=["kills", "sigstop", "fds", "slow"])
+    parser.add_argument("run", choices=["kills", "sigstop", "fds", "slow", "rss"])
     parser.add_argument("--policy", default="shared", choices=["shared", "rr", "reuseport"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--connections", type=int, default=16)
@@ -266,8 +294,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20)
     parser.add_argument("--clients", type=int, default=500)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--kills", type=int, default=300)
     args = parser.parse_args()
-    runs = {"kills": kills, "sigstop": sigstop, "fds": fds, "slow": slow}
+    runs = {"kills": kills, "sigstop": sigstop, "fds": fds, "slow": slow, "rss": rss}
     asyncio.run(runs[args.run](args))
 
 

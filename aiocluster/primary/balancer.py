@@ -235,6 +235,14 @@ class Balancer:
         """The worker stopped serving ``group_id``: hand it no more of its connections."""
         self._peers.part(worker_id, group_id)
 
+    def forget(self, worker_id: int) -> None:
+        """The worker exited: nothing of it is kept but its count of accepted connections."""
+        self._peers.forget(worker_id)
+
+    def tracks(self, worker_id: int) -> bool:
+        """True while the balancer keeps anything of the worker but its count."""
+        return self._peers.tracks(worker_id)
+
     def report(self, worker_id: int, *, accepted: int, open_: int, adopted: int) -> None:
         """What the worker says it accepted in all, has open, and adopted from the primary."""
         self._peers.report(worker_id, accepted=accepted, open_=open_, adopted=adopted)

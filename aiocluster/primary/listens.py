@@ -138,8 +138,9 @@ class Listens:
             self.balancer.part(worker.id, handle)
 
     def gone(self, worker: WorkerProcess) -> None:
-        """``worker`` exited: it holds no listen any more."""
+        """``worker`` exited: it holds no listen any more, and the balancer forgets it."""
         self.handles.release(worker.id)
+        self.balancer.forget(worker.id)
 
     def load_report(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         """A worker's counters of handed-over connections (policy rr's least-conn)."""

@@ -179,6 +179,17 @@ class Peers:
         if peer is not None:
             peer.groups.discard(group_id)
 
+    def tracks(self, worker_id: int) -> bool:
+        """True while the worker has a peer here (it serves, or hand-offs are unsettled)."""
+        return worker_id in self._peers
+
+    def forget(self, worker_id: int) -> None:
+        """The worker exited: drop its peer, unless hand-offs to it are still to be settled
+        (then :meth:`candidates` drops it once they are)."""
+        peer = self._peers.get(worker_id)
+        if peer is not None and not peer.batches:
+            del self._peers[worker_id]
+
     def report(self, worker_id: int, *, accepted: int, open_: int, adopted: int) -> None:
         """What the worker says it accepted in all, has open, and adopted from the primary."""
         peer = self._peers.get(worker_id)
