@@ -64,12 +64,19 @@ class OpenWebsockets:
         if isinstance(response, web.WebSocketResponse):
             self._seen.add(response)
         if (transport := request.transport) is not None:
-            self._answered.add(transport)
+            # TLS transports (asyncio's and uvloop's) take no weak reference: those
+            # connections are not told apart, and keep the idle grace (has_answered).
+            with contextlib.suppress(TypeError):
+                self._answered.add(transport)
 
     def has_answered(self, conn: Any) -> bool:
-        """True once a response was prepared on the connection ``conn`` (a RequestHandler)."""
+        """True once a response was prepared on the connection ``conn`` (a RequestHandler),
+        and for every connection whose transport cannot be tracked (TLS)."""
         transport = getattr(conn, "transport", None)
-        return transport is None or transport in self._answered
+        try:
+            return transport is None or transport in self._answered
+        except TypeError:
+            return True
 
     def live(self) -> list[web.WebSocketResponse]:
         """The websockets not closed yet."""
