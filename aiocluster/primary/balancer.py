@@ -53,8 +53,6 @@ log = logging.getLogger("aiocluster.primary")
 # Accepts per readiness callback: a burst goes in one wakeup (the primary's accept loop is the
 # ceiling of policy rr), bounded so the channels and timers of the primary still get their turn.
 _ACCEPT_BATCH = 128
-# accept() failed because the process or the system ran out of something: wait, don't spin.
-_RESOURCE_ERRORS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # The client went away between its handshake and our accept(): skip it.
 _CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 

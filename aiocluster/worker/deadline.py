@@ -62,14 +62,6 @@ class DrainPlan:
         """The seconds from the start of the drain to its deadline."""
         return self.deadline - self.began
 
-    def left(self) -> float:
-        """Seconds until the deadline (0 once it has passed)."""
-        return max(0.0, self.deadline - asyncio.get_running_loop().time())
-
-    def cleanup_left(self) -> float:
-        """Seconds until cleanup must be over (0 once that has passed)."""
-        return max(0.0, self.cleanup_by - asyncio.get_running_loop().time())
-
 
 async def wait_until(future: asyncio.Future[Any], at: float) -> bool:
     """Wait for ``future`` until the loop time ``at``, never cancelling it; True if it is done.
