@@ -20,6 +20,7 @@ import pytest
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, cli
 from .load import KeepAliveLoad, reload_twice_under
+from .test_lifecycle import websocket_through_a_reload, worker_of_a_new_websocket
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -121,22 +122,11 @@ async def test_websocket_gets_1001_soon_after_a_reload_and_reconnects(
         *cli("run", "asgi_app:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "15")
     )
     async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
-        async with s.ws_connect(f"{c.url}/ws") as ws:
-            await ws.send_str("hello")
-            first = (await ws.receive_str()).split(":")[0]
-            mark = len(c.lines)
-            began = time.monotonic()
-            c.signal(signal.SIGHUP)
-            msg = await asyncio.wait_for(ws.receive(), timeout=6)
-            assert msg.type == aiohttp.WSMsgType.CLOSE, msg
-            assert (msg.data, msg.extra) == (aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
-            assert time.monotonic() - began < 6
+        first, mark, msg = await websocket_through_a_reload(c, s)
+        assert (msg.data, msg.extra) == (aiohttp.WSCloseCode.GOING_AWAY, "server shutting down")
         # The app saw the disconnect with 1001 (Starlette's WebSocketDisconnect), not a cancel.
         await c.wait_for(r"TEST ws-ended code=1001 ", timeout=3, start=mark)
-        async with s.ws_connect(f"{c.url}/ws") as ws:
-            await ws.send_str("again")
-            second = (await asyncio.wait_for(ws.receive_str(), timeout=5)).split(":")[0]
-    assert second != first
+        assert await worker_of_a_new_websocket(c, s) != first
     await c.wait_for("reload complete", timeout=10)
 
 

@@ -39,6 +39,32 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
+async def websocket_through_a_reload(
+    c: ClusterProcess, session: aiohttp.ClientSession
+) -> tuple[str, int, aiohttp.WSMessage]:
+    """Open ``/ws`` on ``c``, then SIGHUP: the close frame must come within 6 s.
+
+    Returns the worker that answered, the log line count at the reload, and the close message.
+    """
+    async with session.ws_connect(f"{c.url}/ws") as ws:
+        await ws.send_str("hello")
+        first = (await ws.receive_str()).split(":")[0]
+        mark = len(c.lines)
+        began = time.monotonic()
+        c.signal(signal.SIGHUP)
+        msg = await asyncio.wait_for(ws.receive(), timeout=6)
+        assert msg.type == aiohttp.WSMsgType.CLOSE, msg
+        assert time.monotonic() - began < 6
+    return first, mark, msg
+
+
+async def worker_of_a_new_websocket(c: ClusterProcess, session: aiohttp.ClientSession) -> str:
+    """The worker that answers a websocket opened now (within 5 s)."""
+    async with session.ws_connect(f"{c.url}/ws") as ws:
+        await ws.send_str("again")
+        return (await asyncio.wait_for(ws.receive_str(), timeout=5)).split(":")[0]
+
+
 async def test_stop_spends_one_deadline_and_always_cleans_up(start_cluster: StartCluster) -> None:
     graceful = 3.0
     c = await start_cluster(
@@ -72,24 +98,13 @@ async def test_websocket_gets_1001_soon_after_a_reload_and_reconnects(
     c = await start_cluster(
         *cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "15")
     )
-    async with session.ws_connect(f"{c.url}/ws") as ws:
-        await ws.send_str("hello")
-        first = (await ws.receive_str()).split(":")[0]
-        mark = len(c.lines)
-        began = time.monotonic()
-        c.signal(signal.SIGHUP)
-        msg = await asyncio.wait_for(ws.receive(), timeout=6)
-        assert msg.type == aiohttp.WSMsgType.CLOSE, msg
-        assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
-        assert time.monotonic() - began < 6
+    first, mark, msg = await websocket_through_a_reload(c, session)
+    assert msg.data == aiohttp.WSCloseCode.GOING_AWAY
     # The handler's `async for msg in ws` ended normally, not by cancellation.
     await c.wait_for(r"TEST ws-ended code=\d+ ", timeout=3, start=mark)
     assert "TEST ws-cancelled" not in c.output
     # A new websocket reaches the new worker at once.
-    async with session.ws_connect(f"{c.url}/ws") as ws:
-        await ws.send_str("again")
-        second = (await asyncio.wait_for(ws.receive_str(), timeout=5)).split(":")[0]
-    assert second != first
+    assert await worker_of_a_new_websocket(c, session) != first
     await c.wait_for("reload complete", timeout=10)
 
 
