@@ -40,8 +40,9 @@ def set_level(level: int | str) -> None:
         logging.getLogger().setLevel(level)
 
 
-def ensure_logging(level: int | str | None = None) -> None:
-    """Send every logger's records to stderr, prefixed with the role, at the configured level.
+def ensure_logging() -> None:
+    """Send every logger's records to stderr, prefixed with the role, at :func:`set_level`'s
+    level.
 
     aiocluster's own lines, aiohttp's access log and the application's loggers all reach the
     same output, unless the application configured logging itself (a handler on the root
@@ -49,8 +50,6 @@ def ensure_logging(level: int | str | None = None) -> None:
     ``logging.basicConfig()`` it runs at import wins.
     """
     global _handler
-    if level is not None:
-        set_level(level)
     root = logging.getLogger()
     if _handler is not None or root.handlers:
         return
