@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import re
 import signal
 import socket
 import sys
@@ -17,7 +18,7 @@ import pytest
 from aiocluster.worker.serve import _start_unless_stopped
 
 from .conftest import StartCluster
-from .harness import APPS, ClusterProcess, cli, pid_alive, wait_pid_gone
+from .harness import APPS, READY, ClusterProcess, cli, pid_alive, wait_pid_gone
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -138,8 +139,16 @@ async def test_two_listeners_in_one_worker(start_cluster: StartCluster, tmp_path
             f"unix:{path}",
         )
     )
-    addresses = [m for m in c.lines if "primary: listening on" in m]
+    # Ready means every worker serves all three binds, not just its first one.
+    ready_at = next(i for i, line in enumerate(c.lines) if re.search(READY, line))
+    before_ready = c.lines[:ready_at]
+    addresses = [m for m in before_ready if "primary: listening on" in m]
     assert len(addresses) == 3
+    for worker_id in c.worker_pids:
+        served = [
+            m for m in before_ready if re.search(rf"worker {worker_id} \(pid \d+\) listening on", m)
+        ]
+        assert len(served) == 3, c.output
     ports = {int(line.rsplit(":", 1)[1]) for line in addresses if "unix:" not in line}
     assert len(ports) == 2  # two listens on port 0 in one worker: two sockets, as in Node
     for port in ports:

@@ -103,12 +103,13 @@ class Dispatcher:
 
     def _listening(self, worker: WorkerProcess, frame: Frame) -> None:
         address = _require_address(frame.msg)
-        if not worker.started_listening(address):
-            return  # said twice: once is enough
-        self.listens.joined(worker, frame.msg)
-        log.info("%s listening on %s", worker.describe(), address)
-        self._events.emit("listening", worker, address)
-        self._listened(worker)
+        was_ready = worker.has_listened
+        if worker.started_listening(address, more=frame.msg.get("more") is True):
+            self.listens.joined(worker, frame.msg)
+            log.info("%s listening on %s", worker.describe(), address)
+            self._events.emit("listening", worker, address)
+        if worker.has_listened and not was_ready:
+            self._listened(worker)
 
     def _heartbeat(self, worker: WorkerProcess, frame: Frame) -> None:
         stats = {

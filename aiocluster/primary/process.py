@@ -104,7 +104,7 @@ class WorkerProcess:
 
     @property
     def has_listened(self) -> bool:
-        """True once the worker reported a listen (it booted; it may have closed it since)."""
+        """True once the worker served all its listens (it booted; some may be closed since)."""
         return self._listening.is_set()
 
     def is_dead(self) -> bool:
@@ -150,7 +150,7 @@ class WorkerProcess:
         return self.returncode
 
     async def wait_listening(self) -> None:
-        """Wait until the worker reports its first listen (forever if it never does)."""
+        """Wait until the worker serves all its listens (forever if it never does)."""
         await self._listening.wait()
 
     def signal(self, sig: int) -> None:
@@ -186,18 +186,22 @@ class WorkerProcess:
         if self.state == "starting":
             self.state = "online"
 
-    def started_listening(self, address: str) -> bool:
-        """It reported a listen on ``address``; False if it had said so already."""
-        if address in self.listening:
-            return False
-        if len(self.listening) >= MAX_HANDLES:
-            # Servers from create_server() never report their close: forget the oldest.
-            del self.listening[0]
-        self.listening.append(address)
-        if self.state in ("starting", "online"):
-            self.state = "listening"
-        self._listening.set()
-        return True
+    def started_listening(self, address: str, *, more: bool = False) -> bool:
+        """It reported a listen on ``address``; False if it had said so already.
+
+        ``more``: it is still starting other listens, so it does not count as listening yet.
+        """
+        new = address not in self.listening
+        if new:
+            if len(self.listening) >= MAX_HANDLES:
+                # Servers from create_server() never report their close: forget the oldest.
+                del self.listening[0]
+            self.listening.append(address)
+        if not more:
+            if self.state in ("starting", "online"):
+                self.state = "listening"
+            self._listening.set()
+        return new
 
     def stopped_listening(self, address: str) -> None:
         """It stopped listening on ``address`` (ignored if it never did)."""

@@ -37,7 +37,9 @@ ONLINE = "online"  # request; the reply carries the primary's settings (policy..
 # request; the reply carries errno, sockname, the handle id, and the socket's fd, or under
 # policy rr no fd and "accept": "primary"
 QUERY_SERVER = "queryServer"
-LISTENING = "listening"  # address, and the handle id now served
+# address, and the handle id now served; "more": true while the worker is still starting the
+# other listens it serves (it counts as listening, for readiness and reloads, after the last)
+LISTENING = "listening"
 CLOSE = "close"  # address, and the handle id no longer served
 LOAD = "load"  # counters: accepted (in all), open (adopted, still open), adopted
 HEARTBEAT = "heartbeat"  # from the worker's event loop: lag, requests, connections, rss

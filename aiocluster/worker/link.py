@@ -112,6 +112,7 @@ class WorkerLink:
         self.balance = "round-robin"
         self._online: asyncio.Task[None] | None = None
         self._indexes: collections.Counter[Address] = collections.Counter()
+        self._starting_listens = 0  # listens still to come before this worker fully serves
         self._inbox: asyncio.Queue[Any] = asyncio.Queue(maxsize=10_000)
         self._stats_sources: list[StatsSource] = []
         self._heartbeat: asyncio.Task[None] | None = None
@@ -251,9 +252,26 @@ class WorkerLink:
         sock = None if primary_accepts else socket.socket(fileno=reply.fds[0])
         return Grant(address, sockname, handle, sock)
 
+    def expect_listens(self, count: int) -> None:
+        """This worker is about to start ``count`` listens: it is ready after the last one.
+
+        Until then each listen is announced with ``more``, so the primary neither counts the
+        worker ready nor lets a reload retire its predecessor while some of its binds are
+        not served yet. Hand-built workers never call this: their first listen counts.
+        """
+        self._starting_listens = count
+
     def announce_listening(self, grant: Grant) -> None:
         """Tell the primary this worker now serves ``grant``'s listen."""
-        msg = {"act": proto.LISTENING, "address": grant.sockname, "handle": grant.handle}
+        msg: dict[str, object] = {
+            "act": proto.LISTENING,
+            "address": grant.sockname,
+            "handle": grant.handle,
+        }
+        if self._starting_listens > 0:
+            self._starting_listens -= 1
+            if self._starting_listens:
+                msg["more"] = True
         self.channel.send(msg)
 
     def announce_closed(self, grant: Grant) -> None:

@@ -200,7 +200,9 @@ async def serve_app_worker(
                 app, config, access_log=access_log, graceful_timeout=current.graceful_timeout
             )
         current.add_stats_source(served.stats)
-        await served.start(current.binds or config.binds, config.backlog, tls)
+        binds = current.binds or config.binds
+        current.expect_listens(len(binds))
+        await served.start(binds, config.backlog, tls)
 
     drained = False
     with _stop_signals(current.stopping):
@@ -238,7 +240,9 @@ async def serve_protocol_worker(
 
     async def start() -> None:
         tls = ssl_context or server_context(config)
-        for address in current.binds or config.binds:
+        binds = current.binds or config.binds
+        current.expect_listens(len(binds))
+        for address in binds:
             server = await create_server(
                 tracker.wrap(factory), address=address, backlog=config.backlog, ssl=tls
             )
