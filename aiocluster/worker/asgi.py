@@ -147,8 +147,9 @@ class WebSocketProtocol(WebSocketsSansIOProtocol):
         try:
             super().connection_lost(exc)
         finally:
-            if self.on_lost is not None:
-                self.on_lost(exc)
+            on_lost, self.on_lost = self.on_lost, None  # it holds the HTTP protocol: a cycle
+            if on_lost is not None:
+                on_lost(exc)
 
     def going_away(self, until: float) -> bool:
         """Send a close frame with 1001 and tell the app; True if the websocket was open.
