@@ -522,7 +522,10 @@ def event_targets(results: dict[str, Any]) -> list[str]:
     out: list[str] = []
 
     def line(what: str, value: float | None, ok: bool | None, unit: str = "") -> None:
-        shown = "not measured" if value is None else f"{value:,.2f}{unit}"
+        if value is None:
+            shown = "not measured"
+        else:
+            shown = f"{value:,}" if isinstance(value, int) else f"{value:,.2f}{unit}"
         verdict = "" if ok is None else (" — met" if ok else " — **not met**")
         out.append(f"- {what}: {shown}{verdict}")
 
