@@ -14,6 +14,7 @@ import json
 import os
 import re
 import resource
+import signal
 import subprocess
 import threading
 import time
@@ -89,6 +90,41 @@ def wrk(
         check=False,
     )
     return wrk_result(proc.stdout, proc.stderr, proc.returncode)
+
+
+class BackgroundLoad:
+    """Keep-alive wrk load for the length of a with-block, bounded by ``-d`` at ``bound``
+    seconds. Leaving the block stops wrk with SIGINT, which makes it report: its report is
+    then ``result`` (wrk_result's). On an error wrk is killed instead."""
+
+    def __init__(self, port: int, bound: float, settings: Settings) -> None:
+        self.argv = wrk_argv(port, "keepalive", bound, settings)
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> BackgroundLoad:
+        self.proc = subprocess.Popen(
+            self.argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=wrk_env(False),
+        )
+        return self
+
+    def running(self) -> bool:
+        """Whether wrk still runs (it ends by itself at ``bound``)."""
+        return self.proc.poll() is None
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        try:
+            if exc_type is None:
+                self.proc.send_signal(signal.SIGINT)
+                stdout, stderr = self.proc.communicate(timeout=30)
+                self.result = wrk_result(stdout, stderr, self.proc.returncode)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def balance(pids: dict[str, int]) -> dict[str, Any]:

@@ -8,16 +8,14 @@ load. ``merge_rounds`` makes the results row of a server from its rounds.
 
 from __future__ import annotations
 
-import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from .config import MODES, Context, Settings, say
-from .load import CpuSample, balance, wait_quiet, wrk, wrk_argv, wrk_env, wrk_result
+from .load import BackgroundLoad, CpuSample, balance, wait_quiet, wrk
 from .process import Running, free_port, http_status, pss_kib, started
 from .servers import Server
 
@@ -55,33 +53,20 @@ def measure_reload(running: Running, settings: Settings) -> dict[str, Any]:
     third = settings.reload_duration / 3
     bound = settings.reload_duration + 30
     before = {p.pid for p in running.workers()}
-    load = subprocess.Popen(
-        wrk_argv(running.ctx.port, "keepalive", bound, settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=wrk_env(False),
-    )
-    try:
+    with BackgroundLoad(running.ctx.port, bound, settings) as load:
         time.sleep(third)
         signalled = time.monotonic()
         running.signal(sig)
         replaced_after = None
         deadline = signalled + bound - third - 2
-        while time.monotonic() < deadline and load.poll() is None:
+        while time.monotonic() < deadline and load.running():
             now = {p.pid for p in running.workers()}
             if not (now & before) and len(now) >= running.ctx.workers:
                 replaced_after = time.monotonic() - signalled
                 break
             time.sleep(0.05)
         time.sleep(third)
-        load.send_signal(signal.SIGINT)
-        stdout, stderr = load.communicate(timeout=30)
-    finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
-    result = wrk_result(stdout, stderr, load.returncode)
+    result = load.result
     return {
         "signal": sig.name,
         "requests": result["requests"],

@@ -21,7 +21,6 @@ import functools
 import os
 import signal
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,15 +30,13 @@ from typing import Any
 from .config import Context, Settings, say
 from .load import (
     Answer,
+    BackgroundLoad,
     CpuSample,
     PidWatch,
     distinct_after,
     wait_quiet,
     wait_until,
     wrk,
-    wrk_argv,
-    wrk_env,
-    wrk_result,
 )
 from .process import Running, free_port, http_status, is_running, started
 from .servers import Server
@@ -339,14 +336,7 @@ def _one_reload(
     old = running.workers()
     before = {p.pid for p in old}
     bound = RELOAD_DEADLINE + 2 * RELOAD_LEAD
-    load = subprocess.Popen(
-        wrk_argv(running.ctx.port, "keepalive", bound, settings),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=wrk_env(False),
-    )
-    try:
+    with BackgroundLoad(running.ctx.port, bound, settings) as load:
         time.sleep(RELOAD_LEAD)
         signalled = time.monotonic()
         running.signal(sig)
@@ -365,13 +355,7 @@ def _one_reload(
         new = distinct_after(watch.answers(signalled), signalled, 1, exclude=before)
         serving = distinct_after(watch.answers(signalled), signalled, count, exclude=before)
         time.sleep(RELOAD_LEAD)
-        load.send_signal(signal.SIGINT)
-        stdout, stderr = load.communicate(timeout=30)
-    finally:
-        if load.poll() is None:
-            load.kill()
-            load.wait()
-    result = wrk_result(stdout, stderr, load.returncode)
+    result = load.result
     answers = watch.answers(signalled)
     reload = {
         "duration_s": None if duration is None else round(duration, 3),
