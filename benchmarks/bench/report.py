@@ -676,12 +676,9 @@ def event_panels(results: dict[str, Any]) -> list[Panel]:
                 _bars(names, [r["p99_ms"] for _, r, _ in runs], families),
             )
         )
-        panels.append(
-            (
-                "burst: timeouts (lower is better)",
-                _bars(names, [r["timeouts"] for _, r, _ in runs], families),
-            )
-        )
+        timeouts = [r["timeouts"] for _, r, _ in runs]
+        if any(timeouts):  # all 0: the table says so, a panel of empty bars would not
+            panels.append(("burst: timeouts (lower is better)", _bars(names, timeouts, families)))
     replaced = [r for r in results.get("replace", []) if r.get("first_new_answer_median_s")]
     if replaced:
         panels.append(
@@ -748,7 +745,7 @@ def chart(results: dict[str, Any], path: Path) -> bool:
         f"aiocluster vs peers — {results['label']} run, {results['settings']['workers']} "
         f"workers, {m['nproc']} cores, Python {m['python']}, Linux {m['kernel']}"
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.98))  # room for the suptitle
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
