@@ -179,8 +179,11 @@ class Operations:
                 if reply_fd is not None:  # reached only if the exec failed
                     os.close(reply_fd)
         except UpgradeRefused as err:
-            log.error("%s; the primary keeps running its code", err)
-            raise
+            text = str(err)
+            if not text.startswith("upgrade refused"):
+                text = f"upgrade refused: {text}"
+            log.error("%s; the primary keeps running its code", text)
+            raise UpgradeRefused(text) from None
         finally:
             self._upgrading = False
 
