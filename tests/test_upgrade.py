@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from .conftest import StartCluster
-from .harness import APPS, ClusterProcess
+from .harness import APPS, ClusterProcess, wait_pid_gone
 from .load import KeepAliveLoad
 
 pytestmark = [
@@ -198,6 +198,29 @@ async def test_a_broken_install_is_refused_and_the_cluster_keeps_serving(
     assert {w["pid"] for w in now["workers"]} == workers
     assert primary_pid(c) == pid and fd_count(pid) == fds
     assert c.count("upgrading in place: exec") == 0
+
+
+async def test_a_new_image_that_dies_before_resuming_lets_the_workers_drain(
+    start_cluster: StartCluster, installed: Install
+) -> None:
+    """The failure the pre-flight cannot catch: the new image fails after the exec."""
+    c = await start(start_cluster, installed, "-w", "2")
+    workers = {w["pid"] for w in (await status(c, installed))["workers"]}
+    installed.edit(
+        "_entry.py",
+        "    resumed = read_state()\n",
+        "    resumed = read_state()\n"
+        "    raise AioclusterError('injected: the new image fails before it resumes')\n",
+    )
+    code, out = await control(c, installed, "upgrade")
+    assert code == 1
+    assert "the primary closed the control connection without answering" in out
+    assert await c.wait(20) == 1
+    assert "injected: the new image fails before it resumes" in c.output
+    # Each worker saw its channel close and drained by itself: none is left behind.
+    await c.wait_count(r"lost the channel to the primary .*; stopping", 2)
+    for pid in workers:
+        await wait_pid_gone(pid, 15)
 
 
 @pytest.mark.timeout(120)

@@ -245,6 +245,10 @@ class Operations:
             signal.SIGTTIN: lambda: self._on_scale(+1),
             signal.SIGTTOU: lambda: self._on_scale(-1),
         }
+        if signal.getsignal(signal.SIGUSR2) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+            # The program took SIGUSR2 for itself (its on_primary hook): it stays the program's.
+            del handlers[signal.SIGUSR2]
+            log.info("SIGUSR2 is the program's own signal here: upgrade with 'aiocluster upgrade'")
         for sig, handler in handlers.items():
             loop.add_signal_handler(sig, handler)
             self._signals.append(sig)

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
 
@@ -53,6 +54,8 @@ log = logging.getLogger("aiocluster.primary")
 PREFLIGHT_TIMEOUT = 30.0
 #: Seconds the hand-offs and channels get to settle before the exec.
 QUIESCE_TIMEOUT = 2.0
+# The operator's signals whose default action is to end the process (see execute()).
+_IGNORED_ACROSS_EXEC = (signal.SIGHUP, signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU)
 # How often settling is checked while quiescing: it is the sum of many channels' and hand-offs'
 # states, each settled by its own callback; there is no one event to wait on.
 _SETTLE_CHECK = 0.005
@@ -170,6 +173,10 @@ def execute(state: UpgradeState) -> None:
     (raising :class:`UpgradeRefused`, with every descriptor as it was)."""
     fds = state.fds()
     memfd = os.memfd_create("aiocluster-upgrade", 0)
+    # Ignored dispositions survive execve, handlers do not: a SIGHUP or a second SIGUSR2 that
+    # lands while the new image starts is dropped, rather than killing the primary by its
+    # default action. SIGTERM and SIGINT keep theirs: a stop asked for then still stops.
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _IGNORED_ACROSS_EXEC}
     try:
         os.write(memfd, dump(state))
         os.lseek(memfd, 0, os.SEEK_SET)
@@ -185,6 +192,9 @@ def execute(state: UpgradeState) -> None:
         sys.stderr.flush()
         os.execv(argv[0], argv)
     except OSError as err:
+        for sig, previous in saved.items():
+            if previous is not None:
+                signal.signal(sig, previous)
         os.environ.pop(ENV_UPGRADE_FD, None)
         for fd in fds:
             with contextlib.suppress(OSError):
