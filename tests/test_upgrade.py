@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -171,6 +172,7 @@ async def test_upgrade_under_load_keeps_pid_workers_sockets(
     assert after["code_started"] > before["code_started"]
     assert after["started"] == before["started"]
     assert {w["id"]: w["pid"] for w in after["workers"]} == workers
+    assert after["zygote"] == before["zygote"] is not None  # the old image's zygote goes on
     assert c.count(r"started worker") == 2  # no worker was started by the upgrade
     assert c.count(r"the primary was upgraded in place to aiocluster 9\.9\.9") == 2
     assert fd_count(pid) == fds
@@ -221,6 +223,44 @@ async def test_a_new_image_that_dies_before_resuming_lets_the_workers_drain(
     await c.wait_count(r"lost the channel to the primary .*; stopping", 2)
     for pid in workers:
         await wait_pid_gone(pid, 15)
+
+
+async def test_systemd_sees_reloading_then_ready_and_the_pid_file_stays(
+    start_cluster: StartCluster, installed: Install, tmp_path: Path
+) -> None:
+    path = tmp_path / "notify.sock"
+    pidfile = tmp_path / "primary.pid"
+    manager = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    manager.bind(str(path))
+    manager.setblocking(False)
+    loop = asyncio.get_running_loop()
+
+    async def until(text: str) -> list[str]:
+        seen: list[str] = []
+        async with asyncio.timeout(20):
+            while not any(text in m for m in seen):
+                seen.append((await loop.sock_recv(manager, 4096)).decode())
+        return seen
+
+    with manager:
+        c = await start_cluster(
+            *installed.argv("run", "webapp:app", "-b", "127.0.0.1:0", "--pid", str(pidfile)),
+            cwd=APPS,
+            env={"NOTIFY_SOCKET": str(path)},
+        )
+        await until("READY=1")
+        pid = primary_pid(c)
+        assert pidfile.read_text().strip() == str(pid)
+        installed.set_version("9.9.9")
+        c.signal(signal.SIGUSR2)
+        seen = await until("READY=1")
+        assert seen[0].startswith("RELOADING=1") and "STATUS=upgrading the primary" in seen[0]
+        assert "MONOTONIC_USEC=" in seen[0]
+        await c.wait_for(r"upgraded in place to aiocluster 9\.9\.9")
+        assert pidfile.read_text().strip() == str(pid)  # the same main pid: nothing to rewrite
+        assert await c.stop() == 0
+        assert not pidfile.exists()  # removed at the stop, by the new image
+        assert "NOTIFY_SOCKET" not in c.output
 
 
 @pytest.mark.timeout(120)
