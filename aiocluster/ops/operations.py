@@ -167,7 +167,11 @@ class Operations:
                 raise UpgradeRefused(f"upgrade refused: {why}")
             log.info("upgrade: the pre-flight passed (aiocluster %s); handing over", version)
             self.notifier.upgrading()
-            undo = await quiesce(self.cluster)
+            try:
+                undo = await quiesce(self.cluster)
+            except UpgradeRefused:
+                self.notifier.ready(self._summary())
+                raise
             reply_fd = os.dup(connection) if connection is not None and connection >= 0 else None
             try:
                 execute(self._state(argv, reply_fd=reply_fd, then_reload=workers))

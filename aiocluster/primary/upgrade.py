@@ -199,7 +199,7 @@ def execute(state: UpgradeState) -> None:
         for fd in fds:
             with contextlib.suppress(OSError):
                 os.set_inheritable(fd, False)
-        raise UpgradeRefused(f"cannot execute {state.argv[0]}: {err}") from None
+        raise UpgradeRefused(f"the hand-over to {state.argv[0]} failed: {err}") from None
     finally:
         # Only reached when the exec failed: the memfd is ours to close then.
         os.close(memfd)
