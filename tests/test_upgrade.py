@@ -159,8 +159,11 @@ async def test_upgrade_under_load_keeps_pid_workers_sockets(
         await keep_alive.wait_requests(200)
         await fresh.wait_requests(100)
         installed.set_version("9.9.9")
+        during = keep_alive.result.ok, fresh.result.ok
         code, out = await control(c, installed, "upgrade")
         assert code == 0, out + c.output
+        # Both loads ran all through the pre-flight, the quiesce and the exec.
+        assert keep_alive.result.ok > during[0] and fresh.result.ok > during[1]
         assert f"upgraded: the primary (pid {pid}) runs aiocluster 9.9.9" in out
         await keep_alive.wait_requests(200)
         await fresh.wait_requests(100)
