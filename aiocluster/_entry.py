@@ -149,6 +149,7 @@ async def supervise(
     # Here, not at import: workers and the zygote never load the primary's modules.
     from aiocluster.ops.operations import Operations
     from aiocluster.primary.cluster import Cluster
+    from aiocluster.primary.upgrade import read_state
 
     ensure_logging()
     cpus = default_workers()
@@ -159,14 +160,19 @@ async def supervise(
             config.workers,
             cpus,
         )
+    # The new image of an in-place upgrade carries on from the old one's state (same pid).
+    resumed = read_state()
     cluster = Cluster(config)
+    if resumed is not None:
+        cluster.restore(resumed)
     if on_primary is not None:
         result = on_primary(cluster)
         if inspect.isawaitable(result):
             await result
     try:
-        async with Operations(cluster) as operations:
-            log.info("primary starting %d workers", config.workers)
+        async with Operations(cluster, resumed) as operations:
+            if resumed is None:
+                log.info("primary starting %d workers", config.workers)
             await cluster.start()
             operations.cluster_started()
             await cluster.wait()

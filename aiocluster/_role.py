@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ENV_CHANNEL_FD",
+    "ENV_UPGRADE_FD",
     "ENV_WORKER_ID",
     "ENV_WORKER_SLOT",
     "ENV_ZYGOTE_FD",
@@ -29,7 +30,9 @@ __all__ = [
     "become_worker",
     "become_zygote",
     "identity",
+    "resuming",
     "role",
+    "take_upgrade_fd",
 ]
 
 #: How a process learns it is a worker, and which one (Node: ``NODE_UNIQUE_ID``).
@@ -40,6 +43,8 @@ ENV_WORKER_SLOT = "AIOCLUSTER_WORKER_SLOT"
 ENV_CHANNEL_FD = "AIOCLUSTER_CHANNEL_FD"
 #: The descriptor of a spawned zygote's channel to the primary.
 ENV_ZYGOTE_FD = "AIOCLUSTER_ZYGOTE_FD"
+#: The descriptor of the state an upgrading primary handed to its own new image (``execve``).
+ENV_UPGRADE_FD = "AIOCLUSTER_UPGRADE_FD"
 
 
 class Role(enum.Enum):
@@ -73,18 +78,40 @@ def _from_environment() -> Identity:
     try:
         wid = int(os.environ[ENV_WORKER_ID])
     except (KeyError, ValueError):
-        return Identity(Role.PRIMARY)
+        return _primary()
     fd = _pop_int(ENV_CHANNEL_FD)
     if fd is None:
         # An id but no channel: started by hand with the variable set (or a worker's own
         # child that kept its environment). Not a worker: nothing could reach the primary.
-        return Identity(Role.PRIMARY)
+        return _primary()
     try:
         slot: int | None = int(os.environ.get(ENV_WORKER_SLOT, ""))
     except ValueError:
         slot = None
     _close_inherited(keep=fd)
     return Identity(Role.WORKER, wid, slot, fd)
+
+
+# The state an upgrading primary left for this process (its new image), until taken.
+_upgrade_fd: int | None = None
+
+
+def _primary() -> Identity:
+    global _upgrade_fd
+    _upgrade_fd = _pop_int(ENV_UPGRADE_FD)
+    return Identity(Role.PRIMARY)
+
+
+def resuming() -> bool:
+    """True in a primary that is the new image of an in-place upgrade, until it resumed."""
+    return _upgrade_fd is not None
+
+
+def take_upgrade_fd() -> int | None:
+    """The descriptor of the upgrade's state (see :mod:`aiocluster.primary.upgrade`), once."""
+    global _upgrade_fd
+    fd, _upgrade_fd = _upgrade_fd, None
+    return fd
 
 
 def _pop_int(name: str) -> int | None:

@@ -27,7 +27,7 @@ import threading
 from typing import NoReturn
 
 from aiocluster._errors import ProtocolError
-from aiocluster._role import Role, become_zygote, identity, role
+from aiocluster._role import Role, become_zygote, identity, resuming, role
 from aiocluster.wire import messages as proto
 from aiocluster.wire.codec import Decoder, Frame, encode
 from aiocluster.wire.fds import ancillary_space, close_fds, received_fds
@@ -219,7 +219,8 @@ def prefork_zygote() -> bool:
     already: the cluster then spawns one.
     """
     global _preforked
-    if _preforked is not None or fork_problem() is not None:
+    if _preforked is not None or resuming() or fork_problem() is not None:
+        # Resuming an in-place upgrade: the zygote of the old image carries on.
         return False
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     sys.stdout.flush()

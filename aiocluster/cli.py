@@ -226,7 +226,7 @@ def build_parser() -> Parser:
         "  aiocluster run myapp:app -b 0.0.0.0:8443 --certfile cert.pem --keyfile key.pem\n"
         "\n"
         "signals to the primary: TERM/INT drain and stop (twice: at once), HUP reloads every\n"
-        "worker, TTIN adds a worker, TTOU removes one.",
+        "worker, TTIN adds a worker, TTOU removes one, USR2 upgrades the primary in place.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run_cmd.add_argument(
@@ -271,6 +271,21 @@ def build_parser() -> Parser:
     )
     scale.add_argument("workers", type=_argparse_type(option("workers")), metavar="N")
     _add_target_options(scale)
+    upgrade = commands.add_parser(
+        "upgrade",
+        help="re-execute the primary with the code installed now: same pid, workers, sockets",
+        description="Upgrade the primary in place: the new code proves in a child that it can "
+        "take over, then the primary hands its sockets, workers and state to its own new image "
+        "(execve: the pid stays). Workers keep serving; with --workers a rolling reload then "
+        "moves them to the new code too. Waits until it is done. Linux only. SIGUSR2 does the "
+        "same without --workers.",
+    )
+    upgrade.add_argument(
+        "--workers",
+        action="store_true",
+        help="then replace every worker too (a rolling reload onto the new code)",
+    )
+    _add_target_options(upgrade)
     stop = commands.add_parser(
         "stop",
         help="drain and stop a running cluster",
@@ -379,6 +394,10 @@ def _control_command(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         elif args.command == "reload":
             reply = call(path, {"act": "reload"})
             print(f"reloaded: {reply['workers']} workers replaced")
+        elif args.command == "upgrade":
+            reply = call(path, {"act": "upgrade", "workers": args.workers})
+            done = f"upgraded: the primary (pid {reply['pid']}) runs aiocluster {reply['version']}"
+            print(done + ("; every worker replaced" if reply.get("reloaded") else ""))
         elif args.command == "scale":
             reply = call(path, {"act": "scale", "workers": args.workers})
             print(f"scaling to {reply['workers']} workers")

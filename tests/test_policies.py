@@ -303,6 +303,9 @@ async def test_reuseport_scale_down_serves_the_retired_slots_queue(
     # The kernel hashed about half onto slot 2 (none at all: odds 2**-24).
     assert 1 <= handed <= 24
     assert len(listening_inodes(c.port)) == 1
+    # The program took SIGUSR2 in its on_primary hook: it stays the program's, not an upgrade.
+    assert c.count("SIGUSR2 is the program's own signal here") == 1
+    assert c.count("upgrading the primary in place") == 0
 
 
 # -- configuration ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import socket
 from collections.abc import Iterator
 from importlib import resources
 from typing import Any
@@ -188,17 +189,28 @@ class AdminServer:
         app.router.add_get("/metrics", self._metrics)
         self._app = app
         self.url = ""
+        self._sock: socket.socket | None = None
 
-    async def start(self) -> None:
-        """Bind the configured admin address and serve."""
+    def fileno(self) -> int | None:
+        """The listening socket's descriptor (for an in-place upgrade); None before start."""
+        return self._sock.fileno() if self._sock is not None else None
+
+    async def start(self, fd: int | None = None) -> None:
+        """Bind the configured admin address and serve (``fd``: serve that listening socket
+        instead, inherited by an upgraded primary)."""
         address = self._cluster.config.admin
         assert address is not None
-        try:
-            sock, _ = open_listener(address, 128)
-        except OSError as err:
-            raise ConfigError(
-                f"cannot serve the admin endpoint on {address}: {err.strerror or err}"
-            ) from None
+        if fd is not None:
+            sock = socket.socket(fileno=fd)
+            sock.set_inheritable(False)
+        else:
+            try:
+                sock, _ = open_listener(address, 128)
+            except OSError as err:
+                raise ConfigError(
+                    f"cannot serve the admin endpoint on {address}: {err.strerror or err}"
+                ) from None
+        self._sock = sock
         self._runner = web.AppRunner(self._app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.SockSite(self._runner, sock)
@@ -206,7 +218,7 @@ class AdminServer:
         self.url = site.name
         self._dashboard.start()
         log.info("admin endpoint at %s (dashboard /, /healthz, /readyz, /metrics)", self.url)
-        if address.kind == "tcp" and not _is_loopback(address.host):
+        if fd is None and address.kind == "tcp" and not _is_loopback(address.host):
             log.warning(
                 "the admin endpoint on %s has no authentication: anyone who can reach it reads "
                 "the metrics; keep it on a private network or loopback",

@@ -27,11 +27,14 @@ from aiocluster._logging import Throttled
 from aiocluster._process import Account
 from aiocluster.wire.codec import HEADER, Decoder, Message, encode
 
-__all__ = ["ControlServer", "call", "control_path", "running_clusters"]
+__all__ = ["ControlServer", "answer", "call", "control_path", "running_clusters"]
 
 log = logging.getLogger("aiocluster.control")
 
-Handler = Callable[[Message], Awaitable[dict[str, Any]]]
+#: ``handler(request, connection_fd)``: the answer to a request. ``connection_fd`` is the
+#: client's connection (still the server's; an upgrade duplicates it to answer from its new
+#: image).
+Handler = Callable[[Message, int], Awaitable[dict[str, Any]]]
 
 _MAX_REQUEST = 64 * 1024
 
@@ -137,8 +140,24 @@ class ControlServer:
         self._allowed = {os.getuid()} | ({owner.uid} if owner is not None else set())
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
+        self._sock: socket.socket | None = None  # the listening socket, for an upgrade
         # One line per 10 s, with a count, however many clients connect and say nothing.
         self._bad = Throttled(log, "bad control request")
+
+    def handover(self) -> tuple[int, int] | None:
+        """The listening socket's descriptor and the file's inode (an in-place upgrade)."""
+        if self._server is None or self._inode is None or self._sock is None:
+            return None
+        return self._sock.fileno(), self._inode
+
+    async def adopt(self, fd: int, inode: int | None) -> None:
+        """Serve the listening socket an upgraded primary's old image handed over."""
+        sock = socket.socket(fileno=fd)
+        sock.set_inheritable(False)
+        sock.setblocking(False)
+        self._inode = inode
+        self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+        self._sock = sock
 
     async def start(self) -> None:
         """Create the directory and socket; fail if another cluster uses this name."""
@@ -175,6 +194,7 @@ class ControlServer:
             sock.listen(16)
             sock.setblocking(False)
             self._server = await asyncio.start_unix_server(self._serve, sock=sock)
+            self._sock = sock
         except BaseException:
             sock.close()
             raise
@@ -184,6 +204,7 @@ class ControlServer:
         if self._server is not None:
             self._server.close()
             self._server = None
+            self._sock = None
         if self._inode is not None:
             with contextlib.suppress(OSError):
                 if os.stat(self.path).st_ino == self._inode:
@@ -213,7 +234,7 @@ class ControlServer:
                 self._bad.note(_why_bad(err))
                 return
             try:
-                result = await self._handler(request)
+                result = await self._handler(request, sock.fileno() if sock is not None else -1)
                 reply: dict[str, Any] = {"ok": True, **result}
             except (AioclusterError, ValueError) as err:
                 reply = {"ok": False, "error": str(err)}
@@ -225,6 +246,15 @@ class ControlServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+def answer(fd: int, reply: dict[str, Any]) -> None:
+    """Answer the control connection ``fd`` (ours to close) with one reply frame, blocking
+    for at most 2 s: how an upgraded primary's new image answers ``aiocluster upgrade``."""
+    with socket.socket(fileno=fd) as sock:
+        sock.settimeout(2.0)
+        with contextlib.suppress(OSError):
+            sock.sendall(encode({"act": "reply", **reply}))
 
 
 def _why_bad(err: Exception) -> str:

@@ -50,6 +50,15 @@ class PidFile:
             )
         log.info("pid file %s named pid %d, which is gone; replacing it", self.path, pid)
 
+    def adopt(self, written: bool) -> None:
+        """After an in-place upgrade (same pid): the file the old image wrote is ours."""
+        self._written = written
+
+    @property
+    def written(self) -> bool:
+        """True once this process wrote the file (it removes it on exit)."""
+        return self._written
+
     def write(self) -> None:
         """Write this process's pid, atomically (a temporary file renamed over the path)."""
         temporary = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")

@@ -42,11 +42,18 @@ def format_status(
 ) -> str:
     """The status reply of a primary as a header line and one table row per worker; with
     ``rates`` (worker id -> requests a second), a ``req/s`` column too."""
+    version = status.get("version")
+    code = f"aiocluster {version}" if version else ""
+    if version and status.get("upgrades"):
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(status["code_started"]))
+        code += f" since {since} (upgrades {status['upgrades']})"
     lines = [
         f"cluster {name} (primary pid {pid}) · {status['listening']} of {status['size']} workers "
         f"listening · up {format_duration(status['uptime'])} · reloads {status['reloads']} · "
         f"restarts {status['restarts']}" + (" · STOPPING" if status.get("stopping") else ""),
     ]
+    if code:
+        lines[0] += f" · {code}"
     columns = (*COLUMNS, "req/s") if rates is not None else COLUMNS
     rows: list[tuple[str, ...]] = [columns]
     for w in status["workers"]:

@@ -25,6 +25,9 @@ class Notifier:
 
     def __init__(self, address: str | None = None) -> None:
         address = address if address is not None else os.environ.get("NOTIFY_SOCKET", "")
+        #: ``$NOTIFY_SOCKET`` as it was given ("" : none); an upgraded primary's new image
+        #: gets it from the old one, since the variable is gone from the environment.
+        self.address = address
         self._address: str | bytes | None = None
         self._sock: socket.socket | None = None
         if address:
@@ -57,6 +60,11 @@ class Notifier:
         """``RELOADING=1``, with the monotonic timestamp that ``Type=notify-reload`` requires."""
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
         self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=reloading workers")
+
+    def upgrading(self) -> None:
+        """``RELOADING=1`` before the primary re-executes itself (same pid, new code)."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notify("RELOADING=1", f"MONOTONIC_USEC={usec}", "STATUS=upgrading the primary")
 
     def stopping(self) -> None:
         """``STOPPING=1``: draining has begun."""

@@ -221,6 +221,8 @@ class Balancer:
         self.accepted: dict[int, int] = self._peers.accepted
         self._groups: dict[int, _Group] = {}
         self._closed = False
+        # Accepting is held while an upgrade quiesces the primary (see hold()).
+        self._held = False
 
     # -- workers -----------------------------------------------------------------------------
 
@@ -245,6 +247,29 @@ class Balancer:
         """What the worker says it accepted in all, has open, and adopted from the primary."""
         self._peers.report(worker_id, accepted=accepted, open_=open_, adopted=adopted)
 
+    def groups_of(self, worker_id: int) -> list[int]:
+        """The listens (handle ids) the worker serves under rr."""
+        return self._peers.groups_of(worker_id)
+
+    # -- quiescing (an in-place upgrade of the primary) -------------------------------------
+
+    def hold(self) -> None:
+        """Stop accepting on every listen: new connections wait in the kernel's backlog.
+
+        Hand-offs under way go on; :meth:`settled` says when all are answered."""
+        self._held = True
+        for group in self._groups.values():
+            group.pause()
+
+    def settled(self) -> bool:
+        """True once nothing accepted waits in the primary and every hand-off is answered."""
+        return self._peers.settled() and not any(g.queue for g in self._groups.values())
+
+    def release(self) -> None:
+        """Accept again after :meth:`hold` (the upgrade was refused)."""
+        self._held = False
+        self._pump_all()
+
     # -- listens -----------------------------------------------------------------------------
 
     def serve(self, handle: Handle) -> None:
@@ -255,7 +280,8 @@ class Balancer:
         group.handle = handle
         group.closed = False
         handle.on_close(group.close)
-        group.resume(self._max_queued, self._on_readable)
+        if not self._held:
+            group.resume(self._max_queued, self._on_readable)
 
     def drain(self, handles: Iterable[Handle]) -> int:
         """Accept what is queued on ``handles``, hand it to the workers, close the handles.
@@ -409,7 +435,8 @@ class Balancer:
     def _pump(self, group: _Group) -> None:
         """Hand out the connections waiting in ``group``, and accept again if there is room."""
         self._hand_out(group)
-        group.resume(self._max_queued, self._on_readable)
+        if not self._held:
+            group.resume(self._max_queued, self._on_readable)
 
     def _pump_all(self) -> None:
         for group in list(self._groups.values()):

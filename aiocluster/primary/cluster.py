@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import socket
+import time
 from collections.abc import Coroutine
 from typing import Any
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AioclusterError, ClusterFailed, ConfigError
+from aiocluster._errors import AioclusterError, ChannelClosed, ClusterFailed, ConfigError
 from aiocluster._process import Account, account
 from aiocluster.primary.dispatch import Dispatcher
 from aiocluster.primary.events import EVENTS, Callback, Event, Events
@@ -27,11 +29,13 @@ from aiocluster.primary.process import WorkerProcess
 from aiocluster.primary.recovery import Recovery
 from aiocluster.primary.rollout import Rollout
 from aiocluster.primary.snapshot import Totals, snapshot
-from aiocluster.primary.starter import AppUnloadable, Starter, worker_argv
+from aiocluster.primary.starter import AppUnloadable, ForkedProcess, Starter, worker_argv
 from aiocluster.primary.supervisor import (
     RestartPolicy,
     Supervisor,
 )
+from aiocluster.primary.upgrade_state import UpgradeState, render_config
+from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 
 __all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
@@ -87,6 +91,11 @@ class Cluster:
         #: The workers' own metrics (their applications' registries, their request metrics).
         self.metrics = MetricsStore()
         self.started_at = asyncio.get_running_loop().time()
+        #: Wall-clock times: the primary's first start, and this image's (after an upgrade).
+        self.started = self.code_started = time.time()
+        #: In-place upgrades of the primary so far (the pid stays; see primary/upgrade.py).
+        self.upgrades = 0
+        self._restored: UpgradeState | None = None
         self._supervisor = Supervisor(RestartPolicy())
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
@@ -259,13 +268,105 @@ class Cluster:
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
+    # -- in-place upgrade ------------------------------------------------------------------
+
+    def handover(self, argv: list[str]) -> UpgradeState:
+        """The cluster's whole state for its new image (``argv``: what will be executed).
+
+        The operator-facing fields (control socket, admin, systemd) are left for
+        :mod:`aiocluster.ops` to fill in; see :mod:`aiocluster.primary.upgrade`.
+        """
+        handles, ids, pinned = self.listens.handles.export()
+        balancer = self.listens.balancer
+        workers = [
+            worker.handover(balancer.groups_of(worker.id))
+            for worker in sorted(self.workers.values(), key=lambda w: w.id)
+        ]
+        zygote = self.starter.zygote
+        taken = zygote.handover() if zygote is not None else None
+        return UpgradeState(
+            written_by=_version(),
+            upgrades=self.upgrades + 1,
+            argv=tuple(argv),
+            config=render_config(self.config),
+            started=self.started,
+            size=self._size,
+            next_worker_id=self.fleet.next_id,
+            reloads=self.rollout.reloads,
+            binds=tuple(self.binds),
+            handles=tuple(handles),
+            listen_ids=tuple(ids),
+            pinned=tuple(pinned),
+            workers=tuple(workers),
+            start_method=self.starter.method,
+            zygote_pid=taken[0] if taken else None,
+            zygote_channel=taken[1] if taken else None,
+            boot_failures=self._supervisor.boot_failures,
+            streaks=dict(self._supervisor.streaks),
+            restarts=dict(self.restarts),
+            retired=self.totals.export(),
+            accepted=dict(balancer.accepted),
+            served=self.starter.has_served,
+        )
+
+    def restore(self, state: UpgradeState) -> None:
+        """Before :meth:`start`: carry on from ``state`` (the old image's) instead of starting
+        workers: the same workers, sockets, zygote and history, around inherited descriptors."""
+        if self._main is not None:
+            raise AioclusterError("restore() comes before start()")
+        self._restored = state
+        self._size = state.size
+        self.binds = list(state.binds)
+        self.upgrades = state.upgrades
+        self.started = state.started
+        self.started_at -= max(0.0, time.time() - state.started)
+        self.rollout.reloads = state.reloads
+        self._supervisor.boot_failures = state.boot_failures
+        self._supervisor.streaks.update(state.streaks)
+        self.restarts.update(state.restarts)
+        self.totals.restore(state.retired)
+        self.listens.restore(list(state.handles), list(state.listen_ids), list(state.pinned))
+        self.listens.balancer.accepted.update(state.accepted)
+        self.starter.method = "fork" if state.start_method == "fork" else "spawn"
+        if state.served:
+            self.starter.served()
+        if state.zygote_pid is not None and state.zygote_channel is not None:
+            self.starter.adopt_zygote(state.zygote_pid, state.zygote_channel)
+
+    def _resume(self, state: UpgradeState) -> None:
+        # In the task group: every worker gets its watch task, as a started one does.
+        balancer = self.listens.balancer
+        for record in state.workers:
+            sock = socket.socket(fileno=record.channel.fd)
+            sock.set_inheritable(False)
+            worker = self.fleet.adopt(record, ForkedProcess(record.pid), sock)
+            channel = worker.channel
+            assert channel is not None
+            for group in record.groups:
+                balancer.join(worker.id, worker.slot, worker.describe(), channel, group)
+            with contextlib.suppress(ChannelClosed):
+                channel.send(
+                    {"act": proto.UPGRADED, "version": _version(), "upgrades": self.upgrades}
+                )
+        log.info(
+            "upgraded in place to aiocluster %s: carrying on with %d workers (upgrade %d)",
+            _version(),
+            len(state.workers),
+            self.upgrades,
+        )
+        self._check_ready()
+
     # -- supervision -------------------------------------------------------------------------
 
     async def _run(self) -> None:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if self._restored is not None:
+                    self._resume(self._restored)
                 for slot in range(1, self._size + 1):
+                    if self._restored is not None:
+                        break
                     if self.stopping:
                         break  # stopped while the first workers started: start no more
                     try:
@@ -343,3 +444,10 @@ class Cluster:
             return False
         self._tg.create_task(coro, name=name)
         return True
+
+
+def _version() -> str:
+    """The aiocluster version this image runs (the package as it is installed now)."""
+    from aiocluster import __version__
+
+    return __version__

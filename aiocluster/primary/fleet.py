@@ -8,9 +8,9 @@ drained past a smaller size, all stopped) is this module's.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,8 +18,9 @@ from aiocluster._config import ClusterConfig
 from aiocluster.primary.events import Events
 from aiocluster.primary.listens import Listens
 from aiocluster.primary.process import WorkerProcess
-from aiocluster.primary.starter import Starter
+from aiocluster.primary.starter import ProcessHandle, Starter
 from aiocluster.primary.supervisor import free_slot, request_limit
+from aiocluster.primary.upgrade_state import WorkerRecord
 from aiocluster.wire.codec import Frame
 
 __all__ = ["DRAIN_MARGIN", "Fleet", "drain_limit"]
@@ -66,32 +67,55 @@ class Fleet:
         self._background = background
         self._exited = exited
         self._stopped = stopped
-        self._ids = itertools.count(1)
+        #: The id the next worker gets (ids are never reused in a cluster's life).
+        self.next_id = 1
         self._gone = asyncio.Event()  # set while no worker process is alive
         self._gone.set()
 
     async def spawn(self, slot: int, replaces: WorkerProcess | None = None) -> WorkerProcess:
         """Start a worker in ``slot`` (``replaces``: the one it is to take over from)."""
-        worker = WorkerProcess(
-            next(self._ids), slot, on_event=self._events.emit, drain_limit=drain_limit(self._config)
-        )
+        worker = self._new(self.next_id, slot)
+        self.next_id += 1
         worker.replaces = replaces
         worker.request_limit = request_limit(
             self._config.max_requests, self._config.max_requests_jitter
         )
         process, sock = await self._starter.launch(worker.id, slot)
         worker.attach(process, sock, lambda frame: self._dispatch(worker, frame))
-        self.workers[worker.id] = worker
-        self._gone.clear()
+        self._register(worker)
         log.info("started %s", worker.describe())
         self._events.emit("fork", worker)
+        self._watch_live(worker)
+        if self._stopped.is_set():
+            worker.disconnect()  # started while the cluster began to stop
+        return worker
+
+    def adopt(
+        self, record: WorkerRecord, process: ProcessHandle, sock: socket.socket
+    ) -> WorkerProcess:
+        """After an in-place upgrade: watch the worker the old image ran, as it was."""
+        worker = self._new(record.id, record.slot)
+        worker.adopt(record, process, sock, lambda frame: self._dispatch(worker, frame))
+        worker.arm_hang_timer(self._config.timeout)
+        self.next_id = max(self.next_id, record.id + 1)
+        self._register(worker)
+        self._watch_live(worker)
+        return worker
+
+    def _new(self, worker_id: int, slot: int) -> WorkerProcess:
+        return WorkerProcess(
+            worker_id, slot, on_event=self._events.emit, drain_limit=drain_limit(self._config)
+        )
+
+    def _register(self, worker: WorkerProcess) -> None:
+        self.workers[worker.id] = worker
+        self._gone.clear()
+
+    def _watch_live(self, worker: WorkerProcess) -> None:
         watching = self._watch(worker)
         if not self._background(watching, f"aiocluster-watch-{worker.id}"):
             watching.close()
             raise RuntimeError("a worker was started after the cluster ended")
-        if self._stopped.is_set():
-            worker.disconnect()  # started while the cluster began to stop
-        return worker
 
     def serving(self) -> list[WorkerProcess]:
         """Workers that serve, or will: neither draining nor on their way out."""

@@ -17,6 +17,7 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from aiocluster.primary.upgrade_state import HandleRecord
 from aiocluster.wire.address import Address
 from aiocluster.wire.sockets import AddrInfo, format_sockname, open_listener
 
@@ -190,6 +191,50 @@ class HandleTable:
             address = Address.tcp(host.strip("[]"), int(port))
         self._handles[(address, 0, 0)] = Handle((address, 0, 0), sock)
         return address
+
+    def export(
+        self,
+    ) -> tuple[list[HandleRecord], list[tuple[Address, int, int]], list[tuple[Address, int]]]:
+        """The table for an in-place upgrade: every socket with its descriptor and holders,
+        every listen id given so far, and the pinned listens."""
+        records = [
+            HandleRecord(
+                address=key[0],
+                index=key[1],
+                slot=key[2],
+                fd=handle.sock.fileno(),
+                id=handle.id,
+                unix_inode=handle.unix_inode,
+                holders=tuple(sorted(self._holders.get(key, ()))),
+            )
+            for key, handle in self._handles.items()
+        ]
+        ids = [(address, index, i) for (address, index), i in self._ids.items()]
+        return records, ids, sorted(self._pinned, key=str)
+
+    def restore(
+        self,
+        records: list[HandleRecord],
+        ids: list[tuple[Address, int, int]],
+        pinned: list[tuple[Address, int]],
+    ) -> list[Handle]:
+        """After an in-place upgrade: the table :meth:`export` described, around the inherited
+        descriptors (made close-on-exec again). Returns the handles."""
+        restored = []
+        for record in records:
+            key = (record.address, record.index, record.slot)
+            sock = socket.socket(fileno=record.fd)
+            sock.set_inheritable(False)
+            sock.setblocking(False)
+            handle = Handle(key, sock, record.unix_inode, record.id)
+            self._handles[key] = handle
+            if record.holders:
+                self._holders[key] = set(record.holders)
+            restored.append(handle)
+        for address, index, listen_id in ids:
+            self._ids[(address, index)] = listen_id
+        self._pinned.update(pinned)
+        return restored
 
     def pop_slot(self, slot: int) -> list[Handle]:
         """Take the SO_REUSEPORT handles of ``slot`` out of the table, still open."""

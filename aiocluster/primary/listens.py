@@ -21,6 +21,7 @@ from aiocluster._process import Account
 from aiocluster.primary.balancer import Balancer
 from aiocluster.primary.handles import Handle, HandleTable
 from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.upgrade_state import HandleRecord
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
 from aiocluster.wire.codec import Frame
@@ -153,6 +154,18 @@ class Listens:
     def drain_slot(self, slot: int) -> int:
         """Hand what ``slot``'s reuseport sockets queued to the other workers, close them."""
         return self.balancer.drain(self.handles.pop_slot(slot))
+
+    def restore(
+        self,
+        records: list[HandleRecord],
+        ids: list[tuple[Address, int, int]],
+        pinned: list[tuple[Address, int]],
+    ) -> None:
+        """After an in-place upgrade: the old image's sockets; under rr the primary accepts on
+        each of them again (the workers rejoin their listens as they are adopted)."""
+        for handle in self.handles.restore(records, ids, pinned):
+            if self.config.policy == "rr":
+                self.balancer.serve(handle)
 
     def close_sockets(self) -> None:
         """Close the primary's copies of every listening socket (a stop begins)."""

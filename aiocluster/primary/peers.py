@@ -183,6 +183,15 @@ class Peers:
         """True while the worker has a peer here (it serves, or hand-offs are unsettled)."""
         return worker_id in self._peers
 
+    def groups_of(self, worker_id: int) -> list[int]:
+        """The listens (handle ids) the worker serves, sorted."""
+        peer = self._peers.get(worker_id)
+        return sorted(peer.groups) if peer is not None else []
+
+    def settled(self) -> bool:
+        """True when no hand-off awaits its answer."""
+        return not any(peer.batches for peer in self._peers.values())
+
     def forget(self, worker_id: int) -> None:
         """The worker exited: drop its peer, unless hand-offs to it are still to be settled
         (then :meth:`candidates` drops it once they are)."""

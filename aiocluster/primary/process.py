@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from aiocluster._errors import AppErrorReport, ChannelClosed, ProtocolError
 from aiocluster.primary.handles import MAX_HANDLES
+from aiocluster.primary.upgrade_state import ChannelRecord, WorkerRecord
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, PeerNotReading
 from aiocluster.wire.codec import Frame
@@ -171,6 +172,46 @@ class WorkerProcess:
         """The process was started and ``sock`` is our end of its channel: read its frames."""
         self._process = process
         self._channel = Channel(sock, on_frame, name=self.describe(), max_fds=0)
+        self._channel.start()
+
+    def handover(self, groups: Sequence[int] = ()) -> WorkerRecord:
+        """What the new image of an upgrading primary needs to carry on with this worker
+        (``groups``: the listens it serves under rr)."""
+        assert self._process is not None and self._channel is not None, "attach() first"
+        return WorkerRecord(
+            id=self.id,
+            slot=self.slot,
+            pid=self._process.pid,
+            channel=ChannelRecord(self._channel.fileno(), self._channel.last_seq),
+            age=max(0.0, asyncio.get_running_loop().time() - self.started_at),
+            listening=tuple(self.listening),
+            stats=dict(self.stats),
+            accepted=self._accepted,
+            request_limit=self.request_limit,
+            groups=tuple(groups),
+        )
+
+    def adopt(
+        self,
+        record: WorkerRecord,
+        process: ProcessHandle,
+        sock: socket.socket,
+        on_frame: Callable[[Frame], None],
+    ) -> None:
+        """In the new image of an upgraded primary: carry on with the worker ``record`` names,
+        serving as it was, over its inherited channel ``sock``."""
+        self._process = process
+        self._channel = Channel(
+            sock, on_frame, name=self.describe(), max_fds=0, last_seq=record.channel.last_seq
+        )
+        self.listening = list(record.listening)
+        self.stats = dict(record.stats)
+        self._accepted = record.accepted
+        self.request_limit = record.request_limit
+        self.started_at = asyncio.get_running_loop().time() - record.age
+        self._announced = True  # it sent `online` to the old image
+        self.state = "listening"
+        self._listening.set()
         self._channel.start()
 
     def reply(self, frame: Frame, msg: Mapping[str, Any], fds: Sequence[int] = ()) -> None:

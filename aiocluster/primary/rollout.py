@@ -65,6 +65,11 @@ class Rollout:
                 if not ok or not self._again or self._stopped.is_set():
                     return ok
 
+    @property
+    def busy(self) -> bool:
+        """True while a reload runs."""
+        return self._lock.locked()
+
     def request_reload(self) -> None:
         """Start :meth:`reload` in the background."""
         if not self._stopped.is_set():

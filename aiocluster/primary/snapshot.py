@@ -28,6 +28,15 @@ class Totals:
         for key, value in _counts(worker).items():
             slot[key] += value
 
+    def export(self) -> dict[int, dict[str, int]]:
+        """What exited workers counted, per slot (for an in-place upgrade)."""
+        return {slot: dict(counts) for slot, counts in self._retired.items()}
+
+    def restore(self, retired: dict[int, dict[str, int]]) -> None:
+        """After an in-place upgrade: the counts :meth:`export` gave."""
+        for slot, counts in retired.items():
+            self._retired[slot] = {key: int(counts.get(key, 0)) for key in COUNTERS}
+
     def by_slot(self, live: list[WorkerProcess]) -> dict[int, dict[str, int]]:
         """Every slot's totals: what its exited workers counted, plus its live ones."""
         slots = {slot: dict(counts) for slot, counts in self._retired.items()}
@@ -46,7 +55,14 @@ def snapshot(cluster: Cluster, now: float) -> dict[str, Any]:
     """``cluster``'s status at loop time ``now``: its totals and one entry per live worker."""
     workers = sorted(cluster.workers.values(), key=lambda w: (w.slot, w.id))
     slots = cluster.totals.by_slot(workers)
+    from aiocluster import __version__
+
     return {
+        # The primary's code, when this image of it started, and when the primary first did.
+        "version": __version__,
+        "started": round(cluster.started, 3),
+        "code_started": round(cluster.code_started, 3),
+        "upgrades": cluster.upgrades,
         "size": cluster.size,
         "listening": sum(1 for w in workers if w.state == "listening"),
         "ready": cluster.is_ready(),

@@ -36,6 +36,7 @@ from aiocluster._errors import (
 from aiocluster._process import Account, switch_in_child
 from aiocluster._role import ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_SLOT, ENV_ZYGOTE_FD
 from aiocluster._zygote import take_preforked
+from aiocluster.primary.upgrade_state import ChannelRecord
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, channel_pair
 from aiocluster.wire.codec import Frame
@@ -143,10 +144,17 @@ class ZygoteUnavailable(Exception):
 class Zygote:
     """The primary's handle on one zygote process and its channel."""
 
-    def __init__(self, process: ProcessHandle, sock: socket.socket) -> None:
+    def __init__(
+        self, process: ProcessHandle, sock: socket.socket, *, adopted: ChannelRecord | None = None
+    ) -> None:
+        """``adopted``: the zygote of an upgraded primary's old image, loaded already, on its
+        inherited channel (continuing its numbering)."""
         self._process = process
         self._answer: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
-        self._channel = Channel(sock, self._on_frame, name="zygote", max_fds=0)
+        last_seq = adopted.last_seq if adopted is not None else 0
+        self._channel = Channel(sock, self._on_frame, name="zygote", max_fds=0, last_seq=last_seq)
+        if adopted is not None:
+            self._answer.set_result(Frame({"act": proto.ZYGOTE_READY}))
         self._channel.start()
         self._exit: asyncio.Task[int] = asyncio.ensure_future(process.wait())
 
@@ -207,6 +215,20 @@ class Zygote:
                 status=APP_ERROR_STATUS,
                 report=report,
             )
+
+    def handover(self) -> tuple[int, ChannelRecord] | None:
+        """Its pid and channel for an in-place upgrade; None if it is busy forking."""
+        if not self._channel.idle():
+            return None
+        return self._process.pid, ChannelRecord(self._channel.fileno(), self._channel.last_seq)
+
+    def pause(self) -> None:
+        """Stop reading its channel (an upgrade is handing it over)."""
+        self._channel.pause()
+
+    def resume(self) -> None:
+        """Read its channel again (the upgrade was refused)."""
+        self._channel.resume()
 
     def _on_frame(self, frame: Frame) -> None:
         if not self._answer.done():
@@ -361,6 +383,26 @@ class Starter:
         if old is not None:
             await old.aclose()
         return True
+
+    def busy(self) -> bool:
+        """True while a zygote is being started."""
+        return self._starting is not None
+
+    @property
+    def zygote(self) -> Zygote | None:
+        """The running zygote, if any."""
+        return self._zygote if self._zygote is not None and self._zygote.alive else None
+
+    @property
+    def has_served(self) -> bool:
+        """True once the cluster has served (see :meth:`served`)."""
+        return self._served
+
+    def adopt_zygote(self, pid: int, channel: ChannelRecord) -> None:
+        """After an in-place upgrade: fork workers from the zygote the old image ran."""
+        sock = socket.socket(fileno=channel.fd)
+        sock.set_inheritable(False)
+        self._zygote = Zygote(ForkedProcess(pid), sock, adopted=channel)
 
     async def aclose(self) -> None:
         """Stop the zygote, if any."""

@@ -70,7 +70,11 @@ class Channel:
         max_queued_fds: int = 256,
         on_close: Callable[[BaseException | None], None] | None = None,
         truncatable: Collection[str] = (),
+        last_seq: int = 0,
     ) -> None:
+        """``last_seq``: the last seq this end used before (a channel re-attached after the
+        primary's in-place upgrade continues the numbering, so the peer's late replies to
+        requests of the old image are never mistaken for answers to new ones)."""
         sock.setblocking(False)
         self._truncatable = frozenset(truncatable)
         self._sock = sock
@@ -88,8 +92,8 @@ class Channel:
             max_queued_fds=max_queued_fds,
             fail=self.close,
         )
-        self._seq = itertools.count(1)
-        self._last_seq = 0
+        self._seq = itertools.count(last_seq + 1)
+        self._last_seq = last_seq
         self._pending = Pending(name)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
@@ -103,6 +107,31 @@ class Channel:
         self._loop = asyncio.get_running_loop()
         self._outbox.start(self._loop)
         self._loop.add_reader(self._fd, self._on_readable)
+
+    def pause(self) -> None:
+        """Stop reading: what the peer sends waits in the kernel's socket buffer."""
+        if self._loop is not None and not self._closed:
+            self._loop.remove_reader(self._fd)
+
+    def resume(self) -> None:
+        """Read again after :meth:`pause`."""
+        if self._loop is not None and not self._closed:
+            self._loop.add_reader(self._fd, self._on_readable)
+
+    def idle(self) -> bool:
+        """True when nothing of this channel lives only in this process: no partial frame
+        read, nothing waiting to be sent, no request awaiting its reply."""
+        return (
+            not self._closed
+            and self._decoder.buffered == 0
+            and self._outbox.empty()
+            and not self._pending
+        )
+
+    @property
+    def last_seq(self) -> int:
+        """The last seq this end used (for a re-attached channel's ``last_seq``)."""
+        return self._last_seq
 
     @property
     def closed(self) -> bool:

@@ -24,6 +24,7 @@ __all__ = [
     "NEWCONN",
     "ONLINE",
     "QUERY_SERVER",
+    "UPGRADED",
     "ZYGOTE_FORK",
     "ZYGOTE_READY",
     "ZYGOTE_UNABLE",
@@ -50,6 +51,9 @@ APP_ERROR = "appError"
 MESSAGE = "message"
 # primary -> worker
 DISCONNECT = "disconnect"
+# the primary re-executed itself with new code (same pid, same channel): "version" (the new
+# aiocluster version), "upgrades" (how many so far). Nothing changes for the worker.
+UPGRADED = "upgraded"
 # request with 1..MAX_FDS fds, connections the primary accepted for the listen "handle" (a
 # worker's share of one burst). The worker replies once: {"accepted": true} once it owns them
 # all, false for none (stopping, or no server for them), or a list of bools, one per fd in order.

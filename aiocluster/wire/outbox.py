@@ -57,6 +57,10 @@ class Outbox:
         """Flush from ``loop`` from now on (before, what is queued waits)."""
         self._loop = loop
 
+    def empty(self) -> bool:
+        """True when nothing waits to be sent."""
+        return not self._outq
+
     def close(self) -> None:
         """Stop flushing and close the duplicates of every descriptor still queued."""
         if self._writing and self._loop is not None and not self._loop.is_closed():

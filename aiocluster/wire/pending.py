@@ -31,6 +31,9 @@ class Pending:
         self._futures: dict[int, asyncio.Future[Frame]] = {}
         self._callbacks: dict[int, OnReply] = {}
 
+    def __len__(self) -> int:
+        return len(self._futures) + len(self._callbacks)
+
     def wait(self, seq: int, fut: asyncio.Future[Frame]) -> None:
         """The reply to ``seq`` resolves ``fut``."""
         self._futures[seq] = fut

@@ -292,6 +292,12 @@ class WorkerLink:
             if not self.stopping.is_set():  # the primary may ask again (a stop after a reload)
                 log.info("asked to disconnect; draining")
             self.stopping.set()
+        elif act == proto.UPGRADED:
+            # The same primary process, now running new code: nothing changes here.
+            log.info(
+                "the primary was upgraded in place to aiocluster %.40s; serving on",
+                frame.msg.get("version"),
+            )
         elif act == proto.MESSAGE:
             if self._inbox.full():
                 log.warning("message from the primary dropped: nobody reads aiocluster.messages()")
