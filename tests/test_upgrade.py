@@ -4,6 +4,7 @@ its installed package changed, ``aiocluster upgrade`` (and SIGUSR2) under load."
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import re
@@ -52,18 +53,29 @@ class Install:
         text = path.read_text()
         self._originals.setdefault(path, text)
         assert old in text
-        path.write_text(text.replace(old, new, 1))
+        _rewrite(path, text.replace(old, new, 1))
 
     def set_version(self, version: str) -> None:
         path = self.package / "__init__.py"
         text = path.read_text()
         self._originals.setdefault(path, text)
-        path.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
+        _rewrite(path, re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"', text))
 
     def restore(self) -> None:
         for path, text in self._originals.items():
-            path.write_text(text)
+            _rewrite(path, text)
         self._originals.clear()
+
+
+def _rewrite(path: Path, text: str) -> None:
+    """Write ``text`` to the module at ``path`` and drop its bytecode, as an upgrade would.
+
+    pip compiled the module at install time, and the bytecode is checked against the source's
+    mtime in whole seconds and its size: "0.1.0" -> "9.9.9" within the install's second would
+    otherwise run the old code (this made the test fail once).
+    """
+    path.write_text(text)
+    Path(importlib.util.cache_from_source(str(path))).unlink(missing_ok=True)
 
 
 @pytest.fixture(scope="module")
