@@ -801,9 +801,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "reload_batch",
         whole(1),
-        "workers replaced at a time by a reload",
+        "successors a rolling reload starts at a time: as each listens its old worker drains "
+        "and the next starts, never fewer than the workers serving",
         SUPERVISION,
-        default=1,
+        default_factory=default_workers,
+        shown="the CPUs usable here, {}",
         metavar="N",
     ),
     Option(
