@@ -350,6 +350,24 @@ async def test_a_burst_waits_in_the_primary_not_in_the_kernel(setup: Setup) -> N
     assert await asyncio.gather(*results) == [1] * 300
 
 
+async def test_past_one_frame_unanswered_only_full_frames_go(setup: Setup) -> None:
+    # Connections that come one by one go out one by one while a worker has less than a
+    # frame's worth unanswered; past that they wait in the primary until a full frame fills.
+    balancer = setup.balancer(stuck_after=30, reroute_after=30)  # no watchdog in this test
+    handle = setup.listen()
+    balancer.serve(handle)
+    busy = setup.peer(balancer, handle, 1, mode="hold")
+    clients = []
+    for _ in range(MAX_FDS + MAX_FDS + 4):
+        clients.append(await connect(port_of(handle)))
+        await busy.sync()
+    assert busy.frames == [1] * MAX_FDS + [MAX_FDS]  # and 4 wait in the primary
+    results = [asyncio.create_task(served_by(*c)) for c in clients]
+    busy.release()
+    assert await asyncio.gather(*results) == [1] * len(clients)
+    assert busy.frames[-1] == 4  # the answers made room: the rest went at once
+
+
 async def test_least_conn_follows_reported_load(setup: Setup) -> None:
     balancer = setup.balancer(balance="least-conn")
     handle = setup.listen()

@@ -368,9 +368,22 @@ class Balancer:
             if not shares:
                 return
             resent = False
+            held_back: list[Conn] = []
             for peer, conns in shares.items():
+                # Unanswered before this round: past one frame's worth, only full frames go,
+                # so a steady trickle (a connection per request) still waits for the answer
+                # and goes out batched, as with a window of one frame; a burst fills frames.
+                before = peer.unacked - len(conns)
                 for start in range(0, len(conns), MAX_FDS):
-                    resent |= not self._send(group, peer, conns[start : start + MAX_FDS])
+                    frame = conns[start : start + MAX_FDS]
+                    if before >= MAX_FDS and len(frame) < MAX_FDS:
+                        peer.unacked -= len(frame)
+                        held_back += frame
+                        break
+                    resent |= not self._send(group, peer, frame)
+                    before += len(frame)
+            if held_back:
+                queue.extendleft(reversed(held_back))  # next, once an answer makes room
             if not resent:
                 return
 
