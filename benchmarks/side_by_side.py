@@ -63,7 +63,9 @@ class Server:
             argv = [str(BENCH_VENV / "bin" / "gunicorn"), "-k", "aiohttp.GunicornUVLoopWebWorker"]
             argv += ["-w", str(workers), "-b", f"127.0.0.1:{self.port}", "hello_aiohttp:app"]
         self.out = self.log.open("wb")
-        self.proc = subprocess.Popen(argv, env=env, stdout=self.out, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=tmp, stdout=self.out, stderr=subprocess.STDOUT
+        )
 
     def zygotes(self) -> set[int]:
         text = self.log.read_bytes()
