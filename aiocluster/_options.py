@@ -801,8 +801,8 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "reload_batch",
         whole(1),
-        "successors a rolling reload starts at a time: as each listens its old worker drains "
-        "and the next starts, never fewer than the workers serving",
+        "successors a rolling reload starts at once: as each one listens, its old worker "
+        "drains and the next starts (never fewer than N workers serve)",
         SUPERVISION,
         default_factory=default_workers,
         shown="the CPUs usable here, {}",
