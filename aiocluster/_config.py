@@ -81,7 +81,7 @@ class ClusterConfig:
     max_requests_jitter: int
     #: Resident memory in bytes past which a worker is recycled (0: never; needs /proc).
     max_memory: int
-    #: Workers replaced at a time by a rolling reload.
+    #: Successors a rolling reload starts at a time (a sliding window; default: the CPUs).
     reload_batch: int
     #: The cluster's name: it picks the default control socket (``aiocluster status --name``).
     name: str

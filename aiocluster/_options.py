@@ -801,9 +801,11 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "reload_batch",
         whole(1),
-        "workers replaced at a time by a reload",
+        "successors a rolling reload starts at once: as each one listens, its old worker "
+        "drains and the next starts (never fewer than N workers serve)",
         SUPERVISION,
-        default=1,
+        default_factory=default_workers,
+        shown="the CPUs usable here, {}",
         metavar="N",
     ),
     Option(

@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import socket
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Literal
 
@@ -319,6 +320,52 @@ async def test_connections_wait_in_the_primary_then_in_the_backlog(setup: Setup)
     assert await asyncio.gather(*results) == [1] * 6
     await peer.sync()
     assert balancer.accepted == {1: 6}
+
+
+def accept_queue(sock: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (Linux: TCP_INFO's unacked)."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 32)
+    return int.from_bytes(info[24:28], sys.byteorder)
+
+
+async def test_a_burst_waits_in_the_primary_not_in_the_kernel(setup: Setup) -> None:
+    # A worker that has not answered yet (its loop busy with a burst) has eight frames of
+    # connections in flight, and the rest wait in the primary: a full accept queue in the
+    # kernel would drop the clients' handshakes (each retried only after 1 s, then 3 s).
+    balancer = setup.balancer(stuck_after=30, reroute_after=30)  # no watchdog in this test
+    handle = setup.listen()  # a backlog of 128
+    balancer.serve(handle)
+    busy = setup.peer(balancer, handle, 1, mode="hold")
+    clients = []
+    async with asyncio.timeout(5):
+        # In chunks well under the backlog: this loop is also the primary's, which can accept
+        # only while the connects wait (the same burst from outside needs no chunks).
+        for _ in range(10):
+            clients += await asyncio.gather(*(connect(port_of(handle)) for _ in range(30)))
+            await busy.sync()
+    assert busy.held_conns == 8 * MAX_FDS
+    assert accept_queue(handle.sock) == 0
+    results = [asyncio.create_task(served_by(*c)) for c in clients]
+    busy.release()
+    assert await asyncio.gather(*results) == [1] * 300
+
+
+async def test_past_one_frame_unanswered_only_full_frames_go(setup: Setup) -> None:
+    # Connections that come one by one go out one by one while a worker has less than a
+    # frame's worth unanswered; past that they wait in the primary until a full frame fills.
+    balancer = setup.balancer(stuck_after=30, reroute_after=30)  # no watchdog in this test
+    handle = setup.listen()
+    balancer.serve(handle)
+    busy = setup.peer(balancer, handle, 1, mode="hold")
+    clients = []
+    for _ in range(MAX_FDS + MAX_FDS + 4):
+        clients.append(await connect(port_of(handle)))
+        await busy.sync()
+    assert busy.frames == [1] * MAX_FDS + [MAX_FDS]  # and 4 wait in the primary
+    results = [asyncio.create_task(served_by(*c)) for c in clients]
+    busy.release()
+    assert await asyncio.gather(*results) == [1] * len(clients)
+    assert busy.frames[-1] == 4  # the answers made room: the rest went at once
 
 
 async def test_least_conn_follows_reported_load(setup: Setup) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -196,6 +197,32 @@ async def test_max_memory_recycles_a_worker(start_cluster: StartCluster) -> None
     await c.wait_for(r"replacing worker 1 \(pid \d+\) \(uses \d+ MiB, limit 10 MiB\)")
     await c.wait_for(r"worker 2 \(pid \d+\) is listening; draining worker 1 ")
     await c.wait_for(r"worker 1 \(pid \d+\) exited with code 0")
+
+
+async def test_a_reload_overlaps_starts_and_drains(start_cluster: StartCluster) -> None:
+    c = await start_cluster(
+        *cli("run", "webapp:app", "-w", "4", "-b", "127.0.0.1:0", "--reload-batch", "2")
+    )
+    c.signal(signal.SIGHUP)
+    await c.wait_for("reload complete: 4 workers replaced")
+    for old in range(1, 5):
+        await c.wait_for(rf"worker {old} \(pid \d+\) exited with code 0")
+    out = c.output
+
+    def at(pattern: str) -> int:
+        found = re.search(pattern, out)
+        assert found, pattern
+        return found.start()
+
+    def starts(old: int) -> int:
+        return at(rf"replacing worker {old} \(pid \d+\) \(reload\): starting its successor")
+
+    # Two successors start at once (the window), before the first of them listens...
+    assert starts(2) < at(r"is listening; draining worker 1 ")
+    # ...and the next ones start while the old workers they follow still drain.
+    assert starts(3) < at(r"worker 1 \(pid \d+\) exited")
+    assert starts(4) < at(r"worker 2 \(pid \d+\) exited")
+    assert await c.stop() == 0
 
 
 async def test_reload_in_batches(start_cluster: StartCluster) -> None:

@@ -5,9 +5,11 @@ by the scheduler; what one wake-up accepted goes out as one ``newconn`` frame pe
 carrying the descriptors of that worker's share, answered once. The primary keeps its own copy
 of each connection until the worker says it took it: a connection the worker refuses, or that
 was in flight when the worker died, goes to another worker instead of being lost. A worker
-has at most ``max_unacked`` connections unanswered, so one whose event loop is stuck gets no
-more. Connections that no worker can take yet wait in the primary, at most ``max_queued`` per
-listen; past that the primary stops accepting and the kernel's backlog holds the rest.
+has at most ``max_unacked`` connections unanswered (eight full frames), so one whose event loop
+is stuck gets no more. Connections that no worker can take yet wait in the primary, at most
+``max_queued`` per listen (:func:`queue_depth`: up to 4,096, deep enough to empty the kernel's
+accept queue in a burst); past that the primary stops accepting and the kernel's backlog
+holds the rest.
 
 The same handoff serves a scale-down under ``reuseport``: the primary accepts what the kernel
 queued on a retired slot's socket and hands it to the remaining workers (:meth:`drain`).
@@ -23,6 +25,7 @@ import collections
 import errno
 import functools
 import logging
+import resource
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -53,6 +56,11 @@ log = logging.getLogger("aiocluster.primary")
 # Accepts per readiness callback: a burst goes in one wakeup (the primary's accept loop is the
 # ceiling of policy rr), bounded so the channels and timers of the primary still get their turn.
 _ACCEPT_BATCH = 128
+# newconn frames a worker may leave unanswered (see Balancer).
+_WINDOW_FRAMES = 8
+# Connections waiting in the primary per listen, at most (and at most a quarter of its
+# open-files limit, see queue_depth).
+_MAX_QUEUED = 4096
 # The client went away between its handshake and our accept(): skip it.
 _CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 
@@ -74,6 +82,19 @@ def _accepter(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
         return conn.detach(), address
 
     return accept
+
+
+def queue_depth() -> int:
+    """How many accepted connections a listen may hold in the primary, waiting for a worker.
+
+    Deep enough to empty the kernel's accept queue in a burst (a full one drops the clients'
+    handshakes, which retry only after 1 s, then 3 s), and at most a quarter of the primary's
+    open-files limit, so that a burst alone does not run it out of descriptors.
+    """
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return _MAX_QUEUED
+    return max(64, min(_MAX_QUEUED, soft // 4))
 
 
 def client_key(family: int, address: Any) -> str | None:
@@ -196,17 +217,19 @@ class Balancer:
         balance: Balance = "round-robin",
         sticky: bool = False,
         count_handoffs: bool = False,
-        # One full newconn frame in flight per worker: bursts go out in frames of up to 16,
-        # which costs the primary ~10-20 % less per connection than 8 (cpu_cost.py).
-        max_unacked: int = MAX_FDS,
-        max_queued: int = 64,
+        # Eight full newconn frames in flight per worker. With one (16 connections) a burst
+        # went out at 16 per worker per round trip through a busy worker's loop, the primary
+        # stopped accepting, the kernel's accept queue overflowed and clients waited for SYN
+        # retransmits (1 s, 3 s...): 800 of 5,000 connections timed out (burst.py).
+        max_unacked: int = _WINDOW_FRAMES * MAX_FDS,
+        max_queued: int | None = None,
         stuck_after: float = 1.0,
         reroute_after: float = 2.0,
         on_count: Callable[[int, int], None] | None = None,
     ) -> None:
         self._balance: Balance = balance
         self._sticky = sticky
-        self._max_queued = max_queued
+        self._max_queued = queue_depth() if max_queued is None else max_queued
         self._reroute_after = reroute_after
         self._peers = Peers(
             max_unacked=max_unacked,
@@ -371,9 +394,22 @@ class Balancer:
             if not shares:
                 return
             resent = False
+            held_back: list[Conn] = []
             for peer, conns in shares.items():
+                # Unanswered before this round: past one frame's worth, only full frames go,
+                # so a steady trickle (a connection per request) still waits for the answer
+                # and goes out batched, as with a window of one frame; a burst fills frames.
+                before = peer.unacked - len(conns)
                 for start in range(0, len(conns), MAX_FDS):
-                    resent |= not self._send(group, peer, conns[start : start + MAX_FDS])
+                    frame = conns[start : start + MAX_FDS]
+                    if before >= MAX_FDS and len(frame) < MAX_FDS:
+                        peer.unacked -= len(frame)
+                        held_back += frame
+                        break
+                    resent |= not self._send(group, peer, frame)
+                    before += len(frame)
+            if held_back:
+                queue.extendleft(reversed(held_back))  # next, once an answer makes room
             if not resent:
                 return
 

@@ -115,15 +115,28 @@ class Rollout:
             log.error("reload stopped: the program failed to load; the old workers keep serving")
             return False
         old = sorted(self._serving(), key=lambda w: w.slot)
-        batch = self._batch
-        log.info("reload: replacing %d workers, %d at a time", len(old), batch)
-        for i in range(0, len(old), batch):
-            results = await asyncio.gather(*(self.replace(w, "reload") for w in old[i : i + batch]))
-            if self._stopped.is_set():
-                return False
-            if not all(results):
-                log.error("reload stopped: a new worker could not start; the old ones keep serving")
-                return False
+        window = asyncio.Semaphore(self._batch)
+        failed = False
+
+        async def replace_in_window(worker: WorkerProcess) -> bool:
+            # A sliding window, not lock-step batches: as soon as one successor listens (and
+            # its old worker is told to drain) the next starts, so the drains of old workers
+            # overlap the starts of the next successors and one slow start holds up no other.
+            nonlocal failed
+            async with window:
+                if failed or self._stopped.is_set():
+                    return False
+                ok = await self.replace(worker, "reload")
+                failed = failed or not ok
+                return ok
+
+        log.info("reload: replacing %d workers, %d at a time", len(old), self._batch)
+        await asyncio.gather(*(replace_in_window(w) for w in old))
+        if self._stopped.is_set():
+            return False
+        if failed:
+            log.error("reload stopped: a new worker could not start; the old ones keep serving")
+            return False
         self.reloads += 1
         log.info("reload complete: %d workers replaced", len(old))
         return True
