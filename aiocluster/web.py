@@ -14,12 +14,14 @@ the same code runs under ``python app.py`` too.
 
 from __future__ import annotations
 
+import asyncio
 from ssl import SSLContext
 
 from aiohttp import web
 
 from aiocluster.wire.address import DEFAULT_HOST, DEFAULT_PORT, Address
 from aiocluster.worker.adopt import start_server
+from aiocluster.worker.deadline import watch_accepted
 from aiocluster.worker.link import Grant, announce_closed, listen
 
 __all__ = ["ClusterSite"]
@@ -28,7 +30,7 @@ __all__ = ["ClusterSite"]
 class ClusterSite(web.BaseSite):
     """An aiohttp site on a socket obtained from the cluster primary (or bound locally)."""
 
-    __slots__ = ("_address", "_grant")
+    __slots__ = ("_accepted", "_address", "_grant")
 
     def __init__(
         self,
@@ -49,6 +51,7 @@ class ClusterSite(web.BaseSite):
                 address = Address.tcp(host or DEFAULT_HOST, DEFAULT_PORT if port is None else port)
         self._address = address
         self._grant: Grant | None = None
+        self._accepted: asyncio.Future[None] | None = None
 
     @property
     def address(self) -> Address:
@@ -73,6 +76,13 @@ class ClusterSite(web.BaseSite):
         self._server = await start_server(
             self._grant, server, ssl=self._ssl_context, backlog=self._backlog
         )
+        self._accepted = watch_accepted(self._server)
+
+    @property
+    def accepted(self) -> asyncio.Future[None] | None:
+        """Done once the site is stopped and every connection it accepted has ended (TLS
+        handshakes under way included); None before :meth:`start`."""
+        return self._accepted
 
     async def stop(self) -> None:
         """Stop accepting on this site (the runner drains its connections)."""

@@ -8,6 +8,7 @@ cannot be used is one line and exit status 2 before anything starts.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import ssl
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 import trustme
 
 from .conftest import StartCluster
-from .harness import APPS, cli
+from .harness import APPS, ClusterProcess, cli
 from .load import KeepAliveLoad
 
 pytestmark = pytest.mark.timeout(60)
@@ -234,3 +235,52 @@ async def test_run_refuses_ssl_context_with_certfile(tmp_path: Path) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 30)
     assert proc.returncode == 2
     assert err.decode() == "aiocluster: error: give ssl_context or certfile, not both\n"
+
+
+@pytest.mark.parametrize("spec", ["client_app:app", "asgi_app:app"])
+async def test_a_handshake_under_way_when_the_drain_begins_is_answered(
+    start_cluster: StartCluster, tmp_path: Path, spec: str
+) -> None:
+    """A connection the old worker accepted whose TLS handshake had not finished when its drain
+    began is no connection of the application yet: the worker must give it the idle grace and
+    answer it (``Connection: close``), not exit under it (the failed request a loaded machine
+    showed in the certificate-rotation test)."""
+    ca = trustme.CA()
+    cert, key = write_cert(ca, tmp_path)
+    c = await start_cluster(
+        *cli(
+            "run", spec, "-w", "1", "-b", "127.0.0.1:0", "--certfile", str(cert),
+            "--keyfile", str(key), "--graceful-timeout", "10",
+        )
+    )  # fmt: skip
+    assert (await get_client(f"https://{c.address}/client", trusting(ca)))["worker"] == 1
+    reader, writer = await asyncio.open_connection(c.address.rsplit(":", 1)[0], c.port)
+    try:
+        async with asyncio.timeout(20):
+            while await accepted_by_worker(c, 1) < 2:  # until the worker took the raw connection
+                pass  # (each status call is a process: the loop paces itself)
+            mark = len(c.lines)
+            c.signal(signal.SIGHUP)
+            await c.wait_for(
+                r"\[worker 1 \d+\] INFO aiocluster.worker: asked to disconnect", start=mark
+            )
+            await writer.start_tls(trusting(ca), server_hostname="127.0.0.1")
+            writer.write(b"GET /client HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = await reader.read()  # the worker closes the connection after its answer
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), answer
+        assert b"connection: close" in head.lower(), head
+        assert json.loads(body)["worker"] == 1, body
+    finally:
+        writer.close()
+    assert await c.stop() == 0
+
+
+async def accepted_by_worker(c: ClusterProcess, worker_id: int) -> int:
+    """Connections worker ``worker_id`` has accepted, as ``aiocluster status --json`` says."""
+    proc = await asyncio.create_subprocess_exec(
+        *cli("status", "--json"), env=c.env, stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await proc.communicate()
+    workers = json.loads(out)["workers"]
+    return int(next(w["accepted"] for w in workers if w["id"] == worker_id))

@@ -42,7 +42,7 @@ from uvicorn.server import ServerState
 from aiocluster._errors import AioclusterError
 from aiocluster.wire.address import Address
 from aiocluster.worker.adopt import start_server
-from aiocluster.worker.deadline import DrainPlan, wait_until
+from aiocluster.worker.deadline import DrainPlan, wait_handshakes, wait_until, watch_accepted
 from aiocluster.worker.link import listen
 from aiocluster.worker.metrics import asgi_timing
 from aiocluster.worker.proxy import ProxyHeaders
@@ -75,6 +75,8 @@ class DrainState(ServerState):
         super().__init__()
         #: Set once the drain begins: every later response says ``Connection: close``.
         self.draining = False
+        #: How long a connection may stay idle once the drain began (its plan's idle grace).
+        self.idle_grace = 0.0
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -115,6 +117,9 @@ class HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             cycle.keep_alive = False
+        # For a connection made after the drain began (a TLS handshake that just ended), as
+        # the drain's own sweep does for the others.
+        self.loop.call_later(self.drain_state.idle_grace, self.close_if_idle)
 
     def idle(self) -> bool:
         """True between requests: nothing read of a next one, nothing being answered."""
@@ -211,6 +216,7 @@ class AsgiServer:
         self.tracker = ConnectionTracker()
         self.lifespan = LifespanOn(self.config)
         self.servers: list[asyncio.AbstractServer] = []
+        self._accepted: list[asyncio.Future[None]] = []
         self._started = False
         self._clock: asyncio.TimerHandle | None = None
 
@@ -231,7 +237,9 @@ class AsgiServer:
         factory = self.tracker.wrap(self._protocol)
         for address in binds:
             grant = await listen(address, backlog)
-            self.servers.append(await start_server(grant, factory, backlog=backlog, ssl=tls))
+            server = await start_server(grant, factory, backlog=backlog, ssl=tls)
+            self.servers.append(server)
+            self._accepted.append(watch_accepted(server))
 
     def _protocol(self) -> HttpProtocol:
         return HttpProtocol(
@@ -252,6 +260,7 @@ class AsgiServer:
         try:
             for server in self.servers:
                 server.close()
+            self.state.idle_grace = plan.idle_grace
             self.state.draining = True
             self.tracker.begin_drain()
             await self._drain_connections(plan)
@@ -276,6 +285,7 @@ class AsgiServer:
                 if isinstance(proto, HttpProtocol):
                     proto.close_if_idle()
             await wait_until(idle, plan.deadline)
+            await wait_handshakes(self._accepted, self.tracker.wait_idle, plan)
         finally:
             idle.cancel()
             closer.cancel()

@@ -9,10 +9,11 @@ and every step asks how much is left.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DrainPlan", "wait_until"]
+__all__ = ["DrainPlan", "wait_handshakes", "wait_until", "watch_accepted"]
 
 #: How long an idle keep-alive connection may stay open once a drain begins.
 IDLE_GRACE = 2.0
@@ -73,3 +74,41 @@ async def wait_until(future: asyncio.Future[Any], at: float) -> bool:
         if delay > 0:
             await asyncio.wait({future}, timeout=delay)
     return future.done()
+
+
+def watch_accepted(server: asyncio.AbstractServer) -> asyncio.Future[None]:
+    """A future done once ``server`` is closed and every connection it accepted has ended,
+    TLS handshakes still under way included (no protocol has heard of those yet).
+
+    Call it while ``server`` is open: the ``wait_closed()`` of uvloop and of Python 3.11
+    returns at once when called after ``close()``, but wakes a waiter registered before it
+    when the last accepted transport goes.
+    """
+    return asyncio.ensure_future(server.wait_closed())
+
+
+async def wait_handshakes(
+    accepted: Sequence[asyncio.Future[None]],
+    settled: Callable[[], Awaitable[object]],
+    plan: DrainPlan,
+) -> None:
+    """The last step of a drain's wait: connections accepted before the listens closed whose
+    TLS handshake had not finished (so no drain step saw them) get an idle grace to become
+    connections, which then end as the others did (``settled()``: none is left).
+
+    A handshake that is still stalled after the grace is cut with the worker, as a slow
+    client's request head is; the futures are cancelled at the end either way.
+    """
+    pending = [future for future in accepted if not future.done()]
+    try:
+        if pending:
+            loop = asyncio.get_running_loop()
+            gone = asyncio.ensure_future(asyncio.wait(pending))
+            await wait_until(gone, min(plan.deadline, loop.time() + plan.idle_grace))
+            gone.cancel()
+            ended = asyncio.ensure_future(settled())
+            await wait_until(ended, plan.deadline)
+            ended.cancel()
+    finally:
+        for future in accepted:
+            future.cancel()

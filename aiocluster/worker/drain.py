@@ -29,12 +29,12 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from aiohttp import WSCloseCode, web
 
-from aiocluster.worker.deadline import DrainPlan, wait_until
+from aiocluster.worker.deadline import DrainPlan, wait_handshakes, wait_until
 
 __all__ = ["OpenWebsockets", "drain_app"]
 
@@ -106,21 +106,30 @@ async def drain_app(
     runner: web.AppRunner, plan: DrainPlan, websockets: OpenWebsockets | None = None
 ) -> None:
     """Drain ``runner``'s application as the module docstring says, spending ``plan``."""
+    from aiocluster.web import ClusterSite
+
+    accepted = []
     for site in list(runner.sites):
+        if isinstance(site, ClusterSite) and site.accepted is not None:
+            accepted.append(site.accepted)
         await site.stop()
     app = runner.app
     try:
         server = runner.server
         if server is not None:
-            await _drain_connections(server, app, plan, websockets)
+            await _drain_connections(server, app, plan, websockets, accepted)
     finally:
         await _cleanup(app, plan)
 
 
 async def _drain_connections(
-    server: web.Server, app: web.Application, plan: DrainPlan, websockets: OpenWebsockets | None
+    server: web.Server,
+    app: web.Application,
+    plan: DrainPlan,
+    websockets: OpenWebsockets | None,
+    accepted: Sequence[asyncio.Future[None]] = (),
 ) -> None:
-    empty = _watch(server)
+    empty = _watch(server, plan.idle_grace)
     if live := _live(server):
         log.info("draining %d connections (deadline in %gs)", len(live), plan.graceful_timeout)
     shutdown = asyncio.ensure_future(_hook("on_shutdown", app.shutdown()))
@@ -141,6 +150,7 @@ async def _drain_connections(
     waiting = asyncio.ensure_future(empty.wait())
     await wait_until(waiting, plan.deadline)
     waiting.cancel()
+    await wait_handshakes(accepted, empty.wait, plan)
     if not shutdown.done():
         log.warning("on_shutdown still running at the graceful deadline; cancelling it")
         shutdown.cancel()
@@ -205,12 +215,14 @@ async def _hook(what: str, hook: Awaitable[None]) -> None:
         log.exception("%s failed", what)
 
 
-def _watch(server: web.Server) -> asyncio.Event:
-    """Put every connection, present or arriving, in closing mode; an event set once none is left.
+def _watch(server: web.Server, idle_grace: float) -> asyncio.Event:
+    """Put every connection, present or arriving, in closing mode; an event set while none is
+    left.
 
     A connection counts until its transport is gone (``connection_lost``) or its handler task is
-    done: both are watched (never a timer). Connections accepted just before
-    the sites stopped may still be announced, so ``connection_made`` is watched too.
+    done: both are watched (never a timer). Connections accepted just before the sites stopped
+    may still be announced (a TLS handshake that ends now), so ``connection_made`` is watched
+    too: such a connection counts, and is closed if it is still idle after ``idle_grace``.
     """
     empty = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -229,8 +241,10 @@ def _watch(server: web.Server) -> asyncio.Event:
 
     def connection_made(handler: Any, transport: Any) -> None:
         made(handler, transport)
+        empty.clear()
         _close_after_next_response(handler)
         loop.call_soon(watch_task, handler)  # its task is created right after this call
+        loop.call_later(idle_grace, _close_if_idle, handler)
 
     def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
         lost(handler, exc)
@@ -244,6 +258,11 @@ def _watch(server: web.Server) -> asyncio.Event:
         watch_task(conn)
     check()
     return empty
+
+
+def _close_if_idle(conn: Any) -> None:
+    if getattr(conn, "transport", None) is not None and _idle(conn):
+        conn.force_close()
 
 
 def _idle(conn: Any) -> bool:
