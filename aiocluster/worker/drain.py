@@ -18,6 +18,8 @@ fixed when the drain begins, is spent by every step:
    client) is idle too, since nothing was asked of the application yet;
 6. in-flight requests (streams included) run until the deadline; then the handlers still
    running are cancelled (they see ``CancelledError``, as under aiohttp's own shutdown);
+   connections accepted before the sites stopped whose TLS handshake was still under way get
+   an idle grace to become connections, and are then answered (``Connection: close``) too;
 7. ``on_cleanup`` and ``cleanup_ctx`` teardown always run, within the cleanup allowance.
 
 The primary kills a worker only once the deadline and the allowance have passed.
