@@ -29,6 +29,7 @@ import dataclasses
 import datetime
 import fnmatch
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -45,7 +46,7 @@ from bench.load import raise_fd_limit
 from bench.machine import machine
 from bench.measures import run_rounds, server_rows, time_starts
 from bench.process import RUNNING
-from bench.servers import Server, build_servers, run_order
+from bench.servers import BASELINE, Server, baseline_row, build_servers, run_order, with_flags
 
 #: Every measure, in the order a run takes them; the default is the first two.
 MEASURES = ("starts", "rounds", "burst", "replace", "reload-time", "startup-growth")
@@ -75,6 +76,33 @@ def count_list(text: str) -> tuple[int, ...]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"not a list of positive numbers: {text!r}")
     return values
+
+
+def positive(text: str) -> int:
+    """A positive whole number."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return value
+
+
+def checkout_dir(text: str) -> Path:
+    """``--baseline``'s value: a folder that holds an aiocluster package."""
+    path = Path(text).expanduser().resolve()
+    if not (path / "aiocluster" / "__init__.py").is_file():
+        raise argparse.ArgumentTypeError(f"{text} holds no aiocluster package (aiocluster/)")
+    return path
+
+
+def aiocluster_flags(text: str) -> list[str]:
+    """``--aiocluster-args``' value split as a shell would, or a one-line error."""
+    try:
+        return shlex.split(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--aiocluster-args: {err}") from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -129,13 +157,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--burst-threads", type=int, default=2, help="burst: wrk threads (2: wrk -t2)"
     )
     parser.add_argument(
+        "--burst-mode",
+        choices=("keepalive", "close"),
+        default="keepalive",
+        help="burst: keepalive (requests on the burst's connections) or close (a new "
+        "connection per request, close.lua) (keepalive)",
+    )
+    parser.add_argument(
+        "--burst-rounds",
+        type=positive,
+        default=1,
+        help="burst: rounds, each a fresh start of every row, the order reversed every "
+        "other round (1)",
+    )
+    parser.add_argument(
         "--replace-kills", type=int, help="replace: workers SIGKILLed, one by one (quick 3, 5)"
     )
     parser.add_argument(
         "--reload-time-workers", type=int, default=8, help="reload-time: workers (8)"
     )
     parser.add_argument(
-        "--reload-time-rounds", type=int, help="reload-time: reloads per server (quick 1, 3)"
+        "--reload-time-rounds",
+        type=positive,
+        help="reload-time: rounds, each a fresh start and one reload of every row, the "
+        "order reversed every other round (quick 1, 3)",
+    )
+    parser.add_argument(
+        "--reload-batch",
+        type=count_list,
+        default=(),
+        metavar="N[,N...]",
+        help="reload-time: besides each aiocluster row, a row NAME-batchN run with "
+        "`--reload-batch N`, one per value (none: only the default window)",
+    )
+    parser.add_argument(
+        "--aiocluster-args",
+        default="",
+        metavar="ARGS",
+        help="more `aiocluster run` options for every aiocluster row, one string "
+        "(e.g. '--backlog 4096')",
+    )
+    parser.add_argument(
+        "--baseline",
+        type=checkout_dir,
+        metavar="DIR",
+        help="also run every aiocluster row with the aiocluster package of checkout DIR "
+        "(rows baseline-NAME, each beside its own row): an A/B of two trees in one run",
     )
     parser.add_argument(
         "--growth-workers",
@@ -155,7 +222,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "asgi-quick for a run of --only some rows, which should not replace quick.json",
     )
     parser.add_argument("--list", action="store_true", help="print the server table and exit")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.aiocluster_flags = aiocluster_flags(args.aiocluster_args)
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
+    return args
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -186,16 +258,49 @@ def settings_from(args: argparse.Namespace) -> Settings:
         replace_kills=pick(args.replace_kills, 3, 5),
         reload_time_workers=args.reload_time_workers,
         reload_time_rounds=pick(args.reload_time_rounds, 1, 3),
+        reload_batches=args.reload_batch,
+        burst_mode=args.burst_mode,
+        burst_rounds=args.burst_rounds,
+        aiocluster_args=args.aiocluster_args,
+        baseline=str(args.baseline or ""),
         growth_workers=args.growth_workers,
         growth_passes=pick(args.growth_passes, 1, 3),
     )
+
+
+def table_rows(args: argparse.Namespace) -> tuple[list[Server], list[str]]:
+    """The server table with ``--aiocluster-args`` on its aiocluster rows and, with
+    ``--baseline``, a baseline row for each of them; and the notes on rows left out."""
+    servers, notes = build_servers()
+    if args.aiocluster_flags:
+        servers = [
+            with_flags(s, s.name, args.aiocluster_flags) if s.family == "aiocluster" else s
+            for s in servers
+        ]
+    if args.baseline:
+        servers += [baseline_row(s, args.baseline) for s in servers if s.family == "aiocluster"]
+    return servers, notes
 
 
 def rows_for(measure: str, servers: list[Server], only: list[str] | None) -> list[Server]:
     """The rows a measure of events runs: ``--only``'s if given, else its own (scenarios.ROWS)."""
     if only:
         return servers
-    return [s for s in servers if s.name in scenarios.ROWS[measure]]
+    own = scenarios.ROWS[measure]
+    return [s for s in servers if s.name.removeprefix(BASELINE) in own]
+
+
+def batch_rows(servers: list[Server], batches: tuple[int, ...]) -> list[Server]:
+    """``servers`` with, after each aiocluster row, one row per ``--reload-batch`` value."""
+    rows = []
+    for server in servers:
+        rows.append(server)
+        if server.family == "aiocluster":
+            rows += [
+                with_flags(server, f"{server.name}-batch{n}", ["--reload-batch", str(n)])
+                for n in batches
+            ]
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -206,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     reexec_in_venv(Path(__file__))
     settings = settings_from(args)
     installed = "" if args.list else install_checkout()
-    servers, notes = build_servers()
+    servers, notes = table_rows(args)
     if args.only:
         servers = [s for s in servers if any(fnmatch.fnmatch(s.name, p) for p in args.only)]
     if args.list:
@@ -304,7 +409,9 @@ def main(argv: list[str] | None = None) -> int:
         if "reload-time" in settings.measures:
             results["reload_time"] = phase(
                 "reload-time",
-                lambda: scenarios.reload_time(scenario("reload-time"), settings, logs),
+                lambda: scenarios.reload_time(
+                    batch_rows(scenario("reload-time"), settings.reload_batches), settings, logs
+                ),
             )
         if "startup-growth" in settings.measures:
             counts, skipped = scenarios.growth_counts(settings)

@@ -42,9 +42,18 @@ class Settings:
     burst_connections: tuple[int, ...] = (5000, 10000)
     burst_duration: float = 10.0
     burst_threads: int = 2
+    #: keepalive (requests on the burst's connections) or close (a connection per request).
+    burst_mode: str = "keepalive"
+    burst_rounds: int = 1
     replace_kills: int = 5
     reload_time_workers: int = 8
     reload_time_rounds: int = 3
+    #: reload-time: besides each aiocluster row, one row per ``--reload-batch`` value here.
+    reload_batches: tuple[int, ...] = ()
+    #: More ``aiocluster run`` options for every aiocluster row (``--aiocluster-args``).
+    aiocluster_args: str = ""
+    #: Another checkout whose aiocluster the ``baseline-*`` rows run (``--baseline``), or "".
+    baseline: str = ""
     growth_workers: tuple[int, ...] = (1, 2, 8, 32)
     growth_passes: int = 3
 

@@ -174,11 +174,31 @@ class CpuSample:
     steal: float
     server: float
     children: float
+    primary: float  # the primary's own share of ``server``
 
     @classmethod
     def take(cls, running: Running) -> CpuSample:
         busy, irq, steal = machine_busy_s()
-        return cls(time.monotonic(), busy, irq, steal, running.cpu_s(), children_cpu_s())
+        return cls(
+            time.monotonic(),
+            busy,
+            irq,
+            steal,
+            running.cpu_s(),
+            children_cpu_s(),
+            running.primary_cpu_s(),
+        )
+
+    def per_request(self, end: CpuSample, requests: int) -> dict[str, float]:
+        """CPU µs per answered request over the window: the primary's own (its accepts and
+        hand-offs under rr, its heartbeats) and the rest of the server's (the workers, and an
+        idle zygote). With a connection per request, that is per connection."""
+        count = max(1, requests)
+        primary = end.primary - self.primary
+        return {
+            "primary_us": round(primary / count * 1e6, 2),
+            "workers_us": round((end.server - self.server - primary) / count * 1e6, 2),
+        }
 
     def until(self, end: CpuSample) -> dict[str, float]:
         """Cores used over the window by the server, by wrk, by interrupts, by everything else,
@@ -224,6 +244,16 @@ def wait_quiet(settings: Settings) -> dict[str, float]:
                 "idle_steal_cores": round((end_steal - start_steal) / wall, 3),
                 "waited_s": round(waited, 1),
             }
+
+
+def listen_overflows() -> int:
+    """The machine's count of connections dropped at a full accept queue so far (TcpExt
+    ListenOverflows in /proc/net/netstat): machine-wide, so a delta counts every server's."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()]
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names and names[0] == "TcpExt:" and "ListenOverflows" in names:
+            return int(values[names.index("ListenOverflows")])
+    return 0
 
 
 # -- the file limit ---------------------------------------------------------------------------

@@ -155,7 +155,8 @@ def bench_server(
                     warm = wrk(ctx.port, mode, settings.warmup, settings, tally=True)
                     before = CpuSample.take(running)
                     measured = wrk(ctx.port, mode, settings.duration, settings)
-                    cpu = before.until(CpuSample.take(running))
+                    after = CpuSample.take(running)
+                    cpu = before.until(after)
                     row[mode] = {
                         "rps": round(measured["rps"], 1),
                         "p50_ms": measured["latency_us"]["p50"] / 1000,
@@ -167,6 +168,7 @@ def bench_server(
                         "errors": measured["errors"],
                         "balance": balance(warm["pids"]),
                         "cpu": cpu,
+                        "cpu_us_per_request": before.per_request(after, measured["requests"]),
                         "before": quiet,
                         "requests_per_server_cpu_s": round(measured["rps"] / cpu["server_cores"], 1)
                         if cpu["server_cores"]
@@ -179,7 +181,9 @@ def bench_server(
                         f"shares {row[mode]['balance']['shares']}  cores: server "
                         f"{cpu['server_cores']:.2f} wrk {cpu['wrk_cores']:.2f} "
                         f"irq {cpu['irq_cores']:.2f} other {cpu['other_cores']:.2f} "
-                        f"steal {cpu['steal_cores']:.2f}"
+                        f"steal {cpu['steal_cores']:.2f}; us/request: primary "
+                        f"{row[mode]['cpu_us_per_request']['primary_us']:.1f} workers "
+                        f"{row[mode]['cpu_us_per_request']['workers_us']:.1f}"
                     )
                 row["memory"] = memory(running)
                 if settings.reloads:
@@ -212,6 +216,12 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
         if runs:
             runs.sort(key=lambda run: run["rps"])
             row[mode] = {**runs[len(runs) // 2], "rps_all": [run["rps"] for run in runs]}
+            costs = [run["cpu_us_per_request"] for run in runs if "cpu_us_per_request" in run]
+            if costs:
+                # CPU per request drifts less than req/s: its own median over the rounds.
+                row[mode]["cpu_us_per_request_median"] = {
+                    k: round(statistics.median(c[k] for c in costs), 2) for k in costs[0]
+                }
     per_round = []
     for r in rounds:
         entry: dict[str, Any] = {
@@ -228,6 +238,8 @@ def merge_rounds(rounds: list[dict[str, Any]], starts: dict[str, Any]) -> dict[s
             if r.get(mode):
                 data = {k: r[mode][k] for k in ROUND_FIELDS}
                 data.update({k: r[mode]["cpu"][k] for k in ROUND_CPU_FIELDS})
+                if "cpu_us_per_request" in r[mode]:
+                    data["cpu_us_per_request"] = r[mode]["cpu_us_per_request"]
                 entry[mode] = data
         if r.get("error"):
             entry["error"] = r["error"]

@@ -1,17 +1,21 @@
 """The measures of events, each selectable with ``--measure``:
 
-- ``burst``: thousands of keep-alive connections opened at once (``wrk -t2 -c5000 --timeout
-  5s``, then 10,000 where the file limit allows): req/s, timeouts, socket errors, p50/p99;
+- ``burst``: thousands of connections opened at once (``wrk -t2 -c5000 --timeout 5s``, then
+  10,000 where the file limit allows), keep-alive or a connection per request: req/s,
+  timeouts, socket errors, p50/p99, the primary's CPU per request, accept-queue overflows;
 - ``replace``: SIGKILL one worker of a serving server; time until a new worker answers, and
   until N distinct pids answer again;
 - ``reload-time``: time from the reload signal until every answering pid is new and every old
   worker has exited, at 8 workers, with the failed requests of a keep-alive load meanwhile;
+  one reload per fresh start, in rounds;
 - ``startup-growth``: time from exec to N distinct pids answering, for N = 1, 2, 8, 32.
 
 Which worker answered comes from the X-Worker-Pid header every app sends, read by a
 ``PidWatch`` (requests on new connections, a few at a time, in a thread of its own). Each
 measure runs its rows one after the other in one invocation, so that their figures are
-comparable within the run; ``ROWS`` names the rows each measure runs unless ``--only`` says.
+comparable within the run (burst and reload-time in rounds, each a fresh start of every
+row, the order reversed every other round); ``ROWS`` names the rows each measure runs unless
+``--only`` says.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import signal
 import statistics
 import tempfile
@@ -34,6 +39,7 @@ from .load import (
     CpuSample,
     PidWatch,
     distinct_after,
+    listen_overflows,
     wait_quiet,
     wait_until,
     wrk,
@@ -157,6 +163,44 @@ def _each(
     return rows
 
 
+def _rounds(
+    servers: list[Server],
+    rounds: int,
+    what: str,
+    once: Callable[[Server, int], list[dict[str, Any]]],
+    key: str,
+    skip: Callable[[Server], str | None] = lambda server: None,
+) -> list[dict[str, Any]]:
+    """``rounds`` rounds over ``servers``, in their order reversed every other round (no row
+    always runs first, and the machine's drift weighs on the rows of a round alike); each
+    round ``once(server, number)`` starts the server afresh. Its results go to the row's
+    ``key`` list, each marked with its round; an error is kept and the rounds go on."""
+    rows = {s.name: _row(s) for s in servers}
+    for server in servers:
+        why = skip(server)
+        if why:
+            rows[server.name]["skipped"] = why
+        else:
+            rows[server.name][key] = []
+    for number in range(rounds):
+        for server in servers if number % 2 == 0 else servers[::-1]:
+            row = rows[server.name]
+            if "skipped" in row:
+                if number == 0:
+                    say(f"{what}: {server.name} skipped: {row['skipped']}")
+                continue
+            say(f"{what} (round {number + 1}/{rounds}): {server.name}")
+            try:
+                row[key] += [{"round": number + 1, **found} for found in once(server, number)]
+            except Exception as err:
+                row.setdefault("errors", []).append(f"round {number + 1}: {err}")
+                say(f"  error: {err}")
+    for row in rows.values():
+        if row.get("errors") and not row.get(key):
+            row["error"] = "; ".join(row["errors"])  # nothing measured at all
+    return list(rows.values())
+
+
 # -- burst ------------------------------------------------------------------------------------
 
 
@@ -174,49 +218,65 @@ def burst_sizes(settings: Settings, fd_limit: int) -> tuple[list[int], list[str]
 def burst(
     servers: list[Server], settings: Settings, logs: Path, sizes: list[int]
 ) -> list[dict[str, Any]]:
-    """Each server once, loaded by a burst of each size in turn (wrk opens them all at once)."""
+    """``burst_rounds`` rounds over the servers; in each, every server is started once and
+    loaded by a burst of each size in turn (wrk opens them all at once)."""
 
-    def measure(server: Server) -> dict[str, Any]:
-        row = {**_row(server), "runs": []}
-        with serving(server, settings.workers, logs, "burst") as running:
+    def once(server: Server, number: int) -> list[dict[str, Any]]:
+        runs = []
+        with serving(server, settings.workers, logs, f"burst{number + 1}") as running:
             for size in sizes:
-                quiet = wait_quiet(settings)
-                before = CpuSample.take(running)
-                result = wrk(
-                    running.ctx.port,
-                    "keepalive",
-                    settings.burst_duration,
-                    settings,
-                    connections=size,
-                    threads=settings.burst_threads,
-                )
-                errors = result["errors"]
-                run = {
-                    "connections": size,
-                    "rps": round(result["rps"], 1),
-                    "requests": result["requests"],
-                    "timeouts": errors["timeout"],
-                    # Connect, read and write errors; timeouts are counted apart.
-                    "socket_errors": errors["connect"] + errors["read"] + errors["write"],
-                    "non_2xx": result["non_2xx"],
-                    "errors": errors,
-                    "p50_ms": result["latency_us"]["p50"] / 1000,
-                    "p90_ms": result["latency_us"]["p90"] / 1000,
-                    "p99_ms": result["latency_us"]["p99"] / 1000,
-                    "max_ms": result["latency_us"]["max"] / 1000,
-                    "cpu": before.until(CpuSample.take(running)),
-                    "before": quiet,
-                    "still_answers": http_status(running.ctx.port, timeout=5.0) == 200,
-                }
-                row["runs"].append(run)
-                say(
-                    f"  {size:>6,} connections: {run['rps']:>9,.0f} req/s  timeouts "
-                    f"{run['timeouts']}  socket errors {run['socket_errors']}  p50 "
-                    f"{run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms"
-                )
-        return row
+                runs.append(_burst_run(running, settings, size))
+        # aiocluster's primary logs how many connections each worker took as it stops (rr).
+        spread = re.findall(r"connections per worker: (.*)", running.log_tail(lines=50))
+        for run in runs:
+            run["spread"] = spread[-1] if spread else None
+        return runs
 
-    return _each(servers, "burst", measure)
+    return _rounds(servers, settings.burst_rounds, "burst", once, "runs")
+
+
+def _burst_run(running: Running, settings: Settings, size: int) -> dict[str, Any]:
+    """One burst of ``size`` connections at once against a serving server."""
+    quiet = wait_quiet(settings)
+    before, overflows = CpuSample.take(running), listen_overflows()
+    result = wrk(
+        running.ctx.port,
+        settings.burst_mode,
+        settings.burst_duration,
+        settings,
+        connections=size,
+        threads=settings.burst_threads,
+    )
+    after, overflows = CpuSample.take(running), listen_overflows() - overflows
+    errors = result["errors"]
+    run = {
+        "connections": size,
+        "mode": settings.burst_mode,
+        "rps": round(result["rps"], 1),
+        "requests": result["requests"],
+        "timeouts": errors["timeout"],
+        # Connect, read and write errors; timeouts are counted apart.
+        "socket_errors": errors["connect"] + errors["read"] + errors["write"],
+        "non_2xx": result["non_2xx"],
+        "errors": errors,
+        "p50_ms": result["latency_us"]["p50"] / 1000,
+        "p90_ms": result["latency_us"]["p90"] / 1000,
+        "p99_ms": result["latency_us"]["p99"] / 1000,
+        "max_ms": result["latency_us"]["max"] / 1000,
+        "cpu": before.until(after),
+        "cpu_us_per_request": before.per_request(after, result["requests"]),
+        "listen_overflows": overflows,
+        "before": quiet,
+        "still_answers": http_status(running.ctx.port, timeout=5.0) == 200,
+    }
+    say(
+        f"  {size:>6,} connections ({settings.burst_mode}): {run['rps']:>9,.0f} req/s  "
+        f"timeouts {run['timeouts']}  socket errors {run['socket_errors']}  p50 "
+        f"{run['p50_ms']:.1f} ms  p99 {run['p99_ms']:.1f} ms  primary "
+        f"{run['cpu_us_per_request']['primary_us']:.1f} us/request  accept-queue overflows "
+        f"{overflows} (machine-wide)"
+    )
+    return run
 
 
 # -- replacement after SIGKILL ----------------------------------------------------------------
@@ -293,35 +353,35 @@ def _answering_without(watch: PidWatch, since: float, count: int, victim: int) -
 
 
 def reload_time(servers: list[Server], settings: Settings, logs: Path) -> list[dict[str, Any]]:
-    """Reload each server ``reload_time_rounds`` times at ``reload_time_workers`` workers,
-    under keep-alive load; time each reload until it is complete."""
+    """``reload_time_rounds`` rounds over the servers; in each, every server is started with
+    ``reload_time_workers`` workers and reloaded once under keep-alive load, timed until the
+    reload is complete."""
+    count = settings.reload_time_workers
 
-    def measure(server: Server) -> dict[str, Any]:
-        row = _row(server)
+    def skip(server: Server) -> str | None:
+        if server.reload_signal is None:
+            return server.reload_note or "no reload mechanism"
+        return None
+
+    def once(server: Server, number: int) -> list[dict[str, Any]]:
         sig = server.reload_signal
-        if sig is None:
-            return {**row, "skipped": server.reload_note or "no reload mechanism"}
-        count = settings.reload_time_workers
-        reloads = []
+        assert sig is not None  # skip() left the others out
         with (
-            serving(server, count, logs, "reload-time") as running,
+            serving(server, count, logs, f"reload-time{number + 1}") as running,
             PidWatch(running.ctx.port, clients=4) as watch,
         ):
             began = time.monotonic()
             _wait_serving(watch, began, count, began + READY_DEADLINE)
-            for _ in range(settings.reload_time_rounds):
-                reloads.append(_one_reload(running, watch, sig, count, settings))
-                if reloads[-1]["duration_s"] is None:
-                    break
-        return {
-            **row,
-            "workers": count,
-            "signal": sig.name,
-            "reloads": reloads,
-            "duration_median_s": _median([r["duration_s"] for r in reloads]),
-        }
+            return [_one_reload(running, watch, sig, count, settings)]
 
-    return _each(servers, "reload-time", measure)
+    rows = _rounds(servers, settings.reload_time_rounds, "reload-time", once, "reloads", skip)
+    for server, row in zip(servers, rows, strict=True):
+        if "skipped" not in row:
+            assert server.reload_signal is not None
+            row["workers"] = count
+            row["signal"] = server.reload_signal.name
+            row["duration_median_s"] = _median([r["duration_s"] for r in row["reloads"]])
+    return rows
 
 
 def _one_reload(

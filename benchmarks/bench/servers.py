@@ -144,6 +144,42 @@ def aiocluster_row(
     )
 
 
+def with_flags(server: Server, name: str, flags: list[str]) -> Server:
+    """``server`` (an aiocluster row) with more ``aiocluster run`` options, named ``name``."""
+    return dataclasses.replace(
+        server,
+        name=name,
+        describe=f"{server.describe} + {' '.join(flags)}",
+        argv=lambda ctx: [*server.argv(ctx), *flags],
+    )
+
+
+BASELINE = "baseline-"  # the name prefix of a row running another checkout's aiocluster
+
+
+def baseline_row(server: Server, checkout: Path) -> Server:
+    """``server`` (an aiocluster row) running the aiocluster package of another checkout:
+    ``python -m aiocluster`` of the benchmark venv with ``checkout`` first on PYTHONPATH (it
+    comes before the venv's installed copy), for an A/B of two trees within one run."""
+
+    def argv(ctx: Context) -> list[str]:
+        own = server.argv(ctx)
+        return [ctx.bin("python"), "-m", "aiocluster", *own[1:]]
+
+    return dataclasses.replace(
+        server,
+        name=BASELINE + server.name,
+        describe=f"{server.describe}, aiocluster from {checkout}",
+        argv=argv,
+        env=lambda ctx: {**server.env(ctx), "PYTHONPATH": str(checkout)},
+        missing=lambda: (
+            None
+            if (checkout / "aiocluster" / "__init__.py").exists()
+            else f"{checkout} holds no aiocluster package"
+        ),
+    )
+
+
 def write_nginx_conf(ctx: Context) -> None:
     """nginx's config for this start, from ``apps/nginx.conf``, in the row's own folder."""
     template = (APPS / "nginx.conf").read_text()
@@ -344,10 +380,12 @@ def run_order(servers: list[Server]) -> list[Server]:
 
     def key(item: tuple[int, Server]) -> tuple[int, int]:
         index, server = item
-        if server.name in RUN_ORDER:
-            return RUN_ORDER.index(server.name), index
+        # A baseline row runs beside its own row (it comes later in the table).
+        name = server.name.removeprefix(BASELINE)
+        if name in RUN_ORDER:
+            return RUN_ORDER.index(name), index
         for place, pattern in enumerate(RUN_ORDER):
-            if fnmatch.fnmatch(server.name, pattern):
+            if fnmatch.fnmatch(name, pattern):
                 return place, index
         return len(RUN_ORDER), index
 
