@@ -220,7 +220,7 @@ class Balancer:
         # Eight full newconn frames in flight per worker. With one (16 connections) a burst
         # went out at 16 per worker per round trip through a busy worker's loop, the primary
         # stopped accepting, the kernel's accept queue overflowed and clients waited for SYN
-        # retransmits (1 s, 3 s...): 800 of 5,000 connections timed out (burst.py).
+        # retransmits (1 s, 3 s...): 800 of 5,000 connections timed out (run.py --measure burst).
         max_unacked: int = _WINDOW_FRAMES * MAX_FDS,
         max_queued: int | None = None,
         stuck_after: float = 1.0,
