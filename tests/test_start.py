@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from .actions import reload_and_wait
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli, pid_alive, wait_pid_gone
 from .test_cluster import free_port, get_json
@@ -62,6 +63,20 @@ async def test_workers_are_forked_from_the_zygote_by_default(start_cluster: Star
     assert await c.stop() == 0
     await wait_pid_gone(zygote, 10)
     assert "Traceback" not in c.output
+
+
+async def test_forked_workers_collect_garbage(start_cluster: StartCluster) -> None:
+    """The zygote loads with the collector paused; its workers, and a reload's, collect."""
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", *RR))
+    await c.wait_for(ZYGOTE)
+    for a in await probe_each(c, 2):
+        assert a["collects"] is True
+        # What the zygote loaded was frozen: a worker's collector sees only its own objects.
+        assert isinstance(a["seen_by_collector"], int) and a["seen_by_collector"] < 20_000
+    await reload_and_wait(c, 2)  # forked from a new zygote, a fresh interpreter
+    for a in await probe_each(c, 2):
+        assert a["collects"] is True
+    assert await c.stop() == 0
 
 
 async def test_spawn_starts_fresh_interpreters(start_cluster: StartCluster) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -46,6 +47,8 @@ async def probe(request: web.Request) -> web.Response:
             "env_worker": os.environ.get("AIOCLUSTER_WORKER_ID"),
             "random": random.getrandbits(64),
             "imported_in": IMPORTED_IN,
+            "collects": gc.isenabled(),
+            "seen_by_collector": len(gc.get_objects()),
         }
     )
 
