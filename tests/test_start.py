@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
@@ -70,12 +71,33 @@ async def test_forked_workers_collect_garbage(start_cluster: StartCluster) -> No
     c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", *RR))
     await c.wait_for(ZYGOTE)
     for a in await probe_each(c, 2):
+        assert a["threshold_at_import"] == 0  # the zygote imported the app with it paused
         assert a["collects"] is True
+        assert a["thresholds"] == list(gc.get_threshold())  # Python's defaults, as here
         # What the zygote loaded was frozen: a worker's collector sees only its own objects.
         assert isinstance(a["seen_by_collector"], int) and a["seen_by_collector"] < 20_000
     await reload_and_wait(c, 2)  # forked from a new zygote, a fresh interpreter
     for a in await probe_each(c, 2):
+        assert a["threshold_at_import"] == 0
         assert a["collects"] is True
+        assert a["thresholds"] == list(gc.get_threshold())
+    assert await c.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("choice", "collects", "thresholds"),
+    [("off", False, None), ("threshold", True, [5000, 20, 20])],
+)
+async def test_the_programs_own_collector_settings_reach_its_workers(
+    start_cluster: StartCluster, choice: str, collects: bool, thresholds: list[int] | None
+) -> None:
+    """gc.disable() or gc.set_threshold() at import, in the zygote, holds in every worker."""
+    argv = cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", *RR)
+    c = await start_cluster(*argv, env={"WEBAPP_GC": choice})
+    await c.wait_for(ZYGOTE)
+    for a in await probe_each(c, 2):
+        assert a["collects"] is collects
+        assert a["thresholds"] == (thresholds or list(gc.get_threshold()))
     assert await c.stop() == 0
 
 
