@@ -7,6 +7,7 @@ import gc
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,6 +99,30 @@ async def test_the_programs_own_collector_settings_reach_its_workers(
     for a in await probe_each(c, 2):
         assert a["collects"] is collects
         assert a["thresholds"] == (thresholds or list(gc.get_threshold()))
+    assert await c.stop() == 0
+
+
+async def test_the_first_workers_head_start_is_bounded(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """The primary forks the others once worker 1 listens, or a moment later if it does not:
+    a worker 1 held in its factory does not hold up worker 2."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    c = await start_cluster(
+        *cli("run", "webapp:slow_factory", "--factory", "-w", "2", "-b", "127.0.0.1:0"),
+        env={"GATE": str(gate)},
+        ready=False,
+    )
+    await c.wait_count("TEST factory-waiting", 2)  # both started; neither listens
+    assert c.count(r"listening on") == 0
+    writer = os.open(gate, os.O_RDWR)
+    try:
+        os.write(writer, b"!")
+        await c.ready()
+    finally:
+        os.close(writer)
+    assert c.count(r"worker \d \(pid \d+\) listening on") == 2
     assert await c.stop() == 0
 
 
