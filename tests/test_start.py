@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .actions import reload_and_wait
+from .actions import open_gate, reload_and_wait
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli, pid_alive, wait_pid_gone
 from .test_cluster import free_port, get_json
@@ -116,12 +116,7 @@ async def test_the_first_workers_head_start_is_bounded(
     )
     await c.wait_count("TEST factory-waiting", 2)  # both started; neither listens
     assert c.count(r"listening on") == 0
-    writer = os.open(gate, os.O_RDWR)
-    try:
-        os.write(writer, b"!")
-        await c.ready()
-    finally:
-        os.close(writer)
+    await open_gate(c, gate)
     assert c.count(r"worker \d \(pid \d+\) listening on") == 2
     assert await c.stop() == 0
 
