@@ -309,7 +309,7 @@ def _zygote(
                 asgi_support()
             else:
                 from aiocluster import web  # noqa: F401
-                from aiocluster.worker import drain  # noqa: F401
+                from aiocluster.worker import drain, proxy  # noqa: F401
     except AppLoadError as err:
         exit_for_app_error(err)
     except BaseException:

@@ -35,11 +35,40 @@ from aiocluster.wire.fds import ancillary_space, close_fds, received_fds
 __all__ = [
     "fork_problem",
     "is_zygote",
+    "pause_collector",
     "prefork_zygote",
     "refuse",
     "serve_forks",
     "take_preforked",
 ]
+
+
+# The collector's thresholds before pause_collector(), to restore (None: not paused).
+_paused_thresholds: tuple[int, int, int] | None = None
+
+
+def pause_collector() -> None:
+    """In the zygote, before it loads the application: no automatic garbage collection until
+    :func:`serve_forks` has frozen what was loaded; then the thresholds are as they were.
+
+    Everything imported now lives as long as the process, and the zygote forks before it could
+    be garbage: collections during the imports only cost time (~10 ms of CPU for aiohttp's),
+    and the zygote's load is the longest step between ``exec`` and the first answer. A zero
+    first threshold pauses collection without touching ``gc.isenabled()``, so that a program
+    that calls ``gc.disable()`` or ``gc.set_threshold()`` at import keeps its choice.
+    """
+    global _paused_thresholds
+    thresholds = gc.get_threshold()
+    if role() is Role.ZYGOTE and _paused_thresholds is None and thresholds[0] > 0:
+        _paused_thresholds = thresholds
+        gc.set_threshold(0, *thresholds[1:])
+
+
+def _resume_collector() -> None:
+    global _paused_thresholds
+    if _paused_thresholds is not None and gc.get_threshold()[0] == 0:
+        gc.set_threshold(*_paused_thresholds)  # the program set none of its own meanwhile
+    _paused_thresholds = None
 
 
 def is_zygote() -> bool:
@@ -95,6 +124,7 @@ def serve_forks() -> tuple[int, int, int]:
     # Objects loaded so far stay out of the collector's reach: a collection in a worker would
     # otherwise write to (and so copy) every page that holds one of them.
     gc.freeze()
+    _resume_collector()  # before the first fork: workers collect as any process does
     _send(sock, {"act": proto.ZYGOTE_READY, "pid": os.getpid()})
     decoder = Decoder(max_fds=1)
     ancsize = ancillary_space(4)
@@ -230,6 +260,7 @@ def prefork_zygote() -> bool:
         parent.close()
         os.setsid()  # as a spawned process: a terminal's Ctrl-C reaches the primary only
         become_zygote(child.detach())
+        pause_collector()
         return True
     child.close()
     _preforked = (pid, parent)

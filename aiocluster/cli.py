@@ -36,7 +36,7 @@ from aiocluster._options import (
 from aiocluster._process import apply_process_settings
 from aiocluster._role import Role, role
 from aiocluster._tls import check_tls
-from aiocluster._zygote import prefork_zygote
+from aiocluster._zygote import pause_collector, prefork_zygote
 
 # Only what parsing the command line needs is imported up here: ``run`` forks its zygote as
 # soon as the arguments are checked, and loads the rest of aiocluster while the zygote loads
@@ -319,6 +319,7 @@ def _run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         module, _ = split_spec(args.app)
         target: Any = NotImported(args.app, factory=factory, interface=interface)
         if not primary:
+            pause_collector()  # a spawned zygote (a reload's): see there
             try:
                 target = target.load()
             except AppLoadError as err:

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+from pathlib import Path
 
 import aiohttp
 
@@ -15,6 +16,20 @@ from .harness import ClusterProcess
 
 #: The cluster of tests/apps/hostile.py: workers that misbehave on request.
 HOSTILE = (sys.executable, "hostile.py")
+
+
+async def open_gate(c: ClusterProcess, gate: Path) -> None:
+    """Let workers waiting on the FIFO ``gate`` (``webapp.wait_for_gate``) go on, and wait
+    until the cluster is ready.
+
+    O_RDWR never blocks on a FIFO; the byte stays unread, so every worker sees it.
+    """
+    writer = os.open(gate, os.O_RDWR)
+    try:
+        os.write(writer, b"!")
+        await c.ready()
+    finally:
+        os.close(writer)
 
 
 async def get_ok(url: str) -> dict[str, object]:

@@ -15,6 +15,7 @@ Checked twice: statically over every import statement, and in a live worker's ``
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -180,3 +181,39 @@ async def test_a_live_worker_has_loaded_nothing_of_the_primary(
     assert "aiocluster.worker.link" in loaded  # it is a worker, and the list is real
     leaked = [m for m in loaded if role_of(m) in ("primary", "ops")]
     assert not leaked, f"a {start} worker loaded the primary's modules: {leaked}"
+
+
+#: What the primary needs for none of its work unless an option asks (prometheus_client: the
+#: admin endpoint's scrape) or never (aiohttp, uvicorn: the application's), so its start-up,
+#: which runs beside the zygote's load of the application, does not pay for them.
+NOT_IN_THE_PRIMARY = ("aiohttp", "prometheus_client", "uvicorn", "yarl", "multidict")
+
+
+def test_the_primarys_start_imports_neither_aiohttp_nor_prometheus() -> None:
+    """The import-time closure of what ``aiocluster run`` loads in the primary."""
+    code = (
+        "import sys, aiocluster.cli, aiocluster._entry, aiocluster.ops.operations, "
+        "aiocluster.primary.cluster, aiocluster.primary.upgrade\n"
+        f"print(sorted(m for m in {NOT_IN_THE_PRIMARY!r} if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def mapped_files(pid: int) -> str:
+    """``/proc/PID/maps``: every file the process has mapped (extension modules among them)."""
+    return Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_a_live_primary_has_not_loaded_aiohttp(start_cluster: StartCluster) -> None:
+    """aiohttp and its parts load C extensions: a primary that imported them maps their files."""
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "1", "-b", "127.0.0.1:0"))
+    assert c.proc is not None
+    answer = await get_json(f"{c.url}/probe")  # a worker serves: the cluster is up
+    assert isinstance(answer["pid"], int)
+    assert "/aiohttp/" in mapped_files(answer["pid"])  # the check sees aiohttp where it is
+    primary = mapped_files(c.proc.pid)
+    leaked = sorted(m for m in ("/aiohttp/", "/multidict/", "/yarl/") if m in primary)
+    assert not leaked, f"the primary mapped {leaked}"

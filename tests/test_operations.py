@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from .actions import open_gate
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, cli
 
@@ -210,13 +211,7 @@ async def test_admin_health_ready_and_metrics(start_cluster: StartCluster, tmp_p
         async with s.get(f"{base}/readyz") as r:
             assert r.status == 503  # the workers are still starting
             assert "0/2 workers listening" in await r.text()
-        # O_RDWR never blocks on a FIFO; the byte stays unread, so every worker sees it.
-        writer = os.open(gate, os.O_RDWR)
-        try:
-            os.write(writer, b"!")
-            await c.ready()
-        finally:
-            os.close(writer)
+        await open_gate(c, gate)
         async with s.get(f"{base}/readyz") as r:
             assert r.status == 200
         for _ in range(10):

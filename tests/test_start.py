@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
+from .actions import open_gate, reload_and_wait
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli, pid_alive, wait_pid_gone
 from .test_cluster import free_port, get_json
@@ -62,6 +65,60 @@ async def test_workers_are_forked_from_the_zygote_by_default(start_cluster: Star
     assert await c.stop() == 0
     await wait_pid_gone(zygote, 10)
     assert "Traceback" not in c.output
+
+
+async def test_forked_workers_collect_garbage(start_cluster: StartCluster) -> None:
+    """The zygote loads with the collector paused; its workers, and a reload's, collect."""
+    c = await start_cluster(*cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", *RR))
+    await c.wait_for(ZYGOTE)
+    for a in await probe_each(c, 2):
+        assert a["threshold_at_import"] == 0  # the zygote imported the app with it paused
+        assert a["collects"] is True
+        assert a["thresholds"] == list(gc.get_threshold())  # Python's defaults, as here
+        # What the zygote loaded was frozen: a worker's collector sees only its own objects.
+        assert isinstance(a["seen_by_collector"], int) and a["seen_by_collector"] < 20_000
+    await reload_and_wait(c, 2)  # forked from a new zygote, a fresh interpreter
+    for a in await probe_each(c, 2):
+        assert a["threshold_at_import"] == 0
+        assert a["collects"] is True
+        assert a["thresholds"] == list(gc.get_threshold())
+    assert await c.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("choice", "collects", "thresholds"),
+    [("off", False, None), ("threshold", True, [5000, 20, 20])],
+)
+async def test_the_programs_own_collector_settings_reach_its_workers(
+    start_cluster: StartCluster, choice: str, collects: bool, thresholds: list[int] | None
+) -> None:
+    """gc.disable() or gc.set_threshold() at import, in the zygote, holds in every worker."""
+    argv = cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", *RR)
+    c = await start_cluster(*argv, env={"WEBAPP_GC": choice})
+    await c.wait_for(ZYGOTE)
+    for a in await probe_each(c, 2):
+        assert a["collects"] is collects
+        assert a["thresholds"] == (thresholds or list(gc.get_threshold()))
+    assert await c.stop() == 0
+
+
+async def test_the_first_workers_head_start_is_bounded(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """The primary forks the others once worker 1 listens, or a moment later if it does not:
+    a worker 1 held in its factory does not hold up worker 2."""
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
+    c = await start_cluster(
+        *cli("run", "webapp:slow_factory", "--factory", "-w", "2", "-b", "127.0.0.1:0"),
+        env={"GATE": str(gate)},
+        ready=False,
+    )
+    await c.wait_count("TEST factory-waiting", 2)  # both started; neither listens
+    assert c.count(r"listening on") == 0
+    await open_gate(c, gate)
+    assert c.count(r"worker \d \(pid \d+\) listening on") == 2
+    assert await c.stop() == 0
 
 
 async def test_spawn_starts_fresh_interpreters(start_cluster: StartCluster) -> None:

@@ -40,6 +40,10 @@ from aiocluster.wire.address import Address
 
 __all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
+#: Seconds the first forked worker starts alone before the others (see Cluster._first_serves):
+#: a forked aiohttp worker listens ~15 ms after its fork.
+FIRST_WORKER_HEAD_START = 0.25
+
 log = logging.getLogger("aiocluster.primary")
 
 
@@ -370,17 +374,37 @@ class Cluster:
                     if self.stopping:
                         break  # stopped while the first workers started: start no more
                     try:
-                        await self.fleet.spawn(slot)
+                        worker = await self.fleet.spawn(slot)
                     except AppUnloadable as err:
                         self.recovery.app_error(err.report)
                         self._fail(f"{err}; stopping the cluster", status=2)
                         break
+                    if slot == 1 and self._size > 1 and self.starter.method == "fork":
+                        await self._first_serves(worker)
                 await self._stop.wait()
                 await self._shutdown()
         finally:
             self._tg = None
             self.listens.close()
             await self.starter.aclose()
+
+    async def _first_serves(self, worker: WorkerProcess) -> None:
+        """Until the first forked worker listens (or exits, or the cluster stops), at most
+        :data:`FIRST_WORKER_HEAD_START` seconds: the next forks and start-ups would take the
+        CPU it needs to give the first answer. Bounded, so that an application with a slow
+        ``on_startup`` still starts its workers side by side."""
+        waits = [
+            asyncio.ensure_future(worker.wait_listening()),
+            asyncio.ensure_future(worker.wait()),
+            asyncio.ensure_future(self._stop.wait()),
+        ]
+        try:
+            await asyncio.wait(
+                waits, timeout=FIRST_WORKER_HEAD_START, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            for waiting in waits:
+                waiting.cancel()
 
     def _exited(self, worker: WorkerProcess, returncode: int) -> None:
         # What it counted stays in the cluster's totals; then the supervisor's verdict.

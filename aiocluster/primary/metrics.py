@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-
-from prometheus_client.core import Metric
+from typing import TYPE_CHECKING
 
 from aiocluster.wire.metricsform import SUMMED, Family
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 __all__ = ["MAX_RETIRED", "REPORT_BURST", "REPORT_RATE", "MetricsStore", "Reporter"]
 
@@ -28,6 +30,14 @@ REPORT_BURST = 20.0
 REPORT_RATE = 8.0
 
 SeriesKey = tuple[str, tuple[tuple[str, str], ...]]
+
+
+def _metric(name: str, doc: str, kind: str) -> Metric:
+    # prometheus_client is imported on the first scrape, not with the primary: it is ~20 ms
+    # of the primary's start-up, which runs while the zygote loads the application.
+    from prometheus_client.core import Metric
+
+    return Metric(name, doc, kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +151,7 @@ class MetricsStore:
         for _, family in parts:
             for key, value in family.samples.items():
                 totals[key] = totals.get(key, 0.0) + value
-        metric = Metric(name, doc, kind)
+        metric = _metric(name, doc, kind)
         for (sample, labels), value in totals.items():
             metric.add_sample(sample, dict(labels), value)
         return metric
@@ -163,7 +173,7 @@ def _with_worker(labels: tuple[tuple[str, str], ...], r: Reporter) -> dict[str, 
 
 
 def _per_worker(name: str, kind: str, doc: str, parts: list[tuple[Reporter, Family]]) -> Metric:
-    metric = Metric(name, doc, kind)
+    metric = _metric(name, doc, kind)
     for reporter, family in parts:
         for (sample, labels), value in family.samples.items():
             metric.add_sample(
@@ -179,7 +189,7 @@ def _combined(
     for _, family in parts:
         for key, value in family.samples.items():
             values.setdefault(key, []).append(value)
-    metric = Metric(name, doc, kind)
+    metric = _metric(name, doc, kind)
     for (sample, labels), found in values.items():
         value = sum(found) if mode == "sum" else max(found) if mode == "max" else min(found)
         metric.add_sample(sample, dict(labels), value)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import random
@@ -17,6 +18,12 @@ import aiocluster
 
 #: The process that imported this module: the worker itself (spawn) or the zygote (fork).
 IMPORTED_IN = os.getpid()
+# 0 where the importing process had automatic collection paused (the zygote, loading).
+THRESHOLD_AT_IMPORT = gc.get_threshold()[0]
+if os.environ.get("WEBAPP_GC") == "off":
+    gc.disable()  # a program's own choice, which the zygote's paused collector must keep
+elif os.environ.get("WEBAPP_GC") == "threshold":
+    gc.set_threshold(5000, 20, 20)
 LAST_MESSAGE: web.AppKey[asyncio.Queue[object]] = web.AppKey("last_message", asyncio.Queue)
 WEBSOCKETS = web.AppKey("websockets", set[web.WebSocketResponse])
 
@@ -46,6 +53,10 @@ async def probe(request: web.Request) -> web.Response:
             "env_worker": os.environ.get("AIOCLUSTER_WORKER_ID"),
             "random": random.getrandbits(64),
             "imported_in": IMPORTED_IN,
+            "collects": gc.isenabled(),
+            "thresholds": list(gc.get_threshold()),
+            "threshold_at_import": THRESHOLD_AT_IMPORT,
+            "seen_by_collector": len(gc.get_objects()),
         }
     )
 
