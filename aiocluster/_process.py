@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import stat
 import sys
 from collections.abc import Callable
@@ -27,7 +28,15 @@ from dataclasses import dataclass
 from aiocluster._config import ClusterConfig
 from aiocluster._errors import ConfigError
 
-__all__ = ["Account", "account", "apply_process_settings", "drop_privileges", "switch_in_child"]
+__all__ = [
+    "Account",
+    "account",
+    "apply_process_settings",
+    "drop_privileges",
+    "own_process_group",
+    "prepare_child",
+    "switch_in_child",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,3 +194,39 @@ def switch_in_child(who: Account | None) -> Callable[[], None] | None:
         os.setuid(who.uid)
 
     return switch
+
+
+def own_process_group() -> None:
+    """Put this process (a zygote, a worker) in a process group of its own, in its parent's
+    session.
+
+    A terminal's Ctrl-C (SIGINT to its foreground group) then reaches only the primary, which
+    drains the workers in order. Not a session of its own (``setsid``): with autogroup
+    scheduling every session weighs as much as any other, so N workers in N sessions would
+    crowd out a load balancer or proxy on the same machine that has one (measured: a
+    co-located ``wrk`` got less CPU, and a connection per request ran at 0.80 of uvicorn instead
+    of 0.95). A background group of the terminal's session is stopped by SIGTTOU when it
+    writes to the terminal under ``stty tostop`` (SIGTTIN when it reads): both are ignored,
+    so a worker's log lines go out and a read fails instead.
+    """
+    os.setpgid(0, 0)
+    signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    signal.signal(signal.SIGTTIN, signal.SIG_IGN)
+
+
+def prepare_child(who: Account | None) -> Callable[[], None]:
+    """The ``preexec_fn`` of every process the primary spawns: :func:`own_process_group`, then
+    the switch to ``who`` (see :func:`switch_in_child`).
+
+    The ignored signals survive the exec, so they hold from the interpreter's first write (a
+    reload's zygote importing the application, say); uvloop's subprocess has no
+    ``process_group=``, hence ``setpgid`` here.
+    """
+    switch = switch_in_child(who)
+
+    def prepare() -> None:
+        own_process_group()
+        if switch is not None:
+            switch()
+
+    return prepare

@@ -27,6 +27,7 @@ import threading
 from typing import NoReturn
 
 from aiocluster._errors import ProtocolError
+from aiocluster._process import own_process_group
 from aiocluster._role import Role, become_zygote, identity, resuming, role
 from aiocluster.wire import messages as proto
 from aiocluster.wire.codec import Decoder, Frame, encode
@@ -188,7 +189,7 @@ def _fork(sock: socket.socket, frame: Frame) -> tuple[int, int, int] | None:
             worker = os.fork()
             if worker == 0:
                 os.close(write_end)
-                os.setsid()  # as a spawned worker: a terminal's Ctrl-C reaches the primary only
+                own_process_group()  # as a spawned worker: Ctrl-C reaches the primary only
                 return worker_id, slot, fd
             os.write(write_end, str(worker).encode())
         except BaseException:
@@ -258,7 +259,7 @@ def prefork_zygote() -> bool:
     pid = os.fork()
     if pid == 0:
         parent.close()
-        os.setsid()  # as a spawned process: a terminal's Ctrl-C reaches the primary only
+        own_process_group()  # as a spawned process: Ctrl-C reaches the primary only
         become_zygote(child.detach())
         pause_collector()
         return True

@@ -516,3 +516,32 @@ async def test_a_start_runs_to_its_end_unless_a_stop_comes_first() -> None:
     taken = OSError(errno.EADDRINUSE, "Address already in use")
     with pytest.raises(OSError, match="in use"):
         await _start_unless_stopped(stopping, start(opened, taken))
+
+
+@pytest.mark.parametrize("start", ["fork", "spawn"])
+async def test_ctrl_c_reaches_only_the_primary_and_workers_share_its_session(
+    start_cluster: StartCluster, start: str
+) -> None:
+    """A terminal's Ctrl-C is SIGINT to its foreground process group: only the primary may get
+    it, and drain the workers in order. The workers and the zygote are in process groups of
+    their own, but in the primary's session: with autogroup scheduling a session of their own
+    each would weigh as much as a co-located proxy's whole session."""
+    # setsid(1) makes the primary a session and process group leader, as a shell makes a job.
+    c = await start_cluster(
+        "setsid", *cli("run", "webapp:app", "-w", "2", "-b", "127.0.0.1:0", "--start", start)
+    )
+    assert c.proc is not None
+    primary = c.proc.pid
+    assert os.getpgid(primary) == primary
+    started = list(c.worker_pids.values())
+    for pid in started:
+        assert os.getsid(pid) == os.getsid(primary), "a worker left the primary's session"
+        assert os.getpgid(pid) == pid, "a worker shares a process group"
+    os.killpg(primary, signal.SIGINT)
+    assert await c.wait() == 0
+    assert "SIGINT received: draining" in c.output
+    assert not c.count(r"\[worker \d+ \d+\] INFO aiocluster: SIGINT received")
+    assert "Traceback" not in c.output
+    assert "zygote" not in c.output.split("SIGINT received: draining", 1)[1].lower()
+    for pid in started:
+        await wait_pid_gone(pid, 10)

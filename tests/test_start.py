@@ -50,10 +50,12 @@ async def test_workers_are_forked_from_the_zygote_by_default(start_cluster: Star
     zygote = int((await c.wait_for(ZYGOTE)).group(1))
     answers = await probe_each(c, 2)
     for a in answers:
-        # Re-parented to the primary (double fork), in a session of its own like a spawned
-        # worker, told its id through the environment as under spawn.
+        # Re-parented to the primary (double fork), in a process group of its own in the
+        # primary's session like a spawned worker, told its id through the environment as
+        # under spawn.
         assert a["ppid"] == c.proc.pid
-        assert a["sid"] == a["pid"]
+        assert a["sid"] == os.getsid(c.proc.pid)
+        assert a["pgid"] == a["pid"]
         assert a["env_worker"] == str(a["worker"])
         # The application was imported once, by the zygote, not by the worker.
         assert a["imported_in"] == zygote

@@ -22,7 +22,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 from aiocluster._config import StartMethod
@@ -33,7 +33,7 @@ from aiocluster._errors import (
     ChannelClosed,
     ProtocolError,
 )
-from aiocluster._process import Account, switch_in_child
+from aiocluster._process import Account, prepare_child
 from aiocluster._role import ENV_CHANNEL_FD, ENV_WORKER_ID, ENV_WORKER_SLOT, ENV_ZYGOTE_FD
 from aiocluster._zygote import take_preforked
 from aiocluster.primary.upgrade_state import ChannelRecord
@@ -428,16 +428,14 @@ async def spawn(
     worker (start method spawn), or with ``ENV_ZYGOTE_FD`` a zygote; as ``account`` if given."""
     env = dict(env)
     env[fd_variable] = str(channel_end.fileno())
-    switch: Callable[[], None] | None = switch_in_child(account)
     return await asyncio.create_subprocess_exec(
         *argv,
         env=env,
         pass_fds=(channel_end.fileno(),),
         stdin=subprocess.DEVNULL,
-        # Own session: a terminal's Ctrl-C reaches only the primary, which then drains the
-        # workers in order instead of every process (and the zygote) dying at once.
-        start_new_session=True,
-        preexec_fn=switch,
+        # Own process group: a terminal's Ctrl-C reaches only the primary, which then drains
+        # the workers in order instead of every process (and the zygote) dying at once.
+        preexec_fn=prepare_child(account),
     )
 
 

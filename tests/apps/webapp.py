@@ -49,6 +49,7 @@ async def probe(request: web.Request) -> web.Response:
             "pid": os.getpid(),
             "ppid": os.getppid(),
             "sid": os.getsid(0),
+            "pgid": os.getpgid(0),
             "worker": aiocluster.worker_id(),
             "env_worker": os.environ.get("AIOCLUSTER_WORKER_ID"),
             "random": random.getrandbits(64),
