@@ -98,6 +98,13 @@ class HttpProtocol(HttpToolsProtocol):
         # Between a request's first bytes and its headers: not idle, though no cycle runs yet.
         self.receiving = False
 
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if self.drain_state.draining:
+            # Made after the drain's sweep of idle connections (a TLS handshake that just
+            # ended): it gets the same grace, from now.
+            self.loop.call_later(self.drain_state.idle_grace, self.close_if_idle)
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.receiving = True
@@ -117,9 +124,6 @@ class HttpProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_started:
             cycle.keep_alive = False
-        # For a connection made after the drain began (a TLS handshake that just ended), as
-        # the drain's own sweep does for the others.
-        self.loop.call_later(self.drain_state.idle_grace, self.close_if_idle)
 
     def idle(self) -> bool:
         """True between requests: nothing read of a next one, nothing being answered."""

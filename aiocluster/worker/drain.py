@@ -36,6 +36,7 @@ from typing import Any
 
 from aiohttp import WSCloseCode, web
 
+from aiocluster.web import ClusterSite
 from aiocluster.worker.deadline import DrainPlan, wait_handshakes, wait_until
 
 __all__ = ["OpenWebsockets", "drain_app"]
@@ -108,8 +109,6 @@ async def drain_app(
     runner: web.AppRunner, plan: DrainPlan, websockets: OpenWebsockets | None = None
 ) -> None:
     """Drain ``runner``'s application as the module docstring says, spending ``plan``."""
-    from aiocluster.web import ClusterSite
-
     accepted = []
     for site in list(runner.sites):
         if isinstance(site, ClusterSite) and site.accepted is not None:
@@ -129,7 +128,7 @@ async def _drain_connections(
     app: web.Application,
     plan: DrainPlan,
     websockets: OpenWebsockets | None,
-    accepted: Sequence[asyncio.Future[None]] = (),
+    accepted: Sequence[asyncio.Future[None]],
 ) -> None:
     empty = _watch(server, plan.idle_grace)
     if live := _live(server):
@@ -145,10 +144,7 @@ async def _drain_connections(
                 conn.force_close()
     await wait_until(asyncio.ensure_future(empty.wait()), plan.began + plan.idle_grace)
     for conn in _live(server):
-        if _idle(conn):
-            # Closed outright: aiohttp's close() only cancels the wait for the next request,
-            # and leaves the transport open until the deadline.
-            conn.force_close()
+        _close_if_idle(conn)
     waiting = asyncio.ensure_future(empty.wait())
     await wait_until(waiting, plan.deadline)
     waiting.cancel()
@@ -264,6 +260,8 @@ def _watch(server: web.Server, idle_grace: float) -> asyncio.Event:
 
 def _close_if_idle(conn: Any) -> None:
     if getattr(conn, "transport", None) is not None and _idle(conn):
+        # Closed outright: aiohttp's close() only cancels the wait for the next request, and
+        # leaves the transport open until the deadline.
         conn.force_close()
 
 
