@@ -200,9 +200,7 @@ async def serve_app_worker(
                 app, config, access_log=access_log, graceful_timeout=current.graceful_timeout
             )
         current.add_stats_source(served.stats)
-        binds = current.binds or config.binds
-        current.expect_listens(len(binds))
-        await served.start(binds, config.backlog, tls)
+        await served.start(_starting_listens(config), config.backlog, tls)
 
     drained = False
     with _stop_signals(current.stopping):
@@ -240,9 +238,7 @@ async def serve_protocol_worker(
 
     async def start() -> None:
         tls = ssl_context or server_context(config)
-        binds = current.binds or config.binds
-        current.expect_listens(len(binds))
-        for address in binds:
+        for address in _starting_listens(config):
             server = await create_server(
                 tracker.wrap(factory), address=address, backlog=config.backlog, ssl=tls
             )
@@ -302,6 +298,15 @@ async def until_stopped() -> None:
     with _stop_signals(current.stopping):
         await current.ensure_online()
         await current.stopping.wait()
+
+
+def _starting_listens(config: ClusterConfig) -> Sequence[Address]:
+    """The binds this worker serves (the primary's, else the configured ones), announced to
+    the link as the listens it is about to start: it is ready after the last."""
+    current = link()
+    binds = current.binds or config.binds
+    current.expect_listens(len(binds))
+    return binds
 
 
 @contextlib.contextmanager
