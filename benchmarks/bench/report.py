@@ -468,8 +468,7 @@ def replace_table(rows: list[Row]) -> str:
         "|---|---:|---:|---:|",
     ]
     for row in rows:
-        if "skipped" in row or "error" in row:
-            why = row.get("skipped") or f"error: {row['error']}"
+        if (why := _not_measured(row)) is not None:
             lines.append(f"| {row['name']} | {why} |||")
             continue
         kills = row["kills"]
@@ -492,8 +491,7 @@ def reload_time_table(rows: list[Row]) -> str:
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        if "skipped" in row or "error" in row:
-            why = row.get("skipped") or f"error: {row['error']}"
+        if (why := _not_measured(row)) is not None:
             lines.append(f"| {row['name']} | | {why} ||||||")
             continue
         reloads = row["reloads"]
@@ -529,8 +527,17 @@ def growth_table(rows: list[Row], counts: list[int]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _not_measured(row: Row) -> str | None:
+    """Why ``row`` has no figures (skipped, or its error), or None if it has them."""
+    if "skipped" in row:
+        return str(row["skipped"])
+    if "error" in row:
+        return f"error: {row['error']}"
+    return None
+
+
 def _by_name(rows: list[Row]) -> dict[str, Row]:
-    return {row["name"]: row for row in rows if "error" not in row and "skipped" not in row}
+    return {row["name"]: row for row in rows if _not_measured(row) is None}
 
 
 def _by_round(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:

@@ -47,33 +47,24 @@ from .load import (
 from .process import Running, free_port, http_status, is_running, started
 from .servers import Server
 
+#: The rows the burst and replace measures share: aiocluster under each policy and its peers.
+_PEERS = (
+    "aiocluster-aiohttp",
+    "aiocluster-aiohttp-rr",
+    "aiocluster-aiohttp-reuseport",
+    "gunicorn-aiohttp",
+    "aiocluster-asgi",
+    "uvicorn-asgi",
+    "gunicorn-asgi",
+    "granian-asgi",
+    "node-cluster",
+    "node-cluster-rr",
+)
+
 #: The rows each measure runs by default (``--only`` replaces them): the issue's peers.
 ROWS: dict[str, tuple[str, ...]] = {
-    "burst": (
-        "aiocluster-aiohttp",
-        "aiocluster-aiohttp-rr",
-        "aiocluster-aiohttp-reuseport",
-        "gunicorn-aiohttp",
-        "aiocluster-asgi",
-        "uvicorn-asgi",
-        "gunicorn-asgi",
-        "granian-asgi",
-        "node-cluster",
-        "node-cluster-rr",
-        "nginx",
-    ),
-    "replace": (
-        "aiocluster-aiohttp",
-        "aiocluster-aiohttp-rr",
-        "aiocluster-aiohttp-reuseport",
-        "gunicorn-aiohttp",
-        "aiocluster-asgi",
-        "uvicorn-asgi",
-        "gunicorn-asgi",
-        "granian-asgi",
-        "node-cluster",
-        "node-cluster-rr",
-    ),
+    "burst": (*_PEERS, "nginx"),
+    "replace": _PEERS,
     "reload-time": (
         "aiocluster-aiohttp",
         "gunicorn-aiohttp",

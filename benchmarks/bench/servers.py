@@ -92,6 +92,31 @@ def aiocluster_start_methods(text: str) -> tuple[list[str], str]:
     return ([c.strip() for c in found.group(1).split(",")] if found else ["spawn"]), ""
 
 
+def gunicorn_row(name: str, app: str, how: str, *worker: str) -> Server:
+    """A gunicorn row: ``app`` on N workers of the class ``worker`` names (its ``-k`` and
+    options), the backlog of the other rows, warnings only in its log."""
+    return Server(
+        name=name,
+        family="peer",
+        describe=how,
+        argv=lambda ctx: [
+            ctx.bin("gunicorn"),
+            app,
+            *worker,
+            "-w",
+            str(ctx.workers),
+            "-b",
+            f"{HOST}:{ctx.port}",
+            "--backlog",
+            "2048",
+            "--log-level",
+            "warning",
+        ],
+        missing=_need_venv("gunicorn"),
+        reload_signal=signal.SIGHUP,
+    )
+
+
 def node_row(name: str, sched: str, how: str) -> Server:
     """Node.js's own cluster module on the classic hello world, with scheduling ``sched``."""
     return Server(
@@ -224,26 +249,12 @@ def build_servers() -> tuple[list[Server], list[str]]:
             )
         )
     rows += [
-        Server(
-            name="gunicorn-aiohttp",
-            family="peer",
-            describe="gunicorn -k aiohttp.GunicornUVLoopWebWorker, the same aiohttp app",
-            argv=lambda ctx: [
-                ctx.bin("gunicorn"),
-                "hello_aiohttp:app",
-                "-k",
-                "aiohttp.GunicornUVLoopWebWorker",
-                "-w",
-                str(ctx.workers),
-                "-b",
-                f"{HOST}:{ctx.port}",
-                "--backlog",
-                "2048",
-                "--log-level",
-                "warning",
-            ],
-            missing=_need_venv("gunicorn"),
-            reload_signal=signal.SIGHUP,
+        gunicorn_row(
+            "gunicorn-aiohttp",
+            "hello_aiohttp:app",
+            "gunicorn -k aiohttp.GunicornUVLoopWebWorker, the same aiohttp app",
+            "-k",
+            "aiohttp.GunicornUVLoopWebWorker",
         ),
         Server(
             name="uvicorn-asgi",
@@ -271,29 +282,15 @@ def build_servers() -> tuple[list[Server], list[str]]:
             missing=_need_venv("uvicorn"),
             reload_signal=signal.SIGHUP,
         ),
-        Server(
-            name="gunicorn-asgi",
-            family="peer",
-            describe="gunicorn -k asgi (gunicorn's own ASGI worker, gunicorn >= 27) "
-            "--asgi-loop uvloop, the same ASGI app",
-            argv=lambda ctx: [
-                ctx.bin("gunicorn"),
-                "hello_asgi:app",
-                "-k",
-                "asgi",
-                "--asgi-loop",
-                "uvloop",
-                "-w",
-                str(ctx.workers),
-                "-b",
-                f"{HOST}:{ctx.port}",
-                "--backlog",
-                "2048",
-                "--log-level",
-                "warning",
-            ],
-            missing=_need_venv("gunicorn"),
-            reload_signal=signal.SIGHUP,
+        gunicorn_row(
+            "gunicorn-asgi",
+            "hello_asgi:app",
+            "gunicorn -k asgi (gunicorn's own ASGI worker, gunicorn >= 27) --asgi-loop uvloop, "
+            "the same ASGI app",
+            "-k",
+            "asgi",
+            "--asgi-loop",
+            "uvloop",
         ),
         Server(
             name="granian-asgi",
