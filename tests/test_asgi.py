@@ -196,6 +196,35 @@ async def test_keep_alive_answers_during_a_drain_say_connection_close(
             writer.close()
 
 
+async def test_a_request_half_received_when_the_idle_connections_close_is_answered(
+    start_cluster: StartCluster,
+) -> None:
+    c = await start_cluster(
+        *cli("run", "asgi_app:app", "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "10")
+    )
+    host, port = c.address.rsplit(":", 1)
+    idle = await asyncio.open_connection(host, int(port))
+    half = await asyncio.open_connection(host, int(port))
+    try:
+        await request_on(*idle, "/")
+        await request_on(*half, "/")
+        half[1].write(b"GET / HTTP/1.1\r\nHost: te")  # the next request, its head cut short
+        await half[1].drain()
+        mark = len(c.lines)
+        c.signal(signal.SIGTERM)
+        await c.wait_for(r"asked to disconnect; draining", timeout=5, start=mark)
+        # The idle grace's sweep closes the idle connection; the one in the middle of a
+        # request is not idle, so it stays open and its request is answered.
+        assert await asyncio.wait_for(idle[0].read(), timeout=5) == b""
+        half[1].write(b"st\r\n\r\n")
+        head = (await asyncio.wait_for(half[0].readuntil(b"\r\n\r\n"), timeout=5)).decode()
+        assert head.startswith("HTTP/1.1 200") and "connection: close" in head.lower(), head
+        assert await c.wait(timeout=5) == 0
+    finally:
+        for _, writer in (idle, half):
+            writer.close()
+
+
 async def test_heartbeats_count_asgi_requests(start_cluster: StartCluster) -> None:
     c = await start_cluster(
         *cli("run", "asgi_app:app", "-w", "1", "-b", "127.0.0.1:0", "--max-requests", "20")

@@ -78,9 +78,35 @@ class DrainState(ServerState):
         #: How long a connection may stay idle once the drain began (its plan's idle grace).
         self.idle_grace = 0.0
 
+    def set_date(self, date: bytes) -> None:
+        """The headers every response from now on starts with: ``Date``, and during a drain
+        ``Connection: close``.
+
+        uvicorn's protocol hands these to each request's cycle as it is made, so a drain
+        costs nothing per request before it begins. (An app that sends a ``Connection``
+        header of its own during a drain sends a second one; ``close`` is in the list.)
+        """
+        headers = [(b"date", date)]
+        if self.draining:
+            headers.append(_CLOSE)
+        self.default_headers = headers
+
+    def begin_drain(self, idle_grace: float) -> None:
+        """From now on every response says ``Connection: close``."""
+        self.idle_grace = idle_grace
+        self.draining = True
+        self.set_date(next(value for name, value in self.default_headers if name == b"date"))
+
+
+_CLOSE = (b"connection", b"close")
+
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, draining as the module docstring says."""
+    """uvicorn's httptools protocol, tracked and draining as the module docstring says.
+
+    Nothing is added per request: the tracker hears of the connection's start and end, the
+    drain's ``Connection: close`` comes with the default headers (:class:`DrainState`).
+    """
 
     def __init__(
         self,
@@ -88,6 +114,7 @@ class HttpProtocol(HttpToolsProtocol):
         server_state: DrainState,
         app_state: dict[str, Any],
         *,
+        tracker: ConnectionTracker,
         access_log: bool,
     ) -> None:
         super().__init__(config=config, server_state=server_state, app_state=app_state)
@@ -95,25 +122,21 @@ class HttpProtocol(HttpToolsProtocol):
         # always does under aiocluster): here it is the --access-log option that decides.
         self.access_log = access_log
         self.drain_state = server_state
-        # Between a request's first bytes and its headers: not idle, though no cycle runs yet.
-        self.receiving = False
+        self.tracker = tracker
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.tracker.opened(transport, self)
         if self.drain_state.draining:
             # Made after the drain's sweep of idle connections (a TLS handshake that just
             # ended): it gets the same grace, from now.
             self.loop.call_later(self.drain_state.idle_grace, self.close_if_idle)
 
-    def on_message_begin(self) -> None:
-        super().on_message_begin()
-        self.receiving = True
-
-    def on_headers_complete(self) -> None:
-        super().on_headers_complete()
-        self.receiving = False
-        if self.drain_state.draining:
-            self.drain()
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            super().connection_lost(exc)
+        finally:
+            self.tracker.closed(self.transport)
 
     def drain(self) -> None:
         """Make the response not yet started on this connection say ``Connection: close``.
@@ -128,9 +151,10 @@ class HttpProtocol(HttpToolsProtocol):
     def idle(self) -> bool:
         """True between requests: nothing read of a next one, nothing being answered."""
         cycle = self.cycle
-        return (
-            not self.receiving and not self.pipeline and (cycle is None or cycle.response_complete)
-        )
+        # uvicorn makes a new scope at a request's first byte and its cycle at the end of
+        # its headers: a scope that is not the cycle's is a request being received.
+        receiving = self.scope is not None and (cycle is None or cycle.scope is not self.scope)
+        return not receiving and not self.pipeline and (cycle is None or cycle.response_complete)
 
     def close_if_idle(self) -> None:
         """Close the connection if it is :meth:`idle`."""
@@ -197,11 +221,10 @@ class AsgiServer:
         """Serve ``app``; with ``trusted_proxies`` (``--forwarded-allow-ips``), the forwarding
         headers of those peers are believed (:class:`~aiocluster.worker.proxy.ProxyHeaders`),
         outside the app, so that the access log shows the client too."""
-        if trusted_proxies is not None:
-            app = ProxyHeaders(app, trusted_proxies)
+        proxy = ProxyHeaders(app, trusted_proxies) if trusted_proxies is not None else None
         # The app goes in as a factory that returns it: uvicorn's Config calls a loaded app
         # with no arguments to detect factories, which an app must never see.
-        timed = asgi_timing(app)
+        timed = asgi_timing(app, prepare=proxy.apply if proxy is not None else None)
         self.config = Config(
             app=lambda: timed,
             factory=True,
@@ -238,7 +261,7 @@ class AsgiServer:
         if self.lifespan.should_exit:
             raise LifespanFailed("the ASGI application's lifespan startup failed; see above")
         self._started = True
-        factory = self.tracker.wrap(self._protocol)
+        factory = self.tracker.wrap(self._protocol, reports=True)
         for address in binds:
             grant = await listen(address, backlog)
             server = await start_server(grant, factory, backlog=backlog, ssl=tls)
@@ -250,12 +273,13 @@ class AsgiServer:
             config=self.config,
             server_state=self.state,
             app_state=self.lifespan.state,
+            tracker=self.tracker,
             access_log=self.access_log,
         )
 
     def _tick(self) -> None:
         # What uvicorn's Server loop does once a second: the Date header every response has.
-        self.state.default_headers = [(b"date", formatdate(usegmt=True).encode())]
+        self.state.set_date(formatdate(usegmt=True).encode())
         self._clock = asyncio.get_running_loop().call_later(1.0, self._tick)
 
     async def drain(self, plan: DrainPlan) -> None:
@@ -264,8 +288,7 @@ class AsgiServer:
         try:
             for server in self.servers:
                 server.close()
-            self.state.idle_grace = plan.idle_grace
-            self.state.draining = True
+            self.state.begin_drain(plan.idle_grace)
             self.tracker.begin_drain()
             await self._drain_connections(plan)
         finally:

@@ -273,27 +273,46 @@ def aiohttp_timing() -> Any:
     return timing
 
 
-def asgi_timing(app: Any) -> Any:
+class _NotingStatus:
+    """An ASGI ``send`` that notes the status of ``http.response.start`` on its way.
+
+    A plain call returning ``send``'s awaitable, not a coroutine of its own: no frame more
+    per message.
+    """
+
+    __slots__ = ("send", "status")
+
+    def __init__(self, send: Any) -> None:
+        self.send = send
+        self.status = 500  # what the request counts as if the app raises before answering
+
+    def __call__(self, message: dict[str, Any]) -> Any:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        return self.send(message)
+
+
+def asgi_timing(app: Any, *, prepare: Callable[[dict[str, Any]], None] | None = None) -> Any:
     """``app`` (ASGI 3), counting each HTTP request in :func:`requests`: its status is the one
-    of ``http.response.start``, its time until the app returns."""
+    of ``http.response.start``, its time until the app returns. ``prepare`` is called first
+    with each HTTP and websocket scope (the proxy headers: one layer for both, not two).
+    """
     stats = requests()
 
     async def timed(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await app(scope, receive, send)
+        kind = scope["type"]
+        if kind == "http":
+            if prepare is not None:
+                prepare(scope)
+            noting = _NotingStatus(send)
+            started = stats.begin()
+            try:
+                await app(scope, receive, noting)
+            finally:
+                stats.end(started, noting.status)
             return
-        status = 500
-
-        async def sending(message: dict[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
-        started = stats.begin()
-        try:
-            await app(scope, receive, sending)
-        finally:
-            stats.end(started, status)
+        if kind == "websocket" and prepare is not None:
+            prepare(scope)
+        await app(scope, receive, send)
 
     return timed

@@ -289,10 +289,11 @@ class ProxyHeaders:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Serve ``scope`` as the trusted proxies say it is (other scopes go through)."""
         if scope["type"] in ("http", "websocket"):
-            self._apply(scope)
+            self.apply(scope)
         await self.app(scope, receive, send)
 
-    def _apply(self, scope: Scope) -> None:
+    def apply(self, scope: Scope) -> None:
+        """Rewrite ``scope`` (an HTTP or websocket one) as the trusted proxies say it is."""
         client = scope.get("client")
         peer: str | None
         if client:

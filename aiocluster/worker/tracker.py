@@ -28,9 +28,13 @@ class ConnectionTracker:
         self._idle.set()
         self._draining = False
 
-    def wrap(self, factory: Callable[[], asyncio.BaseProtocol]) -> TrackedFactory:
-        """A factory whose protocols report their connection's start and end to the tracker."""
-        return TrackedFactory(self, factory)
+    def wrap(
+        self, factory: Callable[[], asyncio.BaseProtocol], *, reports: bool = False
+    ) -> TrackedFactory:
+        """A factory whose protocols report their connection's start and end to the tracker:
+        made to by :meth:`track`, or, with ``reports``, by calling :meth:`opened` and
+        :meth:`closed` themselves (no wrapper per connection: a server's own protocol)."""
+        return TrackedFactory(self, factory, reports=reports)
 
     def track(self, proto: asyncio.BaseProtocol) -> asyncio.BaseProtocol:
         """Make ``proto`` report its connection's start and end to the tracker.
@@ -46,24 +50,15 @@ class ConnectionTracker:
 
         def connection_made(transport: asyncio.BaseTransport) -> None:
             box.append(transport)
-            self.accepted += 1
-            self.transports[transport] = proto
-            self._idle.clear()
             made(transport)
-            if self._draining:
-                # Made after the drain began (under policy rr, a connection the primary
-                # handed over just before this worker closed): wrap it up too, or it
-                # would keep the worker for the whole graceful timeout, then be cut.
-                self._wrap_up(proto)
+            self.opened(transport, proto)
 
         def connection_lost(exc: Exception | None) -> None:
             try:
                 lost(exc)
             finally:
                 if box:
-                    self.transports.pop(box.pop(), None)
-                if not self.transports:
-                    self._idle.set()
+                    self.closed(box.pop())
                 # These closures hold the protocol, which holds them: without this, every
                 # connection's protocol and transport would wait for the cyclic garbage
                 # collector (measured: 9 % of an ASGI worker's CPU with a connection per
@@ -75,6 +70,26 @@ class ConnectionTracker:
         proto.connection_made = connection_made  # type: ignore[method-assign]
         proto.connection_lost = connection_lost  # type: ignore[method-assign]
         return proto
+
+    def opened(self, transport: asyncio.BaseTransport, proto: asyncio.BaseProtocol) -> None:
+        """``proto``'s connection on ``transport`` is made (after its own ``connection_made``).
+
+        A protocol that reports itself (see :meth:`wrap`) calls this and :meth:`closed`.
+        """
+        self.accepted += 1
+        self.transports[transport] = proto
+        self._idle.clear()
+        if self._draining:
+            # Made after the drain began (under policy rr, a connection the primary handed
+            # over just before this worker closed): wrap it up too, or it would keep the
+            # worker for the whole graceful timeout, then be cut.
+            self._wrap_up(proto)
+
+    def closed(self, transport: asyncio.BaseTransport) -> None:
+        """The connection on ``transport`` ended."""
+        self.transports.pop(transport, None)
+        if not self.transports:
+            self._idle.set()
 
     async def wait_idle(self) -> None:
         """Wait until no tracked connection is open."""
@@ -129,13 +144,20 @@ class TrackedFactory:
     the factory in a second one: one wrapper per connection is enough.
     """
 
-    __slots__ = ("factory", "tracker")
+    __slots__ = ("factory", "reports", "tracker")
 
     def __init__(
-        self, tracker: ConnectionTracker, factory: Callable[[], asyncio.BaseProtocol]
+        self,
+        tracker: ConnectionTracker,
+        factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        reports: bool = False,
     ) -> None:
         self.tracker = tracker
         self.factory = factory
+        #: The protocols call the tracker's opened() and closed() themselves.
+        self.reports = reports
 
     def __call__(self) -> asyncio.BaseProtocol:
-        return self.tracker.track(self.factory())
+        proto = self.factory()
+        return proto if self.reports else self.tracker.track(proto)
