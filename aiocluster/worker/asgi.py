@@ -216,17 +216,27 @@ class AsgiServer:
     """One worker's ASGI server: the app's lifespan, its listens, its connections, its drain."""
 
     def __init__(
-        self, app: AsgiApp, *, access_log: bool, trusted_proxies: Sequence[str] | None = None
+        self,
+        app: AsgiApp,
+        *,
+        access_log: bool,
+        trusted_proxies: Sequence[str] | None = None,
+        timing: bool = True,
     ) -> None:
         """Serve ``app``; with ``trusted_proxies`` (``--forwarded-allow-ips``), the forwarding
         headers of those peers are believed (:class:`~aiocluster.worker.proxy.ProxyHeaders`),
-        outside the app, so that the access log shows the client too."""
+        outside the app, so that the access log shows the client too. With ``timing`` each
+        request's latency and status are counted for the metrics."""
         proxy = ProxyHeaders(app, trusted_proxies) if trusted_proxies is not None else None
+        served: AsgiApp = app
+        if timing:
+            served = asgi_timing(app, prepare=proxy.apply if proxy is not None else None)
+        elif proxy is not None:
+            served = proxy
         # The app goes in as a factory that returns it: uvicorn's Config calls a loaded app
         # with no arguments to detect factories, which an app must never see.
-        timed = asgi_timing(app, prepare=proxy.apply if proxy is not None else None)
         self.config = Config(
-            app=lambda: timed,
+            app=lambda: served,
             factory=True,
             interface="asgi3",
             lifespan="auto",

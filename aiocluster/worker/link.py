@@ -144,6 +144,15 @@ class WorkerLink:
             self.graceful_timeout, cleanup_timeout=self.cleanup_timeout, ws_grace=self.ws_grace
         )
 
+    @property
+    def reports_metrics(self) -> bool:
+        """True once online if the primary takes metric reports (it serves ``--admin``).
+
+        Without them nothing reads a request's latency or status class, so servers do not
+        count them: a request then costs what it costs under gunicorn or uvicorn.
+        """
+        return self._reporter is not None
+
     def add_stats_source(self, source: StatsSource) -> None:
         """Count ``source()``'s (requests served, connections open) in this worker's reports."""
         self._stats_sources.append(source)

@@ -111,6 +111,7 @@ class _AiohttpServed:
         *,
         access_log: bool,
         graceful_timeout: float,
+        timing: bool,
     ) -> None:
         from aiohttp import web
 
@@ -127,9 +128,10 @@ class _AiohttpServed:
             else:
                 # First, so that every other middleware sees the client as the proxy says.
                 app.middlewares.insert(0, proxy_middleware(config.forwarded_allow_ips))
-        if app.frozen:
+        # Without timing nobody takes the metrics (no --admin): nothing is counted per request.
+        if timing and app.frozen:
             log.warning("the application is frozen already: its requests are not timed")
-        else:
+        elif timing:
             # First of all: it times every other middleware, and counts what they answer.
             app.middlewares.insert(0, aiohttp_timing())
         self.runner = web.AppRunner(
@@ -194,10 +196,15 @@ async def serve_app_worker(
                 app,
                 access_log=access_log,
                 trusted_proxies=config.forwarded_allow_ips if config.proxy_headers else None,
+                timing=current.reports_metrics,
             )
         else:
             served = _AiohttpServed(
-                app, config, access_log=access_log, graceful_timeout=current.graceful_timeout
+                app,
+                config,
+                access_log=access_log,
+                graceful_timeout=current.graceful_timeout,
+                timing=current.reports_metrics,
             )
         current.add_stats_source(served.stats)
         await served.start(_starting_listens(config), config.backlog, tls)
