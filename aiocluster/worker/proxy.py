@@ -54,6 +54,7 @@ _SCHEMES = {"http": "http", "https": "https", "ws": "http", "wss": "https"}
 
 #: The forwarding headers read, lower-case (``Forwarded`` is parsed; the others are lists).
 HEADERS = ("forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
+_RAW_HEADERS = frozenset(name.encode("latin-1") for name in HEADERS)
 
 # One RFC 7239 pair and what ends it: ``name=token`` or ``name="quoted \" string"``. Values
 # are taken a little wider than a token (``for=10.0.0.1:80`` unquoted is common), never
@@ -237,7 +238,9 @@ def proxy_middleware(peers: Iterable[str]) -> Middleware:
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         transport = request.transport
-        if transport is None:  # the connection is gone already
+        if transport is None or not any(name in request.headers for name in HEADERS):
+            # Nothing forwarded (most requests, when no proxy is in front), or the connection
+            # is gone already: nothing to believe, and nothing to look up per request.
             return await handler(request)
         sock = transport.get_extra_info("socket")
         peername = transport.get_extra_info("peername")
@@ -294,6 +297,14 @@ class ProxyHeaders:
 
     def apply(self, scope: Scope) -> None:
         """Rewrite ``scope`` (an HTTP or websocket one) as the trusted proxies say it is."""
+        raw: list[tuple[bytes, bytes]] = scope.get("headers", [])
+        headers: dict[str, list[str]] = {}
+        for name, value in raw:
+            key = name.lower()
+            if key in _RAW_HEADERS:
+                headers.setdefault(key.decode("latin-1"), []).append(value.decode("latin-1"))
+        if not headers:
+            return  # nothing forwarded: most requests when no proxy is in front
         client = scope.get("client")
         peer: str | None
         if client:
@@ -303,14 +314,6 @@ class ProxyHeaders:
             if not server or server[1] is not None:
                 return  # no address to trust, and not a Unix socket
             peer = None
-        raw: list[tuple[bytes, bytes]] = scope.get("headers", [])
-        headers: dict[str, list[str]] = {}
-        for name, value in raw:
-            key = name.decode("latin-1").lower()
-            if key in HEADERS:
-                headers.setdefault(key, []).append(value.decode("latin-1"))
-        if not headers:
-            return
         says = believe(peer, self.trusted, headers)
         if says.remote is not None:
             scope["client"] = (says.remote, 0)
