@@ -54,6 +54,18 @@ def listening_tcp_inode(port: int) -> int:
     raise AssertionError(f"nothing listens on port {port}")
 
 
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the socket listening on ``port`` (IPv4)."""
+    with open("/proc/net/tcp") as f:
+        next(f)
+        for line in f:
+            fields = line.split()
+            local, queues, state = fields[1], fields[4], fields[3]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                return int(queues.split(":")[1], 16)  # rx_queue of a listener: its backlog
+    raise AssertionError(f"nothing listens on port {port}")
+
+
 def open_fds() -> set[int]:
     """This process's open descriptors (less the one listdir used, closed once it returns)."""
     return set(fd_targets(os.getpid()))

@@ -236,9 +236,8 @@ async def test_slow_clients_do_not_hold_a_stop(start_cluster: StartCluster) -> N
     stop.set()
     closed = await asyncio.gather(*clients)
     assert all(closed)  # the server closed every one
-    # Closed at once, not after the idle grace (2 s) keep-alive connections get: nothing was
-    # ever answered on them, so no client is about to reuse them.
-    assert took < 1.5, f"stop took {took:.1f}s with a 30s graceful timeout"
+    # Closed after the idle grace (2 s) every connection gets, not at the 30 s deadline.
+    assert took < 6, f"stop took {took:.1f}s with a 30s graceful timeout"
     assert c.count("still busy at the graceful deadline") == 0
 
 

@@ -20,6 +20,7 @@ import pytest
 
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli
+from .procfs import accept_queue
 from .test_cluster import free_port, get_json
 
 WS_TIMEOUT = aiohttp.ClientTimeout(total=30)
@@ -264,3 +265,30 @@ async def test_a_worker_that_will_not_exit_is_killed_after_deadline_and_allowanc
     assert await c.wait(timeout=5) == 0
     with pytest.raises(aiohttp.ClientError):
         await blocked
+
+
+@pytest.mark.parametrize("app", ["webapp:app", "asgi_app:app"])
+async def test_a_connection_accepted_as_the_drain_begins_has_its_first_request_answered(
+    start_cluster: StartCluster, app: str
+) -> None:
+    """A client that connected just before the sites stopped: its first request is on the way
+    (here: sent after the drain began, as over a slow network). Closing such connections at
+    once, as never-answered ones, failed requests in every reload under new-connection load."""
+    c = await start_cluster(
+        *cli("run", app, "-w", "1", "-b", "127.0.0.1:0", "--graceful-timeout", "10")
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", c.port)
+    try:
+        async with asyncio.timeout(5):
+            while accept_queue(c.port):  # until the worker has taken the connection
+                await asyncio.sleep(0.01)
+        mark = len(c.lines)
+        c.signal(signal.SIGTERM)
+        await c.wait_for(r"asked to disconnect; draining", timeout=5, start=mark)
+        writer.write(b"GET / HTTP/1.1\r\nHost: test\r\n\r\n")
+        head = (await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=5)).decode()
+        assert head.startswith("HTTP/1.1 200"), head
+        assert "connection: close" in head.lower(), head
+        assert await c.wait(timeout=8) == 0
+    finally:
+        writer.close()

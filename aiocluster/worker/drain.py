@@ -14,8 +14,9 @@ fixed when the drain begins, is spent by every step:
 4. open websockets get a close frame with 1001 (Going Away) from the cluster after a short
    grace, so an app need not do it; their ``async for msg in ws`` loops end normally;
 5. connections that stay idle for a short grace are closed: a client sending steadily has had
-   its ``Connection: close`` by then; one whose request head is still coming in (a slow
-   client) is idle too, since nothing was asked of the application yet;
+   its ``Connection: close`` by then, and one that had just connected has sent its first
+   request (which is answered, with the ``close``); one whose request head is still coming in
+   after the grace (a slow client) is idle too, since nothing was asked of the application;
 6. in-flight requests (streams included) run until the deadline; then the handlers still
    running are cancelled (they see ``CancelledError``, as under aiohttp's own shutdown);
    connections accepted before the sites stopped whose TLS handshake was still under way get
@@ -48,12 +49,11 @@ CANCEL_WAIT = 1.0
 
 
 class OpenWebsockets:
-    """The websockets an application has open, and the connections that have answered a
-    request, both seen through ``on_response_prepare`` (aiohttp's public hook)."""
+    """The websockets an application has open, seen through ``on_response_prepare`` (aiohttp's
+    public hook)."""
 
     def __init__(self) -> None:
         self._seen: weakref.WeakSet[web.WebSocketResponse] = weakref.WeakSet()
-        self._answered: weakref.WeakSet[asyncio.BaseTransport] = weakref.WeakSet()
 
     def attach(self, app: web.Application) -> bool:
         """Watch ``app``'s responses; False if it is frozen already (started elsewhere)."""
@@ -66,20 +66,6 @@ class OpenWebsockets:
     async def _prepared(self, request: web.Request, response: web.StreamResponse) -> None:
         if isinstance(response, web.WebSocketResponse):
             self._seen.add(response)
-        if (transport := request.transport) is not None:
-            # TLS transports (asyncio's and uvloop's) take no weak reference: those
-            # connections are not told apart, and keep the idle grace (has_answered).
-            with contextlib.suppress(TypeError):
-                self._answered.add(transport)
-
-    def has_answered(self, conn: Any) -> bool:
-        """True once a response was prepared on the connection ``conn`` (a RequestHandler),
-        and for every connection whose transport cannot be tracked (TLS)."""
-        transport = getattr(conn, "transport", None)
-        try:
-            return transport is None or transport in self._answered
-        except TypeError:
-            return True
 
     def live(self) -> list[web.WebSocketResponse]:
         """The websockets not closed yet."""
@@ -135,13 +121,8 @@ async def _drain_connections(
         log.info("draining %d connections (deadline in %gs)", len(live), plan.graceful_timeout)
     shutdown = asyncio.ensure_future(_hook("on_shutdown", app.shutdown()))
     closer = asyncio.ensure_future(_close_websockets(websockets, plan))
-    if websockets is not None:
-        for conn in _live(server):
-            if _idle(conn) and not websockets.has_answered(conn):
-                # Nothing was ever answered on it (a request head still trickling in, or
-                # nothing sent): no client is about to reuse it, so the idle grace below,
-                # which lets keep-alive clients finish sending, is not for it.
-                conn.force_close()
+    # Every idle connection gets the grace, those on which nothing was answered yet too: a
+    # client that connected just before the sites stopped has its first request on the way.
     await wait_until(asyncio.ensure_future(empty.wait()), plan.began + plan.idle_grace)
     for conn in _live(server):
         _close_if_idle(conn)
