@@ -11,8 +11,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from aiocluster.primary.priority import YIELD_NICE, can_restore
+
 from .conftest import StartCluster
-from .harness import cli
+from .harness import cli, pid_alive
 from .load import KeepAliveLoad, reload_twice_under
 
 pytestmark = pytest.mark.timeout(90)
@@ -233,4 +235,45 @@ async def test_reload_in_batches(start_cluster: StartCluster) -> None:
     await c.wait_for("reload: replacing 2 workers, 2 at a time")
     await c.wait_for("reload complete: 2 workers replaced")
     assert set(c.worker_pids) == {1, 2, 3, 4}
+    assert await c.stop() == 0
+
+
+async def test_the_old_workers_make_room_while_the_new_program_loads(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """The new zygote's load runs at once: the serving workers' nice value is raised while it
+    loads, and set back as soon as it is done (they go on serving, more slowly)."""
+    if not can_restore(0):
+        pytest.skip("setting a nice value back needs root or an RLIMIT_NICE of 20")
+    gate, hold = tmp_path / "gate", tmp_path / "hold"
+    os.mkfifo(gate)
+    c = await start_cluster(
+        *cli("run", "held_load:app", "-w", "2", "-b", "127.0.0.1:0", "--graceful-timeout", "20"),
+        env={"GATE": str(gate), "HOLD": str(hold)},
+    )
+    old = set(c.worker_pids.values())
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in old} == {0}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        # A stream keeps its old worker draining after the reload, to be looked at then.
+        stream = await session.get(f"{c.url}/sse?s=60")
+        assert (await stream.content.readline()).startswith(b"data: tick")
+        hold.touch()
+        c.signal(signal.SIGHUP)
+        await c.wait_for("TEST load-held", timeout=10)
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in old} == {YIELD_NICE}
+        assert (await session.get(f"{c.url}/")).status == 200  # still serving meanwhile
+
+        def release() -> None:
+            fd = os.open(gate, os.O_WRONLY)  # meets the zygote's open of the FIFO
+            os.write(fd, b"x")
+            os.close(fd)
+
+        await asyncio.wait_for(asyncio.to_thread(release), timeout=10)
+        await c.wait_for("reload complete: 2 workers replaced", timeout=15)
+        draining = [pid for pid in old if pid_alive(pid)]
+        assert draining, "the stream's worker should still be draining"
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in draining} == {0}
+        new = set(c.worker_pids.values()) - old
+        assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in new} == {0}
+        stream.close()
     assert await c.stop() == 0

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from aiocluster.primary.priority import yielding
 from aiocluster.primary.process import WorkerProcess
 
 __all__ = ["Rollout"]
@@ -111,7 +112,10 @@ class Rollout:
             coro.close()  # the cluster has ended: nothing to replace any more
 
     async def _reload_once(self) -> bool:
-        if not await self._renew():
+        # The serving workers make room for the new program's load (see priority.py).
+        with yielding(self._serving()):
+            loaded = await self._renew()
+        if not loaded:
             log.error("reload stopped: the program failed to load; the old workers keep serving")
             return False
         old = sorted(self._serving(), key=lambda w: w.slot)
