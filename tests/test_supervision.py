@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import shutil
 import signal
 from pathlib import Path
 
@@ -154,6 +155,9 @@ async def test_a_reload_into_broken_code_keeps_the_old_workers(
     assert await version_of(c.url) == "v1"
     assert c.proc is not None
     assert c.proc.returncode is None
+    # The old workers made room for the failed load, and have their own priority back.
+    alive = [pid for pid in c.worker_pids.values() if pid_alive(pid)]
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in alive} == {0}
     if start == "fork":
         # A crash now is restarted from the zygote that still holds v1.
         victim = min(c.worker_pids)
@@ -238,13 +242,20 @@ async def test_reload_in_batches(start_cluster: StartCluster) -> None:
     assert await c.stop() == 0
 
 
+def release(gate: Path) -> None:
+    """Let a load held by ``held_load`` go on (blocks until it opens the FIFO)."""
+    fd = os.open(gate, os.O_WRONLY)
+    os.write(fd, b"x")
+    os.close(fd)
+
+
 async def test_the_old_workers_make_room_while_the_new_program_loads(
     start_cluster: StartCluster, tmp_path: Path
 ) -> None:
     """The new zygote's load runs at once: the serving workers' nice value is raised while it
-    loads, and set back as soon as it is done (they go on serving, more slowly)."""
+    loads, and each is set back when it is told to drain (they go on serving meanwhile)."""
     if not can_restore(0):
-        pytest.skip("setting a nice value back needs root or an RLIMIT_NICE of 20")
+        pytest.skip("setting a nice value back needs CAP_SYS_NICE or an RLIMIT_NICE of 20")
     gate, hold = tmp_path / "gate", tmp_path / "hold"
     os.mkfifo(gate)
     c = await start_cluster(
@@ -262,13 +273,7 @@ async def test_the_old_workers_make_room_while_the_new_program_loads(
         await c.wait_for("TEST load-held", timeout=10)
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in old} == {YIELD_NICE}
         assert (await session.get(f"{c.url}/")).status == 200  # still serving meanwhile
-
-        def release() -> None:
-            fd = os.open(gate, os.O_WRONLY)  # meets the zygote's open of the FIFO
-            os.write(fd, b"x")
-            os.close(fd)
-
-        await asyncio.wait_for(asyncio.to_thread(release), timeout=10)
+        await asyncio.wait_for(asyncio.to_thread(release, gate), timeout=10)
         await c.wait_for("reload complete: 2 workers replaced", timeout=15)
         draining = [pid for pid in old if pid_alive(pid)]
         assert draining, "the stream's worker should still be draining"
@@ -276,4 +281,31 @@ async def test_the_old_workers_make_room_while_the_new_program_loads(
         new = set(c.worker_pids.values()) - old
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in new} == {0}
         stream.close()
+    assert await c.stop() == 0
+
+
+@pytest.mark.skipif(
+    shutil.which("setpriv") is None or os.geteuid() != 0, reason="needs root and setpriv"
+)
+async def test_without_the_privilege_to_undo_it_no_worker_is_reniced(
+    start_cluster: StartCluster, tmp_path: Path
+) -> None:
+    """Root without CAP_SYS_NICE (as in a Docker container) could raise the nice values but
+    not set them back: nothing is changed."""
+    gate, hold = tmp_path / "gate", tmp_path / "hold"
+    os.mkfifo(gate)
+    unprivileged = ["setpriv", "--bounding-set", "-sys_nice", "--inh-caps", "-sys_nice", "--"]
+    c = await start_cluster(
+        *unprivileged,
+        *cli("run", "held_load:app", "-w", "2", "-b", "127.0.0.1:0"),
+        env={"GATE": str(gate), "HOLD": str(hold)},
+    )
+    old = set(c.worker_pids.values())
+    hold.touch()
+    c.signal(signal.SIGHUP)
+    await c.wait_for("TEST load-held", timeout=10)
+    assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in old} == {0}
+    await asyncio.wait_for(asyncio.to_thread(release, gate), timeout=10)
+    await c.wait_for("reload complete: 2 workers replaced", timeout=15)
+    assert c.count("could not set the nice value") == 0
     assert await c.stop() == 0

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from aiocluster.primary.priority import yielding
+from aiocluster.primary.priority import Yielding
 from aiocluster.primary.process import WorkerProcess
 
 __all__ = ["Rollout"]
@@ -52,6 +52,7 @@ class Rollout:
         self._stopped = stopped
         self._lock = asyncio.Lock()
         self._again = False
+        self._yielding: Yielding | None = None
 
     async def reload(self) -> bool:
         """Replace every serving worker; True once all are replaced (see ``Cluster.reload``)."""
@@ -104,6 +105,8 @@ class Rollout:
             return False
         new.replaces = None
         log.info("%s is listening; draining %s (%s)", new.describe(), old.describe(), reason)
+        if self._yielding is not None:
+            self._yielding.restore(old)
         old.disconnect()
         return True
 
@@ -112,10 +115,17 @@ class Rollout:
             coro.close()  # the cluster has ended: nothing to replace any more
 
     async def _reload_once(self) -> bool:
-        # The serving workers make room for the new program's load (see priority.py).
-        with yielding(self._serving()):
-            loaded = await self._renew()
-        if not loaded:
+        # The serving workers make room for the new program's load and their successors'
+        # starts; each gets its priority back when it is told to drain (see priority.py).
+        self._yielding = Yielding(self._serving())
+        try:
+            return await self._replace_all()
+        finally:
+            self._yielding.close()
+            self._yielding = None
+
+    async def _replace_all(self) -> bool:
+        if not await self._renew():
             log.error("reload stopped: the program failed to load; the old workers keep serving")
             return False
         old = sorted(self._serving(), key=lambda w: w.slot)
