@@ -8,7 +8,6 @@ table and makes the file one layer of the settings. Standard library only: every
 from __future__ import annotations
 
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +40,8 @@ def read_table(path: str | None) -> FileTable | None:
         path = PYPROJECT
         if not os.path.isfile(path):
             return None
+    import tomllib  # here: most starts read no file, and the parser is ~6 ms of start-up
+
     try:
         with open(path, "rb") as file:
             document = tomllib.load(file)

@@ -20,7 +20,6 @@ zygote, so it imports only the standard library and aiocluster's pure modules.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import importlib.util
 import ipaddress
 import math
@@ -1053,7 +1052,7 @@ def config_file(path: str | None = None, environ: Mapping[str, str] | None = Non
         elif name in _BY_NAME:
             why = f"{name!r} is a keyword of the Python API only (use bind)"
         else:
-            near = difflib.get_close_matches(name, accepted, n=3)
+            near = _close_matches(name, accepted)
             hint = f"; did you mean {' or '.join(map(repr, near))}?" if near else ""
             why = f"unknown key {key!r}{hint} (the keys are the options of 'aiocluster run')"
         raise ConfigError(f"{table.path}: {why}")
@@ -1073,7 +1072,7 @@ def arguments(
         if known is not None:
             problems.append(f"{name!r} is not accepted here: it is {_SCOPE_TEXT[known.scope]}")
             continue
-        near = difflib.get_close_matches(name, accepted, n=3)
+        near = _close_matches(name, accepted)
         hint = f" (did you mean {' or '.join(map(repr, near))}?)" if near else ""
         problems.append(f"unknown option {name!r}{hint}")
     if problems:
@@ -1151,3 +1150,10 @@ def run_settings(**given: object) -> Settings:
     """
     scopes: tuple[Scope, ...] = ("run",)
     return resolve(arguments(given, scopes), environment(), config_file(), scopes=scopes)
+
+
+def _close_matches(name: str, accepted: Iterable[str]) -> list[str]:
+    # Imported here: difflib is needed only for a mistake, and costs every start ~3 ms.
+    import difflib
+
+    return difflib.get_close_matches(name, list(accepted), n=3)
