@@ -12,7 +12,7 @@ so a client cannot hide behind an address it wrote itself at the left. The schem
 are taken from the same hop (or from the only one a proxy kept).
 
 The rules are :func:`forwarded` and :func:`believe`, pure functions of the peer and the
-headers; :func:`proxy_middleware` applies them to an aiohttp app and :class:`ProxyHeaders` to
+headers; :func:`proxy_handler` applies them to an aiohttp app and :class:`ProxyHeaders` to
 an ASGI one, so both kinds of app believe exactly the same things. uvicorn's own
 ``ProxyHeadersMiddleware`` is not used for ASGI apps: it ignores ``Forwarded`` and
 ``X-Forwarded-Host``, and trusts every hop of a chain from a trusted peer.
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from aiohttp import web
-    from aiohttp.typedefs import Middleware
 
 __all__ = [
     "Forwarded",
@@ -43,7 +42,7 @@ __all__ = [
     "believe",
     "forwarded",
     "parse_forwarded",
-    "proxy_middleware",
+    "proxy_handler",
 ]
 
 log = logging.getLogger("aiocluster.worker")
@@ -225,46 +224,51 @@ def believe(
     return forwarded(peer, trusted, headers, parse_forwarded(headers.get("forwarded", ())))
 
 
-Handler = Callable[["web.Request"], Awaitable["web.StreamResponse"]]
+Handler = Callable[["web.BaseRequest"], Awaitable["web.StreamResponse"]]
 
 
-def proxy_middleware(peers: Iterable[str]) -> Middleware:
-    """An aiohttp middleware setting ``request.remote``, ``scheme`` (so ``secure``) and
-    ``host`` from the forwarding headers of a trusted peer."""
-    from aiohttp import web
+def proxy_handler(handler: Handler, peers: Iterable[str]) -> Handler:
+    """``handler`` (an aiohttp server's request handler, which runs the application) given each
+    request with ``remote``, ``scheme`` (so ``secure``) and ``host`` as the forwarding headers
+    of a trusted peer say.
 
+    A wrapper of the server's handler rather than a middleware: aiohttp builds each request's
+    middleware chain anew, which cost more than most requests need here (a look for four
+    headers). A request without any of them goes to ``handler`` as it is, with no frame more.
+    """
     trusted = TrustedPeers(peers)
 
-    @web.middleware
-    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        transport = request.transport
-        if transport is None or not any(name in request.headers for name in HEADERS):
-            # Nothing forwarded (most requests, when no proxy is in front), or the connection
-            # is gone already: nothing to believe, and nothing to look up per request.
-            return await handler(request)
-        sock = transport.get_extra_info("socket")
-        peername = transport.get_extra_info("peername")
-        peer: str | None
-        if sock is not None and sock.family == socket.AF_UNIX:
-            peer = None  # a Unix socket: trusted
-        elif isinstance(peername, tuple) and peername:
-            peer = str(peername[0])
-        else:
-            return await handler(request)  # no address to trust
-        headers = {name: request.headers.getall(name, []) for name in HEADERS}
-        says = believe(peer, trusted, headers)
-        changes: dict[str, str] = {}
-        if says.remote is not None:
-            changes["remote"] = says.remote
-        if says.scheme is not None:
-            changes["scheme"] = says.scheme
-        if says.host is not None:
-            changes["host"] = says.host
-        if changes:
-            request = request.clone(**changes)  # type: ignore[arg-type]
-        return await handler(request)
+    def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        if not any(name in request.headers for name in HEADERS):
+            return handler(request)  # nothing forwarded: most requests with no proxy in front
+        return handler(_as_forwarded(request, trusted))
 
-    return middleware
+    return handle
+
+
+def _as_forwarded(request: web.BaseRequest, trusted: TrustedPeers) -> web.BaseRequest:
+    transport = request.transport
+    if transport is None:  # the connection is gone already
+        return request
+    sock = transport.get_extra_info("socket")
+    peername = transport.get_extra_info("peername")
+    peer: str | None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        peer = None  # a Unix socket: trusted
+    elif isinstance(peername, tuple) and peername:
+        peer = str(peername[0])
+    else:
+        return request  # no address to trust
+    headers = {name: request.headers.getall(name, []) for name in HEADERS}
+    says = believe(peer, trusted, headers)
+    changes: dict[str, str] = {}
+    if says.remote is not None:
+        changes["remote"] = says.remote
+    if says.scheme is not None:
+        changes["scheme"] = says.scheme
+    if says.host is not None:
+        changes["host"] = says.host
+    return request.clone(**changes) if changes else request  # type: ignore[arg-type]
 
 
 Scope = dict[str, Any]

@@ -117,17 +117,12 @@ class _AiohttpServed:
 
         from aiocluster.worker.drain import OpenWebsockets
         from aiocluster.worker.metrics import aiohttp_timing
-        from aiocluster.worker.proxy import proxy_middleware
 
         self.websockets = OpenWebsockets()
         if not self.websockets.attach(app):
             log.warning("the application is frozen already: its websockets are not closed on drain")
-        if config.proxy_headers:
-            if app.frozen:
-                log.warning("the application is frozen already: proxy headers are not applied")
-            else:
-                # First, so that every other middleware sees the client as the proxy says.
-                app.middlewares.insert(0, proxy_middleware(config.forwarded_allow_ips))
+        # Applied around the server's handler once it exists (see start()).
+        self.trusted_proxies = config.forwarded_allow_ips if config.proxy_headers else None
         # Without timing nobody takes the metrics (no --admin): nothing is counted per request.
         if timing and app.frozen:
             log.warning("the application is frozen already: its requests are not timed")
@@ -157,6 +152,12 @@ class _AiohttpServed:
         from aiocluster.web import ClusterSite
 
         await self.runner.setup()
+        server = self.runner.server
+        if self.trusted_proxies is not None and server is not None:
+            from aiocluster.worker.proxy import proxy_handler
+
+            # Before every middleware: they all see the client as the proxy says.
+            server.request_handler = proxy_handler(server.request_handler, self.trusted_proxies)
         for address in binds:
             site = ClusterSite(self.runner, address=address, ssl_context=tls, backlog=backlog)
             await site.start()
