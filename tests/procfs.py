@@ -42,28 +42,25 @@ def fd_flags(pid: int, fd: int) -> int:
     raise AssertionError(f"no flags for fd {fd} of {pid}")
 
 
-def listening_tcp_inode(port: int) -> int:
-    """The inode of the socket listening on ``port`` (IPv4, any address)."""
+def _listener(port: int) -> list[str]:
+    """The /proc/net/tcp fields of the socket listening on ``port`` (IPv4, any address)."""
     with open("/proc/net/tcp") as f:
         next(f)
         for line in f:
             fields = line.split()
-            local, state, inode = fields[1], fields[3], fields[9]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                return int(inode)
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return fields
     raise AssertionError(f"nothing listens on port {port}")
+
+
+def listening_tcp_inode(port: int) -> int:
+    """The inode of the socket listening on ``port`` (IPv4, any address)."""
+    return int(_listener(port)[9])
 
 
 def accept_queue(port: int) -> int:
     """Connections waiting in the accept queue of the socket listening on ``port`` (IPv4)."""
-    with open("/proc/net/tcp") as f:
-        next(f)
-        for line in f:
-            fields = line.split()
-            local, queues, state = fields[1], fields[4], fields[3]
-            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
-                return int(queues.split(":")[1], 16)  # rx_queue of a listener: its backlog
-    raise AssertionError(f"nothing listens on port {port}")
+    return int(_listener(port)[4].split(":")[1], 16)  # rx_queue of a listener: its backlog
 
 
 def open_fds() -> set[int]:
