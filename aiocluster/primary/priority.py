@@ -87,9 +87,6 @@ class Yielding:
                 continue
             self._changed[worker] = (pid, nice)
 
-    def __len__(self) -> int:
-        return len(self._changed)
-
     def restore(self, worker: WorkerProcess) -> None:
         """Set ``worker`` back to its own nice value, unless it exited meanwhile (its pid may
         be another process's by then); nothing if it was not changed."""

@@ -77,25 +77,28 @@ class DrainState(ServerState):
         self.draining = False
         #: How long a connection may stay idle once the drain began (its plan's idle grace).
         self.idle_grace = 0.0
+        self._date = b""
 
     def set_date(self, date: bytes) -> None:
-        """The headers every response from now on starts with: ``Date``, and during a drain
-        ``Connection: close``.
-
-        uvicorn's protocol hands these to each request's cycle as it is made, so a drain
-        costs nothing per request before it begins. (An app that sends a ``Connection``
-        header of its own during a drain sends a second one; ``close`` is in the list.)
-        """
-        headers = [(b"date", date)]
-        if self.draining:
-            headers.append(_CLOSE)
-        self.default_headers = headers
+        """The ``Date`` every response from now on carries (uvicorn's Server sets it each
+        second; here :class:`AsgiServer` does)."""
+        self._date = date
+        self._set_default_headers()
 
     def begin_drain(self, idle_grace: float) -> None:
         """From now on every response says ``Connection: close``."""
         self.idle_grace = idle_grace
         self.draining = True
-        self.set_date(next(value for name, value in self.default_headers if name == b"date"))
+        self._set_default_headers()
+
+    def _set_default_headers(self) -> None:
+        # uvicorn's protocol hands these to each request's cycle as it is made, so a drain
+        # costs nothing per request before it begins. (An app that sends a Connection header
+        # of its own during a drain sends a second one; "close" is in the list.)
+        headers = [(b"date", self._date)] if self._date else []
+        if self.draining:
+            headers.append(_CLOSE)
+        self.default_headers = headers
 
 
 _CLOSE = (b"connection", b"close")
