@@ -18,6 +18,8 @@ from aiocluster.worker.proxy import Forwarded, TrustedPeers, believe, forwarded,
 
 from .conftest import StartCluster
 from .harness import cli
+from .test_metrics import scrape_until
+from .test_operations import free_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -224,4 +226,33 @@ async def test_a_unix_socket_peer_is_a_trusted_proxy(
     ):
         seen = await r.json()
     assert (seen["remote"], seen["secure"], seen["host"]) == ("203.0.113.9", True, "shop.example")
+    assert await c.stop() == 0
+
+
+@APPS
+async def test_with_admin_requests_are_counted_and_proxy_headers_still_believed(
+    start_cluster: StartCluster, app: str
+) -> None:
+    """With ``--admin`` requests are timed (for ASGI in the same layer as the proxy headers,
+    for aiohttp in a middleware behind the server-handler wrapper): both still apply."""
+    admin = free_port()
+    c = await start_cluster(
+        *cli("run", app, "-w", "1", "-b", "127.0.0.1:0", "--admin", f"127.0.0.1:{admin}")
+    )
+    trusted = await client_view(f"{c.url}/client", FORGED, source="127.0.0.1")
+    assert (trusted["remote"], trusted["scheme"], trusted["host"]) == (
+        "203.0.113.9",
+        "https",
+        "shop.example",
+    )
+    async with aiohttp.ClientSession() as s:
+        async with s.get(f"{c.url}/nowhere") as r:
+            assert r.status == 404
+        m = await scrape_until(
+            s,
+            f"http://127.0.0.1:{admin}/metrics",
+            lambda m: m.get("aiocluster_http_request_duration_seconds_count{}") == 2,
+        )
+    assert m["aiocluster_http_responses_total{code=2xx}"] == 1
+    assert m["aiocluster_http_responses_total{code=4xx}"] == 1
     assert await c.stop() == 0
