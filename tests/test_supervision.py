@@ -272,6 +272,7 @@ async def test_the_old_workers_make_room_while_the_new_program_loads(
         c.signal(signal.SIGHUP)
         await c.wait_for("TEST load-held", timeout=10)
         assert {os.getpriority(os.PRIO_PROCESS, pid) for pid in old} == {YIELD_NICE}
+        assert c.count(r"reload: 2 serving workers run at nice \+10 until each is told") == 1
         assert (await session.get(f"{c.url}/")).status == 200  # still serving meanwhile
         await asyncio.wait_for(asyncio.to_thread(release, gate), timeout=10)
         await c.wait_for("reload complete: 2 workers replaced", timeout=15)
@@ -308,4 +309,5 @@ async def test_without_the_privilege_to_undo_it_no_worker_is_reniced(
     await asyncio.wait_for(asyncio.to_thread(release, gate), timeout=10)
     await c.wait_for("reload complete: 2 workers replaced", timeout=15)
     assert c.count("could not set the nice value") == 0
+    assert c.count("serving workers run at nice") == 0
     assert await c.stop() == 0

@@ -87,6 +87,11 @@ class Yielding:
                 continue
             self._changed[worker] = (pid, nice)
 
+    @property
+    def count(self) -> int:
+        """How many workers are at the raised nice value now."""
+        return len(self._changed)
+
     def restore(self, worker: WorkerProcess) -> None:
         """Set ``worker`` back to its own nice value, unless it exited meanwhile (its pid may
         be another process's by then); nothing if it was not changed."""

@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
-from aiocluster.primary.priority import Yielding
+from aiocluster.primary.priority import YIELD_NICE, Yielding
 from aiocluster.primary.process import WorkerProcess
 
 __all__ = ["Rollout"]
@@ -118,6 +118,12 @@ class Rollout:
         # The serving workers make room for the new program's load and their successors'
         # starts; each gets its priority back when it is told to drain (see priority.py).
         self._yielding = Yielding(self._serving())
+        if self._yielding.count:
+            log.info(
+                "reload: %d serving workers run at nice +%d until each is told to drain",
+                self._yielding.count,
+                YIELD_NICE,
+            )
         try:
             return await self._replace_all()
         finally:
