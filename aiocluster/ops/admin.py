@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 from aiocluster._errors import ConfigError
 from aiocluster.ops.dashboard import Dashboard
 from aiocluster.primary.cluster import Cluster
-from aiocluster.wire.sockets import open_listener
+from aiocluster.wire.sockets import inherited_socket, open_listener
 
 __all__ = ["AdminServer"]
 
@@ -201,8 +201,7 @@ class AdminServer:
         address = self._cluster.config.admin
         assert address is not None
         if fd is not None:
-            sock = socket.socket(fileno=fd)
-            sock.set_inheritable(False)
+            sock = inherited_socket(fd)
         else:
             try:
                 sock, _ = open_listener(address, 128)

@@ -26,6 +26,7 @@ from aiocluster._errors import AioclusterError, ConfigError, ProtocolError
 from aiocluster._logging import Throttled
 from aiocluster._process import Account
 from aiocluster.wire.codec import HEADER, Decoder, Message, encode
+from aiocluster.wire.sockets import inherited_socket
 
 __all__ = ["ControlServer", "answer", "call", "control_path", "running_clusters"]
 
@@ -152,8 +153,7 @@ class ControlServer:
 
     async def adopt(self, fd: int, inode: int | None) -> None:
         """Serve the listening socket an upgraded primary's old image handed over."""
-        sock = socket.socket(fileno=fd)
-        sock.set_inheritable(False)
+        sock = inherited_socket(fd)
         sock.setblocking(False)
         self._inode = inode
         self._server = await asyncio.start_unix_server(self._serve, sock=sock)

@@ -37,6 +37,7 @@ from aiocluster.primary.supervisor import (
 from aiocluster.primary.upgrade_state import UpgradeState, render_config
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
+from aiocluster.wire.sockets import inherited_socket
 
 __all__ = ["EVENTS", "Cluster", "ClusterFailed", "Event"]
 
@@ -341,8 +342,7 @@ class Cluster:
         # In the task group: every worker gets its watch task, as a started one does.
         balancer = self.listens.balancer
         for record in state.workers:
-            sock = socket.socket(fileno=record.channel.fd)
-            sock.set_inheritable(False)
+            sock = inherited_socket(record.channel.fd)
             worker = self.fleet.adopt(record, ForkedProcess(record.pid), sock)
             channel = worker.channel
             assert channel is not None

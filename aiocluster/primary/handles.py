@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from aiocluster.primary.upgrade_state import HandleRecord
 from aiocluster.wire.address import Address
-from aiocluster.wire.sockets import AddrInfo, format_sockname, open_listener
+from aiocluster.wire.sockets import AddrInfo, format_sockname, inherited_socket, open_listener
 
 __all__ = ["MAX_HANDLES", "Handle", "HandleTable"]
 
@@ -223,8 +223,7 @@ class HandleTable:
         restored = []
         for record in records:
             key = (record.address, record.index, record.slot)
-            sock = socket.socket(fileno=record.fd)
-            sock.set_inheritable(False)
+            sock = inherited_socket(record.fd)
             sock.setblocking(False)
             handle = Handle(key, sock, record.unix_inode, record.id)
             self._handles[key] = handle

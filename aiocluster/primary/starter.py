@@ -40,6 +40,7 @@ from aiocluster.primary.upgrade_state import ChannelRecord
 from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel, channel_pair
 from aiocluster.wire.codec import Frame
+from aiocluster.wire.sockets import inherited_socket
 
 __all__ = [
     "AppUnloadable",
@@ -400,9 +401,7 @@ class Starter:
 
     def adopt_zygote(self, pid: int, channel: ChannelRecord) -> None:
         """After an in-place upgrade: fork workers from the zygote the old image ran."""
-        sock = socket.socket(fileno=channel.fd)
-        sock.set_inheritable(False)
-        self._zygote = Zygote(ForkedProcess(pid), sock, adopted=channel)
+        self._zygote = Zygote(ForkedProcess(pid), inherited_socket(channel.fd), adopted=channel)
 
     async def aclose(self) -> None:
         """Stop the zygote, if any."""

@@ -18,12 +18,21 @@ from aiocluster.wire.address import Address
 __all__ = [
     "AddrInfo",
     "format_sockname",
+    "inherited_socket",
     "needs_resolver",
     "open_listener",
     "resolve",
     "resolve_async",
     "unresolvable",
 ]
+
+
+def inherited_socket(fd: int) -> socket.socket:
+    """A socket object for ``fd``, a descriptor this process inherited across an ``execve``
+    (the in-place upgrade's), made close-on-exec again like every socket of ours."""
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
 
 
 def format_sockname(sock: socket.socket) -> str:
