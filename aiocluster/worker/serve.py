@@ -111,6 +111,7 @@ class _AiohttpServed:
         *,
         access_log: bool,
         graceful_timeout: float,
+        trusted_proxies: Sequence[str] | None,
         timing: bool,
     ) -> None:
         from aiohttp import web
@@ -122,7 +123,7 @@ class _AiohttpServed:
         if not self.websockets.attach(app):
             log.warning("the application is frozen already: its websockets are not closed on drain")
         # Applied around the server's handler once it exists (see start()).
-        self.trusted_proxies = config.forwarded_allow_ips if config.proxy_headers else None
+        self.trusted_proxies = trusted_proxies
         # Without timing nobody takes the metrics (no --admin): nothing is counted per request.
         if timing and app.frozen:
             log.warning("the application is frozen already: its requests are not timed")
@@ -192,12 +193,10 @@ async def serve_app_worker(
         nonlocal served
         kind, app = await resolve_app(target, interface)
         tls = ssl_context or server_context(config)
+        trusted = config.forwarded_allow_ips if config.proxy_headers else None
         if kind == "asgi":
             served = asgi_support().AsgiServer(
-                app,
-                access_log=access_log,
-                trusted_proxies=config.forwarded_allow_ips if config.proxy_headers else None,
-                timing=current.reports_metrics,
+                app, access_log=access_log, trusted_proxies=trusted, timing=current.reports_metrics
             )
         else:
             served = _AiohttpServed(
@@ -205,6 +204,7 @@ async def serve_app_worker(
                 config,
                 access_log=access_log,
                 graceful_timeout=current.graceful_timeout,
+                trusted_proxies=trusted,
                 timing=current.reports_metrics,
             )
         current.add_stats_source(served.stats)
