@@ -131,34 +131,32 @@ async def quiesce(cluster: Cluster, timeout: float = QUIESCE_TIMEOUT) -> Callabl
     balancer.hold()
     channels = [w.channel for w in cluster.workers.values() if w.channel is not None]
     zygote = cluster.starter.zygote
+    # Each channel's (pause, resume), the zygote's too: all stop and start reading together.
+    ends = [(c.pause, c.resume) for c in channels]
+    if zygote is not None:
+        ends.append((zygote.pause, zygote.resume))
     paused = False
+
+    def reading(on: bool) -> None:
+        nonlocal paused
+        for pause, resume in ends:
+            (resume if on else pause)()
+        paused = not on
 
     def undo() -> None:
         if paused:
-            for channel in channels:
-                channel.resume()
-            if zygote is not None:
-                zygote.resume()
+            reading(True)
         balancer.release()
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
         if balancer.settled():
-            for channel in channels:
-                channel.pause()
-            if zygote is not None:
-                zygote.pause()
-            paused = True
+            reading(False)
             idle = all(channel.idle() for channel in channels)
             if idle and (zygote is None or zygote.handover() is not None):
                 return undo
-            # Mid-frame, or a reply still queued: read and write on for a moment more.
-            for channel in channels:
-                channel.resume()
-            if zygote is not None:
-                zygote.resume()
-            paused = False
+            reading(True)  # mid-frame, or a reply still queued: read and write on a moment
         if loop.time() >= deadline:
             undo()
             raise UpgradeRefused(
