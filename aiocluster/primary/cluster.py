@@ -367,26 +367,28 @@ class Cluster:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 if self._restored is not None:
-                    self._resume(self._restored)
-                for slot in range(1, self._size + 1):
-                    if self._restored is not None:
-                        break
-                    if self.stopping:
-                        break  # stopped while the first workers started: start no more
-                    try:
-                        worker = await self.fleet.spawn(slot)
-                    except AppUnloadable as err:
-                        self.recovery.app_error(err.report)
-                        self._fail(f"{err}; stopping the cluster", status=2)
-                        break
-                    if slot == 1 and self._size > 1 and self.starter.method == "fork":
-                        await self._first_serves(worker)
+                    self._resume(self._restored)  # the old image's workers carry on
+                else:
+                    await self._start_workers()
                 await self._stop.wait()
                 await self._shutdown()
         finally:
             self._tg = None
             self.listens.close()
             await self.starter.aclose()
+
+    async def _start_workers(self) -> None:
+        for slot in range(1, self._size + 1):
+            if self.stopping:
+                break  # stopped while the first workers started: start no more
+            try:
+                worker = await self.fleet.spawn(slot)
+            except AppUnloadable as err:
+                self.recovery.app_error(err.report)
+                self._fail(f"{err}; stopping the cluster", status=2)
+                break
+            if slot == 1 and self._size > 1 and self.starter.method == "fork":
+                await self._first_serves(worker)
 
     async def _first_serves(self, worker: WorkerProcess) -> None:
         """Until the first forked worker listens (or exits, or the cluster stops), at most
