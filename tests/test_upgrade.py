@@ -22,6 +22,7 @@ import pytest
 from .conftest import StartCluster
 from .harness import APPS, ClusterProcess, wait_pid_gone
 from .load import KeepAliveLoad
+from .test_policies import needs_steering, worker_of
 
 pytestmark = [
     pytest.mark.timeout(60),
@@ -191,6 +192,20 @@ async def test_upgrade_under_load_keeps_pid_workers_sockets(
     assert c.count(r"started worker") == 2  # no worker was started by the upgrade
     assert c.count(r"the primary was upgraded in place to aiocluster 9\.9\.9") == 2
     assert fd_count(pid) == fds
+
+
+@needs_steering
+async def test_reuseport_rotation_carries_on_after_an_upgrade(
+    start_cluster: StartCluster, installed: Install
+) -> None:
+    """The new image's rotation takes the sockets over (a socket is in one map only: the old
+    image gives them up as it quiesces)."""
+    c = await start(start_cluster, installed, "-w", "3", "--policy", "reuseport")
+    code, out = await control(c, installed, "upgrade")
+    assert code == 0, out + c.output
+    order = [await worker_of(f"{c.url}/") for _ in range(9)]
+    assert order[3:] == order[:-3] and sorted(order[:3]) == [1, 2, 3]
+    assert c.count("reuseport: new connections go to the serving slots in turn") == 2
 
 
 async def test_a_broken_install_is_refused_and_the_cluster_keeps_serving(

@@ -340,14 +340,12 @@ class Cluster:
 
     def _resume(self, state: UpgradeState) -> None:
         # In the task group: every worker gets its watch task, as a started one does.
-        balancer = self.listens.balancer
         for record in state.workers:
             sock = inherited_socket(record.channel.fd)
             worker = self.fleet.adopt(record, ForkedProcess(record.pid), sock)
             channel = worker.channel
             assert channel is not None
-            for group in record.groups:
-                balancer.join(worker.id, worker.slot, worker.describe(), channel, group)
+            self.listens.rejoin(worker, record.groups)
             with contextlib.suppress(ChannelClosed):
                 channel.send(
                     {"act": proto.UPGRADED, "version": _version(), "upgrades": self.upgrades}

@@ -21,6 +21,7 @@ from aiocluster._process import Account
 from aiocluster.primary.balancer import Balancer
 from aiocluster.primary.handles import Handle, HandleTable
 from aiocluster.primary.process import WorkerProcess
+from aiocluster.primary.steering import Steering
 from aiocluster.primary.upgrade_state import HandleRecord
 from aiocluster.wire import messages as proto
 from aiocluster.wire.address import Address
@@ -90,6 +91,8 @@ class Listens:
             count_handoffs=config.policy == "rr",
             on_count=counted,
         )
+        #: Policy reuseport's rotation over the serving slots (None under other policies).
+        self.steering = Steering() if config.policy == "reuseport" else None
         self._phase = phase
         self._fail = fail
         self._background = background
@@ -127,9 +130,19 @@ class Listens:
     def joined(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         """``worker`` serves the listen its ``listening`` message names."""
         handle = msg.get("handle")
+        if isinstance(handle, int):
+            self.rejoin(worker, [handle])
+
+    def rejoin(self, worker: WorkerProcess, listens: Collection[int]) -> None:
+        """``worker`` serves these listens (by id): it said so, or the old image of an
+        in-place upgrade knew it."""
         channel = worker.channel
-        if isinstance(handle, int) and channel is not None:
-            self.balancer.join(worker.id, worker.slot, worker.describe(), channel, handle)
+        if channel is None:
+            return
+        for listen in listens:
+            self.balancer.join(worker.id, worker.slot, worker.describe(), channel, listen)
+            if self.steering is not None:
+                self.steering.join(worker.id, worker.slot, listen)
 
     def left(self, worker: WorkerProcess, address: str, msg: dict[str, Any]) -> None:
         """``worker`` stopped serving ``address`` (its ``close`` message)."""
@@ -137,11 +150,15 @@ class Listens:
         handle = msg.get("handle")
         if isinstance(handle, int):
             self.balancer.part(worker.id, handle)
+            if self.steering is not None:
+                self.steering.part(worker.id, handle)
 
     def gone(self, worker: WorkerProcess) -> None:
         """``worker`` exited: it holds no listen any more, and the balancer forgets it."""
         self.handles.release(worker.id)
         self.balancer.forget(worker.id)
+        if self.steering is not None:
+            self.steering.part(worker.id)
 
     def load_report(self, worker: WorkerProcess, msg: dict[str, Any]) -> None:
         """A worker's counters of handed-over connections (policy rr's least-conn)."""
@@ -166,6 +183,20 @@ class Listens:
         for handle in self.handles.restore(records, ids, pinned):
             if self.config.policy == "rr":
                 self.balancer.serve(handle)
+            self._steer(handle)
+
+    def hold(self) -> None:
+        """An in-place upgrade quiesces: under rr stop accepting, under reuseport free the
+        sockets for the new image's rotation (the kernel's hash spreads meanwhile)."""
+        self.balancer.hold()
+        if self.steering is not None:
+            self.steering.release()
+
+    def release(self) -> None:
+        """The upgrade did not happen: accept and steer again."""
+        self.balancer.release()
+        if self.steering is not None:
+            self.steering.resume()
 
     def close_sockets(self) -> None:
         """Close the primary's copies of every listening socket (a stop begins)."""
@@ -175,6 +206,8 @@ class Listens:
         """The cluster has stopped: close every socket and what the balancer still holds."""
         self.handles.close_all()
         self.balancer.close()
+        if self.steering is not None:
+            self.steering.close()
 
     # -- answering queryServer ---------------------------------------------------------------
 
@@ -229,7 +262,17 @@ class Listens:
             return
         if created:
             log.info("listening on %s", handle.describe())
+            self._steer(handle)
         self._grant(worker, frame, handle)
+
+    def _steer(self, handle: Handle) -> None:
+        """A slot's SO_REUSEPORT socket joins its listen's rotation until it closes."""
+        steering = self.steering
+        if steering is None or not handle.slot:
+            return
+        listen, slot = handle.id, handle.slot
+        steering.add(listen, slot, handle.sock)
+        handle.on_close(lambda: steering.remove(listen, slot))
 
     def _refuse(self, worker: WorkerProcess, frame: Frame, address: Address, err: OSError) -> None:
         code = err.errno or 0

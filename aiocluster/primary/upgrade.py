@@ -9,7 +9,9 @@ the workers are its children: it can replace its own code without a new process.
    the new code's reader. A nonzero exit, or no answer within :data:`PREFLIGHT_TIMEOUT`: the
    upgrade is refused with its one line and nothing has changed.
 2. **Quiesce** (:func:`quiesce`): under ``rr`` the primary stops accepting (the kernel's backlog
-   holds new connections) and waits, bounded, until every hand-off is answered; then it stops
+   holds new connections) and waits, bounded, until every hand-off is answered (under
+   ``reuseport`` it takes the slots' sockets out of its rotation's map, which the new image's
+   replaces: the kernel's hash spreads connections meanwhile); then it stops
    reading every channel at a frame boundary, with nothing queued to send and no request open.
    A channel that does not settle in time: the primary reads again and the upgrade is refused.
 3. **Hand over** (:func:`execute`): the state goes to a memfd; exactly the descriptors the
@@ -127,8 +129,8 @@ async def quiesce(cluster: Cluster, timeout: float = QUIESCE_TIMEOUT) -> Callabl
     Returns the function that undoes it (for an exec that failed). Raises
     :class:`UpgradeRefused` (having undone it) if the channels do not settle in ``timeout``.
     """
-    balancer = cluster.listens.balancer
-    balancer.hold()
+    listens = cluster.listens
+    listens.hold()
     channels = [w.channel for w in cluster.workers.values() if w.channel is not None]
     zygote = cluster.starter.zygote
     # Each channel's (pause, resume), the zygote's too: all stop and start reading together.
@@ -146,12 +148,12 @@ async def quiesce(cluster: Cluster, timeout: float = QUIESCE_TIMEOUT) -> Callabl
     def undo() -> None:
         if paused:
             reading(True)
-        balancer.release()
+        listens.release()
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        if balancer.settled():
+        if listens.balancer.settled():
             reading(False)
             idle = all(channel.idle() for channel in channels)
             if idle and (zygote is None or zygote.handover() is not None):

@@ -280,3 +280,13 @@ async def slow_factory() -> web.Application:
     say("factory-waiting")
     await wait_for_gate()
     return make_app()
+
+
+async def held_replacement() -> web.Application:
+    """Workers 1..$HOLD_AFTER start at once; any later one (a replacement) only once the test
+    writes to the FIFO named in $GATE."""
+    worker = aiocluster.worker_id()
+    if worker is not None and worker > int(os.environ["HOLD_AFTER"]):
+        say("replacement-waiting")
+        await wait_for_gate()
+    return make_app()
