@@ -9,8 +9,8 @@ back-off). With it, one ``BPF_PROG_TYPE_SK_REUSEPORT`` program per listen picks
 rewrites whenever a slot's first worker starts serving or its last one stops. The kernel does
 the choosing, so the primary still touches no connection (unlike ``rr``).
 
-Loading the program needs ``CAP_BPF`` (or ``CAP_SYS_ADMIN``) unless the host allows
-unprivileged BPF; where it is refused the kernel's hash spreads the connections, as before,
+Loading the program needs ``CAP_BPF`` (or ``CAP_SYS_ADMIN``; unprivileged BPF never covers
+this program type); where it is refused the kernel's hash spreads the connections, as before,
 and the primary says so once. The instructions are built here (:func:`program`, pure) and
 loaded with the ``bpf(2)`` system call through :mod:`ctypes`: no compiler, no library.
 """
@@ -248,7 +248,7 @@ class Steering:
                 log.info(
                     "reuseport: the kernel's hash spreads new connections; the BPF program "
                     "that gives them to the serving slots in turn was refused (%s; it needs "
-                    "CAP_BPF)",
+                    "CAP_BPF and Linux 5.12+)",
                     self._refused,
                 )
                 return
