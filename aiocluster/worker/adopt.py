@@ -1,9 +1,11 @@
 """Serving a granted listen in a worker, including connections the primary accepted.
 
 Under policies ``shared`` and ``reuseport`` a worker accepts on its own socket, with
-``loop.create_server``. Under ``rr`` it has no socket: the primary accepts and hands each
-connection over (``newconn``), and :class:`HandedServer` adopts it with
-``loop.connect_accepted_socket`` and the same protocol factory, so an aiohttp server or a
+``loop.create_server`` (under uvloop helped by a :class:`~aiocluster.worker.backlog.Backlog`,
+which empties the accept queue when the loop's one accept a turn falls behind). Under ``rr``
+it has no socket: the primary accepts and hands each connection over (``newconn``), and
+:class:`HandedServer` adopts it with ``loop.connect_accepted_socket`` and the same protocol
+factory, so an aiohttp server or a
 :class:`~aiocluster._entry.ConnectionTracker` sees adopted connections like any other and a
 graceful stop waits for them. Every server also registers a :class:`Route` for its listen,
 so that the primary can hand it connections under any policy (a ``reuseport`` scale-down
@@ -19,6 +21,7 @@ from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any
 
+from aiocluster.worker.backlog import Backlog
 from aiocluster.worker.link import (
     Grant,
     WorkerLink,
@@ -188,13 +191,21 @@ async def start_server(
     else:
         loop = asyncio.get_running_loop()
         sock = grant.sock
+        serves = counted(factory)
+        backlog_taker = None
+        if ssl is None and type(loop).__module__.startswith("uvloop"):
+            # asyncio's own loop accepts up to ``backlog`` connections a turn; uvloop one.
+            backlog_taker = Backlog(sock, serves)
+            serves = backlog_taker.watching(serves)
         try:
             real = await loop.create_server(
-                counted(factory), sock=sock, ssl=ssl, backlog=backlog, **ssl_options, **kwargs
+                serves, sock=sock, ssl=ssl, backlog=backlog, **ssl_options, **kwargs
             )
         except BaseException:
             sock.close()
             raise
+        if backlog_taker is not None:
+            backlog_taker.serve(real.is_serving)
         if is_worker():
             route = Route(
                 link(), factory, serving=real.is_serving, ssl=ssl, ssl_options=ssl_options

@@ -1,0 +1,100 @@
+"""Emptying a listening socket's accept queue when the event loop's own pace is too slow.
+
+uvloop's server (libuv) accepts one connection each time its loop finds the listening socket
+readable, once per loop turn. A worker serving thousands of connections takes a long turn
+(hundreds of milliseconds under a burst), so what queued on its socket then comes out at a
+few connections a second, while each of those clients has sent its request and waits: a burst
+of 5,000 keep-alive connections left 537 of them in one worker's accept queue for over 5 s
+while that worker served 2,100 others (``ss -ltn``; ``strace`` showed 6 ``accept4`` calls in
+1.5 s, none reaching ``EAGAIN``), and they are wrk's timeouts.
+
+A :class:`Backlog` looks again shortly after the server accepted: if connections still wait
+when its timer fires, the loop is not keeping up, and it accepts them itself, up to
+:data:`BATCH` per turn, and serves them with the server's protocol factory. A worker that
+keeps up finds the queue empty (one ``accept`` answered ``EAGAIN``), so the kernel's and the
+loop's spreading of small bursts over the workers is left as it is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+__all__ = ["BATCH", "LOOK_AGAIN", "Backlog"]
+
+log = logging.getLogger("aiocluster.worker")
+
+P = TypeVar("P", bound=asyncio.BaseProtocol)
+
+#: Seconds after an accept by the server at which the queue is looked at again.
+LOOK_AGAIN = 0.01
+#: Connections taken from the queue at most per loop turn.
+BATCH = 256
+# The client went away between its handshake and our accept(): skip it.
+_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
+
+
+class Backlog:
+    """Takes what waits on ``sock`` beyond the pace of the server that accepts on it."""
+
+    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """``factory`` makes the protocol of each connection taken here (the server's own)."""
+        self._sock = sock
+        sock.setblocking(False)
+        self._factory = factory
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+        #: Connections being set up (their transports are made in a task), kept until done.
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._serving: Callable[[], bool] = lambda: True
+
+    def watching(self, factory: Callable[[], P]) -> Callable[[], P]:
+        """``factory``, for the server: each connection it accepts sets the timer."""
+
+        def accepted() -> P:
+            if self._timer is None:
+                self._timer = self._loop.call_later(LOOK_AGAIN, self._look)
+            return factory()
+
+        return accepted
+
+    def serve(self, serving: Callable[[], bool]) -> None:
+        """Take connections while ``serving()`` (the server's ``is_serving``) is true."""
+        self._serving = serving
+
+    def _look(self) -> None:
+        self._timer = None
+        if not self._serving():
+            return
+        taken = 0
+        while taken < BATCH:
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in _CLIENT_ERRORS:
+                    continue
+                # Out of descriptors, or the socket closed: the server's own accept says so.
+                log.debug("taking queued connections from %s stopped: %s", self._sock, err)
+                return
+            taken += 1
+            task = self._loop.create_task(self._serve(conn))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        # A full batch: more may wait; look again after this turn.
+        self._timer = self._loop.call_later(0, self._look)
+
+    async def _serve(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except ConnectionError as err:
+            conn.close()
+            log.debug("a queued connection ended before it was served: %s", err)
+        except Exception:
+            conn.close()
+            log.exception("could not serve a connection taken from the accept queue")
