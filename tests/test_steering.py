@@ -8,7 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from aiocluster.primary.steering import MAX_SLOTS, Steering, state_value
+from aiocluster.primary.steering import Steering
+from aiocluster.primary.steering_program import MAX_SLOTS, state_value
 
 from .test_policies import needs_steering
 
