@@ -35,7 +35,7 @@ P = TypeVar("P", bound=asyncio.BaseProtocol)
 #: Seconds after an accept by the server at which the queue is looked at again.
 LOOK_AGAIN = 0.01
 #: How late that timer must fire for the worker to take the queue: the loop's turns are long.
-LATE = 0.005
+LATE = 0.02
 #: Connections taken from the queue at most per loop turn.
 BATCH = 256
 # The client went away between its handshake and our accept(): skip it.
