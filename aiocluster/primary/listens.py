@@ -192,6 +192,10 @@ class Listens:
         if self.steering is not None:
             self.steering.release()
 
+    def settled(self) -> bool:
+        """Held, and nothing accepted waits in the primary or is handed over unanswered."""
+        return self.balancer.settled()
+
     def release(self) -> None:
         """The upgrade did not happen: accept and steer again."""
         self.balancer.release()

@@ -153,7 +153,7 @@ async def quiesce(cluster: Cluster, timeout: float = QUIESCE_TIMEOUT) -> Callabl
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
-        if listens.balancer.settled():
+        if listens.settled():
             reading(False)
             idle = all(channel.idle() for channel in channels)
             if idle and (zygote is None or zygote.handover() is not None):
