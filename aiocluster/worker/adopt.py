@@ -19,7 +19,7 @@ import logging
 import socket
 from collections.abc import Callable
 from ssl import SSLContext
-from typing import Any
+from typing import Any, cast
 
 from aiocluster.worker.backlog import Backlog
 from aiocluster.worker.link import (
@@ -33,7 +33,7 @@ from aiocluster.worker.link import (
 )
 from aiocluster.worker.tracker import ConnectionTracker, TrackedFactory
 
-__all__ = ["HandedServer", "Route", "start_server"]
+__all__ = ["HandedServer", "Route", "TakingServer", "start_server"]
 
 log = logging.getLogger("aiocluster.worker")
 
@@ -166,6 +166,59 @@ class HandedServer(asyncio.AbstractServer):
         await self._connections.wait_idle()
 
 
+class TakingServer(asyncio.AbstractServer):
+    """The loop's server on a listening socket, with the :class:`Backlog` that takes what its
+    accept leaves queued: :meth:`wait_closed` waits for those connections too (their TLS
+    handshakes, which no protocol has heard of yet, as the server's own wait does)."""
+
+    def __init__(self, server: asyncio.AbstractServer, backlog: Backlog) -> None:
+        self._server = server
+        self._backlog = backlog
+
+    @property
+    def sockets(self) -> Any:
+        """The listening sockets, as the loop's server gives them."""
+        return cast(Any, self._server).sockets
+
+    def close(self) -> None:
+        """Stop accepting (the backlog stops with the server)."""
+        self._server.close()
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The loop this server runs in."""
+        return self._server.get_loop()
+
+    def is_serving(self) -> bool:
+        """True until :meth:`close`."""
+        return self._server.is_serving()
+
+    async def start_serving(self) -> None:
+        """Start accepting, if the server was made with ``start_serving=False``."""
+        await self._server.start_serving()
+
+    async def serve_forever(self) -> None:
+        """Accept until cancelled or closed."""
+        await self._server.serve_forever()
+
+    async def wait_closed(self) -> None:
+        """Wait until the server is closed, every connection it accepted has ended, and every
+        connection the backlog took is served (its handshake done)."""
+        await self._server.wait_closed()
+        await self._backlog.wait_taken()
+
+    def close_clients(self) -> None:
+        """Close every connection the server accepted (Python 3.13's servers)."""
+        cast(Any, self._server).close_clients()
+
+    def abort_clients(self) -> None:
+        """Abort every connection the server accepted (Python 3.13's servers)."""
+        cast(Any, self._server).abort_clients()
+
+    def __getattr__(self, name: str) -> Any:
+        # Whatever else the loop's server offers.
+        return getattr(self._server, name)
+
+
 async def start_server(
     grant: Grant,
     factory: Callable[[], asyncio.BaseProtocol],
@@ -193,9 +246,9 @@ async def start_server(
         sock = grant.sock
         serves = counted(factory)
         backlog_taker = None
-        if ssl is None and type(loop).__module__.startswith("uvloop"):
+        if type(loop).__module__.startswith("uvloop"):
             # asyncio's own loop accepts up to ``backlog`` connections a turn; uvloop one.
-            backlog_taker = Backlog(sock, serves)
+            backlog_taker = Backlog(sock, serves, ssl=ssl, ssl_options=ssl_options)
             serves = backlog_taker.watching(serves)
         try:
             real = await loop.create_server(
@@ -211,6 +264,6 @@ async def start_server(
                 link(), factory, serving=real.is_serving, ssl=ssl, ssl_options=ssl_options
             )
             link().handoffs.route(grant.handle, route)
-        server = real
+        server = real if backlog_taker is None else TakingServer(real, backlog_taker)
     announce_listening(grant)
     return server

@@ -14,7 +14,9 @@ turns are long (:data:`LATE`), and the worker takes what waits in the queue itse
 short keeps up by itself, and is left alone: taking connections this way costs more than
 uvloop's own accept (a task each), measured at 5-8 % more CPU per request with a connection
 per request when every timer took what it found; and small bursts still spread over the
-workers as the kernel and the loop spread them.
+workers as the kernel and the loop spread them. Under TLS the handshake of a connection taken
+here runs in its task; :class:`~aiocluster.worker.adopt.TakingServer` makes the server's
+``wait_closed()`` wait for those too (:meth:`Backlog.wait_taken`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
+from ssl import SSLContext
 from typing import Any, TypeVar
 
 __all__ = ["BATCH", "LATE", "LOOK_AGAIN", "Backlog"]
@@ -45,11 +48,21 @@ _CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, 
 class Backlog:
     """Takes what waits on ``sock`` beyond the pace of the server that accepts on it."""
 
-    def __init__(self, sock: socket.socket, factory: Callable[[], asyncio.BaseProtocol]) -> None:
-        """``factory`` makes the protocol of each connection taken here (the server's own)."""
+    def __init__(
+        self,
+        sock: socket.socket,
+        factory: Callable[[], asyncio.BaseProtocol],
+        *,
+        ssl: SSLContext | None = None,
+        ssl_options: dict[str, Any] | None = None,
+    ) -> None:
+        """``factory`` makes the protocol of each connection taken here (the server's own);
+        ``ssl`` and ``ssl_options`` (the TLS timeouts) are the server's too."""
         self._sock = sock
         sock.setblocking(False)
         self._factory = factory
+        self._ssl = ssl
+        self._ssl_options = ssl_options or {}
         self._loop = asyncio.get_running_loop()
         self._timer: asyncio.TimerHandle | None = None
         self._due = 0.0
@@ -98,10 +111,19 @@ class Backlog:
         # A full batch: more may wait; look again after this turn (if it is long too).
         self._look_in(0)
 
+    async def wait_taken(self) -> None:
+        """Wait until every connection taken so far is served: under TLS, its handshake done
+        (or failed). Being cancelled cancels none of them."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
+
     async def _serve(self, conn: socket.socket) -> None:
+        options = self._ssl_options if self._ssl is not None else {}
         try:
-            await self._loop.connect_accepted_socket(self._factory, conn)
-        except ConnectionError as err:
+            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl, **options)
+        except (ConnectionError, TimeoutError, OSError) as err:
+            # OSError covers ssl.SSLError: a client that fails its handshake, as under the
+            # server's own accept, is no error of ours.
             conn.close()
             log.debug("a queued connection ended before it was served: %s", err)
         except Exception:
