@@ -9,7 +9,6 @@ then need 60 turns (some 5 s) to be accepted one by one. They must all be answer
 from __future__ import annotations
 
 import asyncio
-import json
 import ssl
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ import trustme
 
 from .conftest import StartCluster
 from .harness import cli
+from .test_policies import answer_raw, send_raw
 from .test_tls_options import trusting, write_cert
 
 pytestmark = [
@@ -28,20 +28,10 @@ pytestmark = [
 ]
 
 
-async def fetch(port: int, tls: ssl.SSLContext | None) -> dict[str, object]:
+async def fetch(port: int, tls: ssl.SSLContext | None) -> dict[str, int]:
     """GET / on a new connection (a raw one: nothing retries); the connection may wait in the
     accept queue, and over TLS its handshake waits for the worker too."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
-    try:
-        writer.write(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-        response = await reader.read()
-    finally:
-        writer.close()
-    head, _, body = response.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200"), response
-    data = json.loads(body)
-    assert isinstance(data, dict)
-    return data
+    return await answer_raw(await send_raw(port, tls=tls))
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import sys
 from collections import Counter
 from pathlib import Path
@@ -54,9 +55,12 @@ async def worker_of(url: str, source: str | None = None) -> int:
     return worker
 
 
-async def send_raw(port: int, path: str = "/") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect and send a request; the answer is read later (the connection may be queued)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+async def send_raw(
+    port: int, path: str = "/", tls: ssl.SSLContext | None = None
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """Connect (over TLS with ``tls``) and send a request; the answer is read later (the
+    connection may be queued)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=tls)
     writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     return reader, writer
