@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import errno
 import functools
 import logging
 import resource
@@ -48,6 +47,7 @@ from aiocluster.wire import messages as proto
 from aiocluster.wire.channel import Channel
 from aiocluster.wire.codec import MAX_FDS, Frame, Prepared
 from aiocluster.wire.fds import close_fds
+from aiocluster.wire.sockets import ACCEPT_CLIENT_ERRORS
 
 __all__ = ["Balancer", "Peer", "client_key", "summarize_counts"]
 
@@ -61,8 +61,6 @@ _WINDOW_FRAMES = 8
 # Connections waiting in the primary per listen, at most (and at most a quarter of its
 # open-files limit, see queue_depth).
 _MAX_QUEUED = 4096
-# The client went away between its handshake and our accept(): skip it.
-_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 
 
 def _accepter(sock: socket.socket) -> Callable[[], tuple[int, Any]]:
@@ -148,7 +146,7 @@ class _Group:
             except (BlockingIOError, InterruptedError):
                 break
             except OSError as err:
-                if err.errno in _CLIENT_ERRORS:
+                if err.errno in ACCEPT_CLIENT_ERRORS:
                     continue
                 return count, err
             # The client's address matters only to sticky: don't compute it for nothing.

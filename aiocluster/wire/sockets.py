@@ -16,6 +16,7 @@ from typing import Any, TypeAlias
 from aiocluster.wire.address import Address
 
 __all__ = [
+    "ACCEPT_CLIENT_ERRORS",
     "AddrInfo",
     "format_sockname",
     "inherited_socket",
@@ -25,6 +26,10 @@ __all__ = [
     "resolve_async",
     "unresolvable",
 ]
+
+#: ``accept()`` errors that are the client's: it went away between its handshake and the
+#: accept (or a firewall rule refused it). Skip that connection and accept the next.
+ACCEPT_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
 
 
 def inherited_socket(fd: int) -> socket.socket:

@@ -15,13 +15,12 @@ hands over what a retired slot had queued).
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Callable
 from ssl import SSLContext
 from typing import Any, cast
 
-from aiocluster.worker.backlog import Backlog
+from aiocluster.worker.backlog import Backlog, serve_accepted
 from aiocluster.worker.link import (
     Grant,
     WorkerLink,
@@ -34,8 +33,6 @@ from aiocluster.worker.link import (
 from aiocluster.worker.tracker import ConnectionTracker, TrackedFactory
 
 __all__ = ["HandedServer", "Route", "TakingServer", "start_server"]
-
-log = logging.getLogger("aiocluster.worker")
 
 _SSL_OPTIONS = ("ssl_handshake_timeout", "ssl_shutdown_timeout")
 
@@ -71,23 +68,17 @@ class Route:
         return True
 
     async def _connect(self, sock: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        options = dict(self._ssl_options) if self._ssl is not None else {}
+        transport = None
         try:
-            transport, _ = await loop.connect_accepted_socket(
-                self._factory, sock, ssl=self._ssl, **options
+            transport = await serve_accepted(
+                self._factory,
+                sock,
+                ssl=self._ssl,
+                ssl_options=self._ssl_options,
+                what="a connection handed over by the primary",
             )
-        except BaseException as err:
-            sock.close()
-            self._link.handoffs.adoption_done(None)
-            if isinstance(err, ConnectionError | TimeoutError):
-                log.debug("a handed-over connection ended before it was served: %s", err)
-            elif isinstance(err, Exception):
-                log.exception("could not serve a connection handed over by the primary")
-            else:
-                raise
-            return
-        self._link.handoffs.adoption_done(transport)
+        finally:
+            self._link.handoffs.adoption_done(transport)
 
 
 class HandedServer(asyncio.AbstractServer):

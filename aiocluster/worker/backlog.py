@@ -22,14 +22,15 @@ here runs in its task; :class:`~aiocluster.worker.adopt.TakingServer` makes the 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import socket
 from collections.abc import Callable
-from ssl import SSLContext
+from ssl import SSLContext, SSLError
 from typing import Any, TypeVar
 
-__all__ = ["BATCH", "LATE", "LOOK_AGAIN", "Backlog"]
+from aiocluster.wire.sockets import ACCEPT_CLIENT_ERRORS
+
+__all__ = ["BATCH", "LATE", "LOOK_AGAIN", "Backlog", "serve_accepted"]
 
 log = logging.getLogger("aiocluster.worker")
 
@@ -41,8 +42,36 @@ LOOK_AGAIN = 0.01
 LATE = 0.02
 #: Connections taken from the queue at most per loop turn.
 BATCH = 256
-# The client went away between its handshake and our accept(): skip it.
-_CLIENT_ERRORS = frozenset({errno.ECONNABORTED, errno.ECONNRESET, errno.EPROTO, errno.EPERM})
+
+
+async def serve_accepted(
+    factory: Callable[[], asyncio.BaseProtocol],
+    sock: socket.socket,
+    *,
+    ssl: SSLContext | None = None,
+    ssl_options: dict[str, Any] | None = None,
+    what: str = "an accepted connection",
+) -> asyncio.BaseTransport | None:
+    """Serve ``sock``, an accepted connection, with a protocol from ``factory`` (under TLS with
+    ``ssl`` and the timeouts in ``ssl_options``): its transport, or None if the connection
+    ended before it was served (a client that left or failed its handshake; logged at debug)
+    or could not be served (logged with its traceback). ``sock`` is closed then, also when
+    this is cancelled. ``what`` names the connection in those lines."""
+    options = (ssl_options or {}) if ssl is not None else {}
+    try:
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(
+            factory, sock, ssl=ssl, **options
+        )
+    except BaseException as err:
+        sock.close()
+        if isinstance(err, ConnectionError | TimeoutError | SSLError):
+            log.debug("%s ended before it was served: %s", what, err)
+        elif isinstance(err, Exception):
+            log.exception("could not serve %s", what)
+        else:
+            raise
+        return None
+    return transport
 
 
 class Backlog:
@@ -99,7 +128,7 @@ class Backlog:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                if err.errno in _CLIENT_ERRORS:
+                if err.errno in ACCEPT_CLIENT_ERRORS:
                     continue
                 # Out of descriptors, or the socket closed: the server's own accept says so.
                 log.debug("taking queued connections from %s stopped: %s", self._sock, err)
@@ -118,14 +147,10 @@ class Backlog:
             await asyncio.wait(set(self._tasks))
 
     async def _serve(self, conn: socket.socket) -> None:
-        options = self._ssl_options if self._ssl is not None else {}
-        try:
-            await self._loop.connect_accepted_socket(self._factory, conn, ssl=self._ssl, **options)
-        except (ConnectionError, TimeoutError, OSError) as err:
-            # OSError covers ssl.SSLError: a client that fails its handshake, as under the
-            # server's own accept, is no error of ours.
-            conn.close()
-            log.debug("a queued connection ended before it was served: %s", err)
-        except Exception:
-            conn.close()
-            log.exception("could not serve a connection taken from the accept queue")
+        await serve_accepted(
+            self._factory,
+            conn,
+            ssl=self._ssl,
+            ssl_options=self._ssl_options,
+            what="a connection taken from the accept queue",
+        )
