@@ -285,7 +285,7 @@ def table_rows(args: argparse.Namespace) -> tuple[list[Server], list[str]]:
 def rows_for(measure: str, servers: list[Server], only: list[str] | None) -> list[Server]:
     """The rows a measure of events runs: ``--only``'s if given, else its own (scenarios.ROWS)."""
     if only:
-        return servers
+        return [s for s in servers if s.family != "floor"]  # timed by `starts` only
     own = scenarios.ROWS[measure]
     return [s for s in servers if s.name.removeprefix(BASELINE) in own]
 
@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         if "starts" in settings.measures:
             starts = phase("starts", lambda: time_starts(ordered, settings, logs))
         if "rounds" in settings.measures:
-            phase("rounds", lambda: run_rounds(ordered, settings, logs, rounds))
+            loaded = [s for s in ordered if s.family != "floor"]  # the floor is no server
+            phase("rounds", lambda: run_rounds(loaded, settings, logs, rounds))
         if "burst" in settings.measures:
             sizes, skipped = scenarios.burst_sizes(settings, soft)
             results["notes"] += skipped

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,74 @@ def test_the_report_renders_every_measure(tmp_path: Path) -> None:
     assert "rr p99 / shared p99 ≤ 1.5, median of rounds (1.33, 1.00): 1.17 — met" in text
     assert "gunicorn's HUP ≤ 0.5, median of rounds (0.40, 0.20): 0.30 — met" in text
     assert "32 workers skipped" in text
+
+
+def test_the_import_floor_answers_and_is_timed_by_starts_only(tmp_path: Path) -> None:
+    """apps/import_floor.py answers a real GET with 200; the floor row runs in no measure of
+    load (not even when --only names every row), and the report says how far each server's
+    first answer is above it, start by start of a pass."""
+    code = """if True:
+        import json
+        import run
+        from bench.servers import FLOOR
+        rows, _ = run.table_rows(run.parse_args([]))
+        floor = [r for r in rows if r.name == FLOOR]
+        print(json.dumps({
+            "floor": [r.family for r in floor],
+            "burst": [r.name for r in run.rows_for("burst", rows, ["*"])],
+        }))
+    """
+    done = bench(tmp_path, "-c", code)
+    assert done.returncode == 0, done.stderr
+    found = json.loads(done.stdout)
+    assert found["floor"] == ["floor"]
+    assert "import-floor" not in found["burst"] and "gunicorn-aiohttp" in found["burst"]
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    floor = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "apps" / "import_floor.py"), "127.0.0.1", str(port)]
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=2) as conn:
+                    conn.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                    assert conn.recv(100).startswith(b"HTTP/1.1 200 OK")
+                break
+            except ConnectionRefusedError:
+                assert time.monotonic() < deadline, "import_floor.py never listened"
+                time.sleep(0.01)  # it is importing aiohttp: no event to wait on from here
+    finally:
+        floor.kill()
+        floor.wait(5)
+
+    results = {
+        "label": "t",
+        "started": "now",
+        "settings": {"workers": 2, "wrk_threads": 1, "connections": 64, "warmup": 1.0}
+        | {"duration": 2.0, "rounds": 1, "starts": 3, "reload_duration": 3.0},
+        "machine": json.loads((BENCHMARKS / "results" / "quick.json").read_text())["machine"],
+        "measures": ["starts"],
+        "notes": [],
+        "servers": [
+            {"name": n, "family": f, "describe": n, "first_answer_by_pass": p}
+            | {"first_answer_s": p, "first_answer_median_s": sorted(p)[1]}
+            for n, f, p in (
+                ("import-floor", "floor", [0.200, 0.210, 0.190]),
+                ("aiocluster-aiohttp", "aiocluster", [0.230, 0.220, 0.250]),
+                ("gunicorn-aiohttp", "peer", [0.240, 0.235, 0.215]),
+            )
+        ],
+    }
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(results))
+    done = bench(tmp_path, str(BENCHMARKS / "report.py"), str(path))
+    assert done.returncode == 0, done.stderr
+    text = (tmp_path / "s.md").read_text()
+    assert "median of its starts 200 ms" in text
+    # Per pass: 30, 10, 60 ms above the floor; gunicorn 40, 25, 25.
+    assert "- aiocluster-aiohttp: +30 (+10 to +60)" in text
+    assert "- gunicorn-aiohttp: +25 (+25 to +40)" in text

@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .servers import FLOOR
+
 Row = dict[str, Any]
 
 
@@ -342,6 +344,29 @@ def targets_table(rows: dict[str, Row], pairs: bool = True) -> str:
     return "\n".join(lines) + "\n"
 
 
+def floor_lines(rows: dict[str, Row]) -> list[str]:
+    """How far each server's first answer is above the floor's, start by start of a pass."""
+    floor = rows.get(FLOOR, {}).get("first_answer_by_pass")
+    if not floor:
+        return []
+    lines = [
+        f"\nAbove the floor ({FLOOR}: a fresh interpreter imports aiohttp.web and answers on "
+        "a plain socket, no server; median of its starts "
+        f"{_fmt_start(rows[FLOOR])} ms): each server's first answer less the floor's of the "
+        "same pass, median and range over the passes, ms:\n",
+    ]
+    for name, row in rows.items():
+        mine = row.get("first_answer_by_pass")
+        if name == FLOOR or not mine:
+            continue
+        gaps = [(a - b) * 1000 for a, b in zip(mine, floor, strict=False) if a and b]
+        if gaps:
+            lines.append(
+                f"- {name}: +{statistics.median(gaps):.0f} ({min(gaps):+.0f} to {max(gaps):+.0f})\n"
+            )
+    return ["".join(lines)]
+
+
 def paired(results: dict[str, Any]) -> bool:
     """Whether these results keep each round apart (and so ratios are taken per round)."""
     return any("per_round" in row for row in results["servers"])
@@ -398,6 +423,7 @@ def throughput_sections(results: dict[str, Any]) -> list[str]:
         f"{s['reload_duration']:g} s with the reload signal a third of the way in, failed "
         "requests / requests of each round's reload.\n",
         table(results["servers"]),
+        *floor_lines(rows),
         "\nCPU during the measured runs, in cores (server = primary + workers; irq = "
         "interrupts and softirqs, where loopback TCP partly runs; other = everything else on "
         "the machine, which is near 0 only when nothing else runs; steal = time the hypervisor "

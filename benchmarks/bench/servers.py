@@ -179,6 +179,9 @@ def with_flags(server: Server, name: str, flags: list[str]) -> Server:
     )
 
 
+#: The row of the floor (``apps/import_floor.py``): timed by the ``starts`` measure only.
+FLOOR = "import-floor"
+
 BASELINE = "baseline-"  # the name prefix of a row running another checkout's aiocluster
 
 
@@ -325,6 +328,21 @@ def build_servers() -> tuple[list[Server], list[str]]:
         ),
         node_row("node-cluster", "none", "SCHED_NONE (workers accept)"),
         node_row("node-cluster-rr", "rr", "SCHED_RR (primary hands out)"),
+        # Not a server: the floor of the aiohttp app's first answer (the `starts` measure only).
+        Server(
+            name=FLOOR,
+            family="floor",
+            describe="no server: a fresh interpreter imports aiohttp.web, then answers on a "
+            "plain socket (apps/import_floor.py; the least any server of the aiohttp app pays)",
+            argv=lambda ctx: [
+                ctx.bin("python"),
+                str(APPS / "import_floor.py"),
+                HOST,
+                str(ctx.port),
+            ],
+            missing=_need_venv("python"),
+            replaces_workers=False,
+        ),
         Server(
             name="nginx",
             family="ceiling",
@@ -357,6 +375,7 @@ RUN_ORDER = (
     "aiocluster-asgi-reuseport",
     "aiocluster-aiohttp",
     "aiocluster-aiohttp-spawn",
+    FLOOR,
     "gunicorn-aiohttp",
     "aiocluster-aiohttp-reuseport",
     "aiocluster-aiohttp-*",
