@@ -154,6 +154,18 @@ class ClusterProcess:
             f"{n} lines matching {pattern!r}",
         )
 
+    def tracebacks(self, most: int = 3) -> str:
+        """The first ``most`` tracebacks in the output, each with the line before it (what
+        logged it): what a failed ``"Traceback" not in output`` needs to be read."""
+        found: list[str] = []
+        for at, line in enumerate(self.lines):
+            if line.startswith("Traceback") and len(found) < most:
+                end = at + 1
+                while end < len(self.lines) and self.lines[end][:1] in (" ", "\t"):
+                    end += 1
+                found.append("\n".join(self.lines[max(at - 1, 0) : end + 1]))
+        return "\n\n".join(found)
+
     def count(self, pattern: str) -> int:
         regex = re.compile(pattern)
         return sum(1 for line in self.lines if regex.search(line))

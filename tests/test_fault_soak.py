@@ -164,7 +164,7 @@ async def test_fault_soak(start_cluster: StartCluster, policy: str) -> None:
         keepalive.result.errors[:5],
         probe.failed[:5],
     )
-    assert "Traceback" not in c.output, report
+    assert "Traceback" not in c.output, f"{report}\n{c.tracebacks()}"
     pids = set(c.worker_pids.values())
     assert await c.stop(timeout=40) == 0
     assert not [p for p in pids if pid_alive(p)], report

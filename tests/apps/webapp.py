@@ -140,7 +140,12 @@ async def websocket(request: web.Request) -> web.WebSocketResponse:
     try:
         async for msg in ws:
             if msg.type == web.WSMsgType.TEXT:
-                await ws.send_str(f"{aiocluster.worker_id()}:{msg.data}")
+                try:
+                    await ws.send_str(f"{aiocluster.worker_id()}:{msg.data}")
+                except ConnectionResetError:
+                    # The client left with messages still queued here (it gave up on a
+                    # SIGSTOPped worker, say): aiohttp raises, and would log a traceback.
+                    break
     except asyncio.CancelledError:
         say("ws-cancelled")
         raise
