@@ -291,6 +291,7 @@ def test_the_import_floor_answers_and_is_timed_by_starts_only(tmp_path: Path) ->
                 ("import-floor", "floor", [0.200, 0.210, 0.190]),
                 ("aiocluster-aiohttp", "aiocluster", [0.230, 0.220, 0.250]),
                 ("gunicorn-aiohttp", "peer", [0.240, 0.235, 0.215]),
+                ("aiocluster-protocol", "aiocluster", [0.100, 0.110, 0.120]),
             )
         ],
     }
@@ -303,3 +304,5 @@ def test_the_import_floor_answers_and_is_timed_by_starts_only(tmp_path: Path) ->
     # Per pass: 30, 10, 60 ms above the floor; gunicorn 40, 25, 25.
     assert "- aiocluster-aiohttp: +30 (+10 to +60)" in text
     assert "- gunicorn-aiohttp: +25 (+25 to +40)" in text
+    # Below it, the bare protocol: it imports no aiohttp, and the floor is not its own.
+    assert "- aiocluster-protocol" not in text

@@ -345,26 +345,26 @@ def targets_table(rows: dict[str, Row], pairs: bool = True) -> str:
 
 
 def floor_lines(rows: dict[str, Row]) -> list[str]:
-    """How far each server's first answer is above the floor's, start by start of a pass."""
+    """How far each aiohttp row's first answer is above the floor's, pass by pass."""
     floor = rows.get(FLOOR, {}).get("first_answer_by_pass")
     if not floor:
         return []
     lines = [
         f"\nAbove the floor ({FLOOR}: a fresh interpreter imports aiohttp.web and answers on "
         "a plain socket, no server; median of its starts "
-        f"{_fmt_start(rows[FLOOR])} ms): each server's first answer less the floor's of the "
+        f"{_fmt_start(rows[FLOOR])} ms): each aiohttp row's first answer less the floor's of the "
         "same pass, median and range over the passes, ms:\n",
     ]
     for name, row in rows.items():
         mine = row.get("first_answer_by_pass")
-        if name == FLOOR or not mine:
-            continue
+        if "aiohttp" not in name or not mine:
+            continue  # the floor is the aiohttp app's: the other apps import other things
         gaps = [(a - b) * 1000 for a, b in zip(mine, floor, strict=False) if a and b]
         if gaps:
             lines.append(
-                f"- {name}: +{statistics.median(gaps):.0f} ({min(gaps):+.0f} to {max(gaps):+.0f})\n"
+                f"- {name}: {statistics.median(gaps):+.0f} ({min(gaps):+.0f} to {max(gaps):+.0f})\n"
             )
-    return ["".join(lines)]
+    return ["".join(lines)] if len(lines) > 1 else []
 
 
 def paired(results: dict[str, Any]) -> bool:
