@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # real attributes for type checkers; imported on first use at
     from aiocluster._errors import ChannelClosed as ChannelClosed
     from aiocluster._errors import ClusterFailed as ClusterFailed
     from aiocluster._errors import ConfigError as ConfigError
+    from aiocluster._errors import ListenRefused as ListenRefused
     from aiocluster._errors import NotInCluster as NotInCluster
     from aiocluster._errors import ProtocolError as ProtocolError
     from aiocluster.primary.cluster import Cluster as Cluster
@@ -55,6 +56,7 @@ __all__ = [
     "ClusterFailed",
     "ConfigError",
     "HandedServer",
+    "ListenRefused",
     "NotInCluster",
     "ProtocolError",
     "Worker",
@@ -88,6 +90,7 @@ _HOMES = {
     "ClusterFailed": "_errors",
     "ConfigError": "_errors",
     "HandedServer": "worker.adopt",
+    "ListenRefused": "_errors",
     "NotInCluster": "_errors",
     "ProtocolError": "_errors",
     "Worker": "primary.process",

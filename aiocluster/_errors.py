@@ -71,3 +71,26 @@ class ClusterFailed(AioclusterError):
 
 class NotInCluster(AioclusterError):
     """A worker-only function was called in a process that is not a cluster worker."""
+
+
+class ListenRefused(OSError):
+    """A listen the primary refused, raised in the worker that asked (the primary logs why).
+
+    What is raised is also the ``OSError`` subclass its errno maps to, as a failed ``bind``
+    raises (a ``PermissionError`` for EACCES, say): see :func:`listen_refused`.
+    """
+
+
+# One class per OSError subclass, made once: ListenRefused and, say, PermissionError.
+_REFUSED: dict[type[OSError], type[ListenRefused]] = {}
+
+
+def listen_refused(code: int, text: str) -> ListenRefused:
+    """The error for a listen the primary refused with ``code`` (an errno) and ``text``."""
+    base = type(OSError(code, text))  # the subclass that OSError() maps the errno to
+    if base is OSError:
+        return ListenRefused(code, text)
+    kind = _REFUSED.get(base)
+    if kind is None:
+        kind = _REFUSED[base] = type("ListenRefused", (ListenRefused, base), {})
+    return kind(code, text)

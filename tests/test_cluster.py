@@ -15,6 +15,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from aiocluster._errors import ClusterFailed, ListenRefused, listen_refused
 from aiocluster.worker.serve import _start_unless_stopped
 
 from .conftest import StartCluster
@@ -81,9 +82,11 @@ async def test_bind_error_stops_the_cluster_with_the_error(start_cluster: StartC
     finally:
         taken.close()
     assert f"cannot listen on 127.0.0.1:{port}: [Errno 98] Address already in use" in c.output
-    # The worker sees the same OSError, and nobody respawns a worker into the same error (the
-    # second slot may not even start: the cluster is stopping by then).
-    assert "OSError: [Errno 98]" in c.output
+    # Said once, by the primary: the worker whose listen it refused exits without a traceback
+    # of its own, and nobody respawns a worker into the same error (the second slot may not
+    # even start: the cluster is stopping by then).
+    assert c.count("Address already in use") == 1, c.output
+    assert "Traceback" not in c.output, c.tracebacks()
     assert 1 <= len(c.worker_pids) <= 2
     for pid in c.worker_pids.values():
         assert not pid_alive(pid)
@@ -516,6 +519,21 @@ async def test_a_start_runs_to_its_end_unless_a_stop_comes_first() -> None:
     taken = OSError(errno.EADDRINUSE, "Address already in use")
     with pytest.raises(OSError, match="in use"):
         await _start_unless_stopped(stopping, start(opened, taken))
+    # A listen the primary refused (it logged why) ends the worker as a failed cluster does.
+    refused_here = listen_refused(errno.EADDRINUSE, "Address already in use (127.0.0.1:1)")
+    with pytest.raises(ClusterFailed, match="in use") as failed:
+        await _start_unless_stopped(asyncio.Event(), start(opened, refused_here))
+    assert failed.value.status == 1 and failed.value.__cause__ is refused_here
+
+
+def test_a_refused_listen_is_the_oserror_its_errno_maps_to() -> None:
+    """As a failed bind() raises: code catching PermissionError keeps working."""
+    denied = listen_refused(errno.EACCES, "Permission denied (127.0.0.1:80)")
+    assert isinstance(denied, PermissionError) and isinstance(denied, ListenRefused)
+    assert (denied.errno, denied.strerror) == (errno.EACCES, "Permission denied (127.0.0.1:80)")
+    assert type(listen_refused(errno.EACCES, "again")) is type(denied)
+    in_use = listen_refused(errno.EADDRINUSE, "Address already in use")
+    assert type(in_use) is ListenRefused and str(in_use) == "[Errno 98] Address already in use"
 
 
 @pytest.mark.parametrize("start", ["fork", "spawn"])

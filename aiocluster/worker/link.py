@@ -19,7 +19,13 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from aiocluster._errors import ChannelClosed, ConfigError, NotInCluster, ProtocolError
+from aiocluster._errors import (
+    ChannelClosed,
+    ConfigError,
+    NotInCluster,
+    ProtocolError,
+    listen_refused,
+)
 from aiocluster._role import Role, identity, role
 from aiocluster._title import set_title, worker_title
 from aiocluster._zygote import refuse
@@ -249,7 +255,7 @@ class WorkerLink:
         code = reply.msg.get("errno", 0)
         if code:
             close_fds(reply.fds)
-            raise OSError(code, f"{reply.msg.get('error', os.strerror(code))} ({address})")
+            raise listen_refused(code, f"{reply.msg.get('error', os.strerror(code))} ({address})")
         primary_accepts = reply.msg.get("accept") == "primary"
         if len(reply.fds) != (0 if primary_accepts else 1):
             close_fds(reply.fds)

@@ -19,7 +19,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 from aiocluster._config import ClusterConfig
-from aiocluster._errors import AppLoadError
+from aiocluster._errors import AppLoadError, ClusterFailed, ListenRefused
 from aiocluster._kinds import (
     AppKind,
     Interface,
@@ -271,7 +271,8 @@ async def _start_unless_stopped(stopping: asyncio.Event, start: Coroutine[Any, A
     A stop asked for meanwhile (the cluster stops, the primary is gone) cancels the start:
     the worker never serves, and exits cleanly instead of listening on a cluster that has
     closed its sockets. A listen the primary refused because the cluster is stopping is not
-    an error either; any other failure is.
+    an error either; any other failure is, and a listen the primary refused (it has logged
+    why) is :class:`ClusterFailed`, which ``aiocluster.run()`` ends with quietly.
     """
     starting = asyncio.ensure_future(start)
     stopped = asyncio.ensure_future(stopping.wait())
@@ -289,10 +290,13 @@ async def _start_unless_stopped(stopping: asyncio.Event, start: Coroutine[Any, A
         log.info("told to stop while starting: not serving")
         return False
     except OSError as err:
-        if not stopping.is_set() or err.errno != errno.ESHUTDOWN:
-            raise
-        log.info("told to stop while starting: not serving (%s)", err.strerror)
-        return False
+        if stopping.is_set() and err.errno == errno.ESHUTDOWN:
+            log.info("told to stop while starting: not serving (%s)", err.strerror)
+            return False
+        if isinstance(err, ListenRefused):
+            # The primary has said why, once for the cluster: no traceback from each worker.
+            raise ClusterFailed(str(err)) from err
+        raise
     return True
 
 
