@@ -35,6 +35,15 @@ def bench(tmp_path: Path, *args: str, cwd: Path = BENCHMARKS) -> subprocess.Comp
     )
 
 
+def render(tmp_path: Path, label: str, results: dict[str, object]) -> str:
+    """The Markdown report.py writes for ``results`` (kept as LABEL.json)."""
+    path = tmp_path / f"{label}.json"
+    path.write_text(json.dumps(results))
+    done = bench(tmp_path, str(BENCHMARKS / "report.py"), str(path))
+    assert done.returncode == 0, done.stderr
+    return (tmp_path / f"{label}.md").read_text()
+
+
 def test_list_prints_the_server_table_without_wrk(tmp_path: Path) -> None:
     done = bench(tmp_path, str(RUN), "--list", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
@@ -216,11 +225,7 @@ def test_the_report_renders_every_measure(tmp_path: Path) -> None:
             {**row("aiocluster-aiohttp"), "by_workers": {"1": {"answering_median_s": 0.3}}}
         ],
     }
-    path = tmp_path / "t.json"
-    path.write_text(json.dumps(results))
-    done = bench(tmp_path, str(BENCHMARKS / "report.py"), str(path))
-    assert done.returncode == 0, done.stderr
-    text = (tmp_path / "t.md").read_text()
+    text = render(tmp_path, "t", results)
     assert "| aiocluster-aiohttp | 1 | 5,000 | 1,000 | 3 | 0 | 0 | 1.0 / 9.0 | 34.5 | 7 |" in text
     assert "| aiocluster-aiohttp | 2 | 5,000 | 1,000 | 0 |" in text
     assert "| aiocluster-aiohttp | 50 (50) | 60 (60) | 0 / 40 |" in text
@@ -295,11 +300,7 @@ def test_the_import_floor_answers_and_is_timed_by_starts_only(tmp_path: Path) ->
             )
         ],
     }
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(results))
-    done = bench(tmp_path, str(BENCHMARKS / "report.py"), str(path))
-    assert done.returncode == 0, done.stderr
-    text = (tmp_path / "s.md").read_text()
+    text = render(tmp_path, "s", results)
     assert "median of its starts 200 ms" in text
     # Per pass: 30, 10, 60 ms above the floor; gunicorn 40, 25, 25.
     assert "- aiocluster-aiohttp: +30 (+10 to +60)" in text
