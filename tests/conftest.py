@@ -5,9 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from .harness import APPS, ClusterProcess, become_subreaper
+from .harness import APPS, ClusterProcess, become_subreaper, restore_sigint
 
 become_subreaper()
+restore_sigint()
 
 StartCluster = Callable[..., Awaitable[ClusterProcess]]
 

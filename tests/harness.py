@@ -31,6 +31,18 @@ def become_subreaper() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_child_subreaper, 1, 0, 0, 0)
 
 
+def restore_sigint() -> None:
+    """Give the processes tests start the default SIGINT, whatever this one inherited.
+
+    A shell starts a background job (``pytest ... &`` in a script, without job control) with
+    SIGINT ignored; the programs tests start would inherit that, and a test's Ctrl-C (SIGINT)
+    would reach a command relying on KeyboardInterrupt, ``aiocluster status --watch``, as
+    nothing. A handler here is reset to the default in a child by exec; SIG_IGN is not.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 async def wait_pid_gone(pid: int, timeout: float) -> None:
     """Wait (on a pidfd, not a poll) until ``pid`` has exited, then reap it if it is ours."""
     try:
