@@ -20,6 +20,7 @@ import pytest
 from aiocluster.primary.scheduling import sticky_order
 from aiocluster.primary.steering import Rotation
 
+from .actions import open_gate
 from .conftest import StartCluster
 from .harness import ClusterProcess, cli
 from .test_cluster import free_port
@@ -369,9 +370,7 @@ async def test_reuseport_slot_without_a_serving_worker_gets_no_new_connection(
             s.get(f"{c.url}/") as r,
         ):
             assert (await r.json())["worker"] == 2
-    fd = os.open(gate, os.O_WRONLY | os.O_NONBLOCK)
-    os.write(fd, b"x")
-    os.close(fd)
+    await open_gate(c, gate)
     await c.wait_for(r"worker 3 \(pid \d+\) listening on")
     assert sorted([await worker_of(f"{c.url}/") for _ in range(4)]) == [2, 2, 3, 3]
 
